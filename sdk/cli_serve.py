@@ -1,0 +1,5 @@
+"""CLI commands: `retrieval-sdk index` and `serve` (issue P3). Registered on sdk.cli.app; heavy imports stay inside the commands."""
+
+from __future__ import annotations
+
+from sdk.cli import app  # noqa: F401

@@ -1,0 +1,134 @@
+"""The one preprocessing spec (contract 1 of ARCHITECTURE.md) and its numpy/PIL implementation.
+
+Training's eval transform, the exporters, the SDK embedder and the web demo all read a
+`PreprocessSpec` (stored in the bundle manifest) and run `preprocess_image`, so an image becomes the
+same tensor everywhere. No torch here: the runtime installs without it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+class ImageError(ValueError):
+    """An image file is missing, unreadable or not an image."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How a model wants its input.
+
+    resize="shorter": scale the shorter side to size/crop_pct, then centre-crop to `input_size`
+    (crop_pct=1.0 keeps the whole shorter side). resize="exact": scale straight to `input_size`.
+    """
+
+    input_size: tuple[int, int] = (224, 224)  # (height, width)
+    resize: Literal["shorter", "exact"] = "shorter"
+    crop_pct: float = 1.0
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    value_range: float = field(default=255.0)  # raw pixel values are divided by this before mean/std
+
+    def __post_init__(self) -> None:
+        h, w = self.input_size
+        if h <= 0 or w <= 0:
+            raise ValueError(f"input_size must be positive, got {self.input_size}")
+        if self.resize not in ("shorter", "exact"):
+            raise ValueError(f"resize must be 'shorter' or 'exact', got {self.resize!r}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in _RESAMPLE:
+            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError("mean and std need 3 values each, std > 0")
+
+    def with_size(self, size: int | tuple[int, int]) -> "PreprocessSpec":
+        """The same spec at another input size (an int means square)."""
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        return PreprocessSpec(**{**asdict(self), "input_size": hw})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; expected a subset of {sorted(known)}")
+        d = dict(d)
+        for key in ("input_size", "mean", "std"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
+    """Open an image as RGB, with a one-line error naming the file when it is missing or not an image."""
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    try:
+        if isinstance(source, bytes):
+            img = Image.open(io.BytesIO(source))
+        else:
+            img = Image.open(source)
+        img.load()
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {source} (check the path)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        name = "<bytes>" if isinstance(source, bytes) else str(source)
+        raise ImageError(f"cannot read image {name}: {e} (is it a valid JPEG/PNG file?)") from None
+    return img.convert("RGB")
+
+
+def resize_image(img: Image.Image, spec: PreprocessSpec) -> Image.Image:
+    """Geometric part of the spec: resize (and centre-crop) to spec.input_size."""
+    th, tw = spec.input_size
+    resample = _RESAMPLE[spec.interpolation]
+    if spec.resize == "exact":
+        return img.resize((tw, th), resample)
+    w, h = img.size
+    scale = max(th, tw) / spec.crop_pct / min(w, h)
+    nw, nh = max(tw, round(w * scale)), max(th, round(h * scale))
+    img = img.resize((nw, nh), resample)
+    left, top = (nw - tw) // 2, (nh - th) // 2
+    return img.crop((left, top, left + tw, top + th))
+
+
+def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """HWC uint8/float RGB pixels -> float32 array in the spec's channel order and layout (no batch axis)."""
+    x = pixels.astype(np.float32) / np.float32(spec.value_range)
+    x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    if spec.channel_order == "BGR":
+        x = x[..., ::-1]
+    if spec.layout == "NCHW":
+        x = x.transpose(2, 0, 1)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def preprocess_image(source: str | Path | bytes | Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Image (path, bytes or PIL) -> float32 array of shape (3,H,W) or (H,W,3) per spec.layout."""
+    img = resize_image(load_image(source), spec)
+    return normalize(np.asarray(img), spec)
+
+
+def preprocess_batch(sources, spec: PreprocessSpec) -> np.ndarray:
+    """Several images -> one float32 batch (N,3,H,W) or (N,H,W,3)."""
+    return np.stack([preprocess_image(s, spec) for s in sources])

@@ -1,0 +1,48 @@
+"""Shared fixtures. Data under ../shared/data is optional for a user outside the team: tests that need
+it skip with a clear reason, except in CI (CI=true), where a missing folder is a failure."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def require_path(path: Path, what: str) -> Path:
+    """Return `path`, or skip (locally) / fail (in CI) when it does not exist."""
+    if path.exists():
+        return path
+    msg = f"{what} not found at {path}"
+    if os.environ.get("CI"):
+        pytest.fail(msg + " (CI must provide it: see .ci/run)")
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return require_path(SHARED_DATA, "../shared/data")
+
+
+@pytest.fixture(scope="session")
+def ukbench_dir(shared_data) -> Path:
+    return require_path(shared_data / "real-photos" / "ukbench-56", "UKBench photos")
+
+
+@pytest.fixture(scope="session")
+def phototourism_dir(shared_data) -> Path:
+    return require_path(shared_data / "real-photos" / "phototourism-13", "PhotoTourism photos")
+
+
+@pytest.fixture(scope="session")
+def revisitop_dir(shared_data) -> Path:
+    return require_path(shared_data / "revisitop", "revisitop gnd files")
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_dir() -> Path:
+    return require_path(FASHION_MNIST_DIR, "Fashion-MNIST (apt-get install dataset-fashion-mnist)")

@@ -1,0 +1,215 @@
+"""Image -> tensor transforms for training and evaluation, built on the one preprocessing spec.
+
+The eval transform *is* `sdk.preprocess.preprocess_image` wrapped in `torch.from_numpy`, so training
+evaluates on exactly the tensors the SDK produces. Train and multi-crop transforms reuse the spec's
+interpolation and `normalize`. Plain PIL + numpy (no torchvision). Transforms are small picklable
+dataclasses so DataLoader workers can use them; a seeded one gives each worker its own stream.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from sdk.preprocess import PreprocessSpec, load_image, normalize, preprocess_image
+
+ImageSource = Union[str, Path, bytes, Image.Image]
+
+_RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+
+
+# ---------------------------------------------------------------- building blocks (pure functions)
+
+
+def to_tensor(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
+    """PIL RGB image (already at its final size) -> float32 tensor normalised per the spec."""
+    return torch.from_numpy(normalize(np.asarray(img.convert("RGB")), spec))
+
+
+def random_resized_crop(
+    img: Image.Image,
+    size: tuple[int, int],
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: random.Random,
+    resample: int = Image.BILINEAR,
+) -> Image.Image:
+    """Crop a random box covering `scale` of the area with aspect (w/h) in `ratio`, resize to (h, w).
+
+    Same sampling as the usual RandomResizedCrop: 10 tries, then a centre crop with clamped aspect.
+    """
+    width, height = img.size
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = rng.randint(0, height - h)
+            left = rng.randint(0, width - w)
+            break
+    else:  # fallback: the largest centred box with aspect clamped into `ratio`
+        in_ratio = width / height
+        if in_ratio < ratio[0]:
+            w, h = width, round(width / ratio[0])
+        elif in_ratio > ratio[1]:
+            h, w = height, round(height * ratio[1])
+        else:
+            w, h = width, height
+        top, left = (height - h) // 2, (width - w) // 2
+    out_h, out_w = size
+    return img.crop((left, top, left + w, top + h)).resize((out_w, out_h), resample)
+
+
+def color_jitter(img: Image.Image, strength: float, rng: random.Random) -> Image.Image:
+    """Brightness, contrast and saturation each scaled by a factor in [1-strength, 1+strength], random order."""
+    if strength <= 0:
+        return img
+    ops = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    rng.shuffle(ops)
+    for op in ops:
+        img = op(img).enhance(rng.uniform(1.0 - strength, 1.0 + strength))
+    return img
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_range(name: str, value: tuple[float, float], lo: float, hi: float) -> tuple[float, float]:
+    if len(value) != 2 or not (lo < value[0] <= value[1] <= hi):
+        raise ValueError(f"{name} must be (low, high) with {lo} < low <= high <= {hi}, got {value}")
+    return (float(value[0]), float(value[1]))
+
+
+def _check_size(name: str, size: int | tuple[int, int]) -> tuple[int, int]:
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or min(hw) <= 0:
+        raise ValueError(f"{name} must be a positive int or (height, width), got {size}")
+    return (int(hw[0]), int(hw[1]))
+
+
+def _seeded_rng(seed: int | None, cache: dict) -> random.Random:
+    """The transform's RNG: the `random` module itself when unseeded (DataLoader reseeds it per worker,
+    so workers differ); with a seed, one `random.Random` per worker derived from (seed, worker id)."""
+    if seed is None:
+        return random  # type: ignore[return-value]  # the module has the same methods as Random
+    info = torch.utils.data.get_worker_info()
+    worker = -1 if info is None else info.id
+    if cache.get("worker") != worker:
+        cache["worker"] = worker
+        cache["rng"] = random.Random(seed * 1_000_003 + worker + 1)
+    return cache["rng"]
+
+
+# ---------------------------------------------------------------- transforms
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """Exactly `sdk.preprocess.preprocess_image` as a torch tensor: (3,H,W) float32 for NCHW specs."""
+
+    spec: PreprocessSpec
+
+    def __call__(self, source: ImageSource) -> torch.Tensor:
+        return torch.from_numpy(preprocess_image(source, self.spec))
+
+
+def eval_transform(spec: PreprocessSpec) -> EvalTransform:
+    """The evaluation transform: bit-identical to the SDK's preprocessing."""
+    return EvalTransform(spec)
+
+
+@dataclass
+class TrainTransform:
+    """Random-resized crop to spec.input_size, optional horizontal flip, colour jitter, spec normalize."""
+
+    spec: PreprocessSpec
+    scale: tuple[float, float] = (0.35, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    color_jitter: float = 0.3
+    seed: int | None = None
+    _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.scale = _check_range("scale", self.scale, 0.0, 1.0)
+        self.ratio = _check_range("ratio", self.ratio, 0.0, math.inf)
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
+
+    def __call__(self, source: ImageSource) -> torch.Tensor:
+        rng = _seeded_rng(self.seed, self._state)
+        img = load_image(source)
+        resample = _RESAMPLE[self.spec.interpolation]
+        img = random_resized_crop(img, self.spec.input_size, self.scale, self.ratio, rng, resample)
+        if self.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = color_jitter(img, self.color_jitter, rng)
+        return to_tensor(img, self.spec)
+
+
+def train_transform(
+    spec: PreprocessSpec,
+    scale: tuple[float, float] = (0.35, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: bool = True,
+    color_jitter: float = 0.3,
+    seed: int | None = None,
+) -> TrainTransform:
+    """The training augmentation; reproducible when `seed` is given."""
+    return TrainTransform(spec, scale, ratio, hflip, color_jitter, seed)
+
+
+@dataclass
+class MultiCropTransform:
+    """DINO-style multi-crop: `n_global` large crops then `n_local` small crops, each flipped and jittered.
+
+    Returns a list of tensors (globals first), normalised per the spec; used by MABNet gallery training.
+    """
+
+    spec: PreprocessSpec
+    n_global: int = 2
+    global_size: int | tuple[int, int] = 224
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    n_local: int = 6
+    local_size: int | tuple[int, int] = 96
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    color_jitter: float = 0.3
+    seed: int | None = None
+    _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_global, int) or self.n_global < 1:
+            raise ValueError(f"n_global must be an int >= 1 (the teacher sees global crops), got {self.n_global}")
+        if not isinstance(self.n_local, int) or self.n_local < 0:
+            raise ValueError(f"n_local must be an int >= 0, got {self.n_local}")
+        self.global_size = _check_size("global_size", self.global_size)
+        self.local_size = _check_size("local_size", self.local_size)
+        self.global_scale = _check_range("global_scale", self.global_scale, 0.0, 1.0)
+        self.local_scale = _check_range("local_scale", self.local_scale, 0.0, 1.0)
+        self.ratio = _check_range("ratio", self.ratio, 0.0, math.inf)
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
+
+    def _crop(self, img: Image.Image, size, scale, rng: random.Random) -> torch.Tensor:
+        out = random_resized_crop(img, size, scale, self.ratio, rng, _RESAMPLE[self.spec.interpolation])
+        if rng.random() < 0.5:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return to_tensor(color_jitter(out, self.color_jitter, rng), self.spec)
+
+    def __call__(self, source: ImageSource) -> list[torch.Tensor]:
+        rng = _seeded_rng(self.seed, self._state)
+        img = load_image(source)
+        crops = [self._crop(img, self.global_size, self.global_scale, rng) for _ in range(self.n_global)]
+        crops += [self._crop(img, self.local_size, self.local_scale, rng) for _ in range(self.n_local)]
+        return crops
