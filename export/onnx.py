@@ -1,31 +1,277 @@
-"""torch embedding model -> ONNX: opset 17, input `image` (N,3,H,W) float32 with dynamic batch,
-height and width, output `embedding` (N,D) float32 L2-normalised."""
+"""torch embedding model -> ONNX: opset 17, input `image` (N,3,H,W) float32 with dynamic batch, height and
+width, output `embedding` (N,D) float32 L2-normalised; plus fp16 conversion, int8 static QDQ quantization
+calibrated on real images, and a structural check.
+
+CNN backbones keep H and W dynamic (the poolings reduce over the spatial dims, no kernel size is baked
+in). ViT backbones (gallery side) are exported at their spec size: timm resamples the positional
+embedding with antialiased bicubic interpolation, which has no ONNX opset-17 equivalent, so the
+embedding for the spec's grid is computed in torch and baked in (H, W fixed; batch stays dynamic).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import json
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
-import torch
+import numpy as np
+
+from export.errors import ExportError, require
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "embedding"
+# The pooling and normalisation ops of the embedding head (GeM's clamp/x**p/mean/x**(1/p), SPoC, MAC,
+# the L2 norms) stay float32 in fp16 files and unquantized in int8 files: they are a sliver of the
+# compute, and reduced precision there costs cosine (and exact unit norm). Its matrix products
+# (whitening FC, CGD projections) are converted/quantized like the backbone: they hold most weights.
+HEAD_SCOPES = ("/pool/", "/norm/")
+HEAD_MATMULS = ("MatMul", "Gemm", "Conv")
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, input_size: tuple[int, int] = (224, 224),
-                opset: int = OPSET) -> Path:
-    """Write `model` as ONNX at `path`; the trace size only seeds shapes (H, W stay dynamic)."""
+def head_nodes(graph) -> list[str]:
+    """Names of the head's pooling/normalisation nodes (see HEAD_SCOPES)."""
+    return [n.name for n in graph.node if n.name.startswith(HEAD_SCOPES) and n.op_type not in HEAD_MATMULS]
+
+
+def export_onnx(model, path: str | Path, input_size: tuple[int, int] = (224, 224), opset: int = OPSET,
+                metadata: dict | None = None) -> Path:
+    """Write `model` as ONNX at `path`; the trace size only seeds shapes (H, W stay dynamic for CNNs)."""
+    import torch
+
+    require("onnx")
+    if opset < 17:
+        raise ExportError(f"opset {opset} is too old: use opset >= 17")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     example = torch.randn(1, 3, *input_size)
-    with warnings.catch_warnings():
+    vit = _is_vit(model)
+    axes = {INPUT_NAME: {0: "batch"} if vit else {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}}
+    with warnings.catch_warnings(), (_baked_vit_pos_embed(model, example) if vit else contextlib.nullcontext()):
         # The TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript; it is
         # still the one that keeps GeM's spatial mean dynamic without extra packages.
         warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            opset_version=opset, dynamo=False,
-            dynamic_axes={INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}},
+            opset_version=opset, dynamo=False, dynamic_axes=axes,
         )
+    with torch.no_grad():
+        dim = int(model(example).shape[1])
+    _pin_output_dim(path, dim)
+    if metadata:
+        add_metadata(path, metadata)
     return path
+
+
+def _pin_output_dim(path: Path, dim: int) -> None:
+    """The tracer leaves the embedding dim symbolic (e.g. 'Divembedding_dim_1'): write the number."""
+    onnx = require("onnx")
+    model = onnx.load(str(path))
+    d = model.graph.output[0].type.tensor_type.shape.dim
+    if len(d) == 2:
+        d[1].Clear()
+        d[1].dim_value = dim
+        onnx.save(model, str(path))
+
+
+def _is_vit(model) -> bool:
+    backbone = getattr(model, "backbone", None)
+    return getattr(getattr(backbone, "config", None), "kind", "cnn") == "vit"
+
+
+@contextlib.contextmanager
+def _baked_vit_pos_embed(model, example):
+    """During tracing, timm's positional-embedding resampling returns the embedding computed eagerly
+    (antialiased bicubic, as in torch) for the example's grid: exact at that size, fixed H/W."""
+    import torch
+
+    vt = sys.modules["timm.models.vision_transformer"]
+    original = vt.resample_abs_pos_embed
+    cache: dict = {}
+
+    def recording(posemb, new_size, **kw):
+        out = original(posemb, new_size=new_size, **kw)
+        cache[(int(new_size[0]), int(new_size[1]))] = out.detach().clone()
+        return out
+
+    def baked(posemb, new_size, **kw):
+        return cache[(int(new_size[0]), int(new_size[1]))]
+
+    vt.resample_abs_pos_embed = recording
+    try:
+        with torch.no_grad():
+            model(example)
+        vt.resample_abs_pos_embed = baked
+        yield
+    finally:
+        vt.resample_abs_pos_embed = original
+
+
+def add_metadata(path: str | Path, metadata: dict) -> None:
+    """Store key/value strings in the ONNX file's metadata_props (dicts/lists as JSON)."""
+    onnx = require("onnx")
+    model = onnx.load(str(path))
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in metadata.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        if key in existing:
+            existing[key].value = text
+        else:
+            model.metadata_props.add(key=key, value=text)
+    onnx.save(model, str(path))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    onnx = require("onnx")
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+def session(path: str | Path, threads: int | None = 1):
+    """An onnxruntime CPU session with all graph optimizations, `threads` intra-op threads."""
+    ort = require("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def convert_fp16(src: str | Path, dst: str | Path) -> Path:
+    """fp16 weights and compute, float32 `image`/`embedding` I/O (Cast nodes at the edges); the
+    embedding head stays float32. For GPU / NNAPI / CoreML execution providers: onnxruntime's CPU
+    provider runs many fp16 ops through casts and is slower than fp32 there."""
+    onnx = require("onnx")
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    keep = head_nodes(model.graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep)
+    _toposort(half.graph)
+    onnx.save(half, str(dst))
+    return Path(dst)
+
+
+def _toposort(graph) -> None:
+    """Reorder nodes so each comes after its inputs' producers (the fp16 converter appends its I/O
+    casts at the end, which onnx.checker rejects)."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [n for n in pending if all(i in available for i in n.input)]
+        if not ready:
+            raise ExportError("ONNX graph has a cycle or a dangling input; cannot sort it")
+        for n in ready:
+            ordered.append(n)
+            available.update(n.output)
+        ids = {id(n) for n in ready}
+        pending = [n for n in pending if id(n) not in ids]
+    copies = [type(n)() for n in ordered]
+    for c, n in zip(copies, ordered):
+        c.CopyFrom(n)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, per_channel: bool = True,
+                  batch_size: int = 8, progress: bool = False) -> Path:
+    """Static int8 QDQ quantization (int8 per-channel weights, uint8 activations, MinMax calibration on
+    `calibration`, a float32 NCHW batch of preprocessed real images). The model goes through
+    `quant_pre_process` (shape inference + graph optimization) first; the pooling and L2-norm head
+    stays float so the output is exactly unit-norm."""
+    onnx = require("onnx")
+    require("onnxruntime")
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from tqdm.auto import tqdm
+
+    if calibration.ndim != 4 or len(calibration) == 0:
+        raise ExportError(f"int8 calibration needs a non-empty (N,3,H,W) batch, got shape {calibration.shape}")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.bar = tqdm(total=len(calibration), desc="calibrating int8 ONNX", unit="img",
+                            disable=not progress, leave=False)
+            self.it = iter(range(0, len(calibration), batch_size))
+
+        def get_next(self):
+            start = next(self.it, None)
+            if start is None:
+                self.bar.close()
+                return None
+            chunk = calibration[start:start + batch_size]
+            self.bar.update(len(chunk))
+            return {INPUT_NAME: np.ascontiguousarray(chunk, dtype=np.float32)}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                quant_pre_process(str(src), str(pre))
+            except Exception:  # noqa: BLE001  symbolic shape inference gives up on some graphs; ONNX's own suffices
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        exclude = head_nodes(onnx.load(str(pre)).graph)
+        quantize_static(
+            str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
+            extra_options={"CalibMaxIntermediateOutputs": 4},
+        )
+    # quant_pre_process drops metadata_props: carry them over
+    meta = read_metadata(src)
+    if meta:
+        add_metadata(dst, meta)
+    return Path(dst)
+
+
+def check_onnx(path: str | Path, embedding_dim: int | None = None, dynamic_hw: bool = True) -> dict:
+    """Structural check of the bundle contract: opset >= 17, one float32 input `image` (batch, 3, H, W)
+    with dynamic batch (and H, W for CNNs), one float32 output `embedding` (batch, D). Returns the facts."""
+    onnx = require("onnx")
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{path} is not a valid ONNX model: {e}") from None
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    problems = []
+    if opset < 17:
+        problems.append(f"opset {opset} < 17")
+
+    def dims(value_info):
+        return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    outputs = list(model.graph.output)
+    if [i.name for i in inputs] != [INPUT_NAME]:
+        problems.append(f"inputs {[i.name for i in inputs]} (expected ['{INPUT_NAME}'])")
+    if [o.name for o in outputs] != [OUTPUT_NAME]:
+        problems.append(f"outputs {[o.name for o in outputs]} (expected ['{OUTPUT_NAME}'])")
+    facts = {"opset": opset}
+    if inputs and outputs:
+        in_dims, out_dims = dims(inputs[0]), dims(outputs[0])
+        facts.update(input_shape=in_dims, output_shape=out_dims,
+                     input_dtype=onnx.TensorProto.DataType.Name(inputs[0].type.tensor_type.elem_type),
+                     output_dtype=onnx.TensorProto.DataType.Name(outputs[0].type.tensor_type.elem_type))
+        if facts["input_dtype"] != "FLOAT" or facts["output_dtype"] != "FLOAT":
+            problems.append(f"I/O dtypes {facts['input_dtype']}/{facts['output_dtype']} (expected FLOAT)")
+        if len(in_dims) != 4 or in_dims[1] != 3 or not isinstance(in_dims[0], str):
+            problems.append(f"input shape {in_dims} (expected [batch, 3, H, W] with a dynamic batch)")
+        elif dynamic_hw and not (isinstance(in_dims[2], str) and isinstance(in_dims[3], str)):
+            problems.append(f"input shape {in_dims}: height and width are not dynamic")
+        if len(out_dims) != 2 or (embedding_dim and out_dims[1] != embedding_dim):
+            problems.append(f"output shape {out_dims} (expected [batch, {embedding_dim or 'D'}])")
+    if problems:
+        raise ExportError(f"{path} breaks the bundle's ONNX contract: " + "; ".join(problems) +
+                          "; re-export it with `retrieval-sdk export`")
+    return facts

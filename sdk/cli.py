@@ -53,10 +53,12 @@ def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), help="Where checkpoints and results.json go."),
     gallery_backbone: str = typer.Option("efficientnet_lite2", help="Pretrained gallery backbone."),
     query_backbone: str = typer.Option("mobilenetv2_100", help="Pretrained query backbone (phone side)."),
-    image_size: int = typer.Option(224, min=32, help="Input size for both models."),
-    objects: int = typer.Option(40, min=4, help="Procedural set: number of objects."),
-    views: int = typer.Option(6, min=2, help="Procedural set: views per object."),
-    epochs: int = typer.Option(4, min=0, help="Compatibility fine-tune epochs."),
+    image_size: int = typer.Option(160, min=32, help="Input size for both models."),
+    dim: int = typer.Option(128, min=2, help="Embedding dim of the shared space (gallery PCA-whitening)."),
+    objects: int = typer.Option(100, min=4, help="Procedural set: number of objects."),
+    views: int = typer.Option(5, min=2, help="Procedural set: views per object."),
+    crops: int = typer.Option(1, min=0, help="Random crops per training image for the closed-form FC fit."),
+    epochs: int = typer.Option(0, min=0, help="End-to-end compatibility epochs after the FC fit."),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
@@ -71,7 +73,8 @@ def quickstart(
     set_threads(threads)
     cfg = qs.QuickstartConfig(
         out=out, images=images, gallery_backbone=gallery_backbone, query_backbone=query_backbone,
-        image_size=image_size, n_objects=objects, n_views=views, compat=CompatConfig(epochs=epochs, seed=seed),
+        image_size=image_size, embedding_dim=dim, n_objects=objects, n_views=views,
+        compat=CompatConfig(views=crops, epochs=epochs, seed=seed),
         seed=seed, progress=progress,
     )
     with user_errors():

@@ -1,5 +1,143 @@
-"""CLI commands: `retrieval-sdk index` and `serve` (issue P3). Registered on sdk.cli.app; heavy imports stay inside the commands."""
+"""CLI commands: `retrieval-sdk index build|add|info|compact|search` and `serve` (issue P3).
+
+Registered on sdk.cli.app; heavy imports stay inside the commands (no torch anywhere here).
+"""
 
 from __future__ import annotations
 
-from sdk.cli import app  # noqa: F401
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from sdk.cli import app, fail, user_errors
+
+index_app = typer.Typer(help="Build and inspect gallery indexes (faiss + SQLite, crash-safe).", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@contextmanager
+def runtime_errors():
+    """user_errors plus the runtime's own error types (backends, a locked index, Ctrl-C)."""
+    from sdk.embedder import BackendError
+
+    with user_errors():
+        try:
+            yield
+        except BackendError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted; what was acknowledged is saved: run the same command again to resume", code=130)
+
+
+def _ingest(bundle: Path, images: Path, index: Path, create: bool, config: Optional[str], batch_size: int,
+            threads: Optional[int], progress: bool) -> None:
+    from sdk.ingest import ingest
+
+    with runtime_errors():
+        report = ingest(bundle, images, index, create=create, config=config, batch_size=batch_size, threads=threads,
+                        progress=progress, log=lambda m: typer.echo(m, err=True))
+    typer.echo(report.summary())
+    if report.failed:
+        typer.secho(f"{len(report.failed)} files could not be read (listed above as warnings)", err=True,
+                    fg=typer.colors.YELLOW)
+
+
+BATCH = typer.Option(32, "--batch-size", min=1, help="Images per batch (each batch is saved before the next).")
+THREADS = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads (default: all cores).")
+PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress bar.")
+
+
+@index_app.command("build")
+def index_build(
+    bundle: Path = typer.Argument(..., help="Model bundle folder (manifest.json + gallery.onnx)."),
+    images: Path = typer.Argument(..., help="Folder of gallery images (searched recursively)."),
+    index: Path = typer.Option(..., "--index", help="Index folder to create (or resume)."),
+    config: str = typer.Option("Flat", "--config", help="faiss config: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ64 ..."),
+    batch_size: int = BATCH, threads: Optional[int] = THREADS, progress: bool = PROGRESS,
+) -> None:
+    """Embed IMAGES with the bundle's gallery model into a new index; re-run to resume after an interruption."""
+    _ingest(bundle, images, index, True, config, batch_size, threads, progress)
+
+
+@index_app.command("add")
+def index_add(
+    bundle: Path = typer.Argument(..., help="Model bundle folder."),
+    images: Path = typer.Argument(..., help="Folder of images to add (unchanged, already indexed files are skipped)."),
+    index: Path = typer.Option(..., "--index", help="Existing index folder."),
+    batch_size: int = BATCH, threads: Optional[int] = THREADS, progress: bool = PROGRESS,
+) -> None:
+    """Add new or changed images to an existing index (ids are paths relative to IMAGES)."""
+    _ingest(bundle, images, index, False, None, batch_size, threads, progress)
+
+
+@index_app.command("info")
+def index_info(path: Path = typer.Argument(..., help="Index folder.")) -> None:
+    """Print an index's embedding space, config and counts as JSON."""
+    from dataclasses import asdict
+
+    from sdk.index import GalleryIndex
+
+    with runtime_errors(), GalleryIndex.open(path, read_only=True) as idx:
+        typer.echo(json.dumps(asdict(idx.stats()), indent=2))
+
+
+@index_app.command("compact")
+def index_compact(path: Path = typer.Argument(..., help="Index folder.")) -> None:
+    """Drop deleted/replaced vectors (tombstones) and write a fresh snapshot."""
+    from sdk.index import GalleryIndex
+
+    with runtime_errors(), GalleryIndex.open(path) as idx:
+        dropped = idx.compact()
+        idx.save()
+        typer.echo(f"dropped {dropped} tombstones; {len(idx)} items")
+
+
+@index_app.command("search")
+def index_search(
+    bundle: Path = typer.Argument(..., help="Model bundle folder."),
+    image: Path = typer.Argument(..., help="Query image."),
+    index: Path = typer.Option(..., "--index", help="Index folder."),
+    k: int = typer.Option(10, "-k", min=1, help="Results to print."),
+    rerank: str = typer.Option("none", help="none, aqe, alpha_qe or diffusion."),
+) -> None:
+    """Embed IMAGE with the query model and print the top-k ids and scores."""
+    from sdk.embedder import Embedder
+    from sdk.index import GalleryIndex
+    from sdk.rerank import rerank_search
+
+    with runtime_errors(), GalleryIndex.open(index, read_only=True) as idx:
+        emb = Embedder.from_bundle(bundle, role="query")
+        for hit in rerank_search(idx, emb.embed_one(image), k, rerank, space=emb.space)[0]:
+            typer.echo(f"{hit.score:.4f}  {hit.id}")
+
+
+@app.command()
+def serve(
+    bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder (query + gallery models)."),
+    index: Path = typer.Option(..., "--index", help="Index folder (created empty if absent)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; anything but loopback should use API keys."),
+    port: int = typer.Option(8000, min=0, max=65535),
+    api_keys_file: Optional[Path] = typer.Option(
+        None, "--api-keys-file", help="Lines 'KEY read' / 'KEY read,write' (also read from $RETRIEVAL_SDK_API_KEYS)."),
+    config: str = typer.Option("Flat", "--config", help="faiss config for a new index."),
+    threads: Optional[int] = THREADS,
+    checkpoint_every: int = typer.Option(20000, "--checkpoint-every", min=1,
+                                         help="Added vectors between index snapshots (the write-ahead log covers the rest)."),
+    max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.01, help="Largest request body."),
+    log_level: str = typer.Option("warning", help="uvicorn log level."),
+) -> None:
+    """Serve the gallery: search by embedding or image, add/delete items, /docs for the API."""
+    from sdk.server import ServerConfig, load_api_keys
+    from sdk.server import serve as run
+
+    with runtime_errors():
+        keys = load_api_keys(api_keys_file)
+        cfg = ServerConfig(bundle=bundle, index=index, index_config=config, api_keys=keys, threads=threads,
+                           checkpoint_every=checkpoint_every,
+                           max_body_bytes=int(max_body_mb * 1024 * 1024))
+        ready = (f"serving {index} with bundle {bundle} on http://{host}:{port} "
+                 f"({str(len(keys)) + ' API keys' if keys else 'no API keys: open access'}); API docs at /docs")
+        run(cfg, host=host, port=port, log_level=log_level, on_ready=lambda _app: typer.echo(ready, err=True))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from sdk.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from training import shufflenet as _shufflenet  # noqa: F401,E402  (registers ShuffleNetV2 with timm)
 from training.weights import load_pretrained
 
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -39,6 +40,10 @@ def _spec(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubi
 
 BACKBONES: dict[str, BackboneConfig] = {
     "mobilenetv2_100": BackboneConfig("mobilenetv2_100", _spec(224), description="MobileNetV2 1.0, query model"),
+    "shufflenet_v2_x1_0": BackboneConfig(
+        "shufflenet_v2_x1_0", _spec(224, interpolation="bilinear"),
+        description="ShuffleNetV2 1.0, query model (random init: no offline weights)",
+    ),
     "resnet34": BackboneConfig("resnet34", _spec(224), description="ResNet-34, query model"),
     "resnet50": BackboneConfig("resnet50", _spec(224), description="ResNet-50, gallery model"),
     "resnet101": BackboneConfig("resnet101", _spec(224), description="ResNet-101, gallery model (DELG/DOLG/CVNet)"),

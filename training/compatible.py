@@ -1,91 +1,130 @@
 """Compatibility fine-tune: teach a light query model to land in a frozen gallery model's space.
 
-Targets are the gallery model's embeddings of the clean training images, computed once. The query
-model sees augmented views and is pulled to its own target (cosine) and pushed from the other
-targets (InfoNCE over the whole target bank), which is what asymmetric retrieval rewards.
-The whitening FC is first fitted in closed form (ridge regression) so training starts aligned.
+Feature distillation on pairs: the same (augmented) image goes through the frozen gallery model and
+the query model, and the query model learns to reproduce the gallery embedding. Labels are not
+needed, so every random crop is one more training pair.
+
+Two stages: (1) the query's whitening FC is fitted in closed form (ridge regression from the query's
+pooled features to the gallery embeddings, on the clean images plus `views` random crops of each);
+(2) optional end-to-end epochs (SGD, BatchNorm statistics frozen) minimising 1 - cos(query, gallery).
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
-from training.data import ImageDataset
+from sdk.preprocess import load_image, preprocess_image
 from training.embed import embed_images
 from training.models import EmbeddingModel
-from training.transforms import train_transform
+from training.transforms import random_resized_crop
 
 
 @dataclass(frozen=True)
 class CompatConfig:
-    epochs: int = 4
+    views: int = 1  # random crops per training image for the closed-form fit (plus the clean image)
+    crop_scale: tuple[float, float] = (0.3, 1.0)
+    ridge: float = 1.0  # relative ridge strength (times the number of pairs)
+    epochs: int = 0  # end-to-end epochs after the closed-form fit
     batch_size: int = 32
-    lr: float = 3e-4
-    backbone_lr_scale: float = 0.1  # backbone moves slower than the new FC
-    temperature: float = 0.05
-    ridge: float = 1e-2
+    lr: float = 0.01  # SGD learning rate of the FC; the backbone gets lr * backbone_lr_scale
+    backbone_lr_scale: float = 0.1
     seed: int = 0
 
 
-def fit_linear_map(x: np.ndarray, y: np.ndarray, ridge: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge regression y ~ x W^T + b in closed form; returns (W (Dy,Dx), b (Dy,))."""
-    mx, my = x.mean(0), y.mean(0)
-    xc, yc = x - mx, y - my
-    gram = xc.T @ xc + ridge * len(x) * np.eye(x.shape[1], dtype=x.dtype)
+def fit_linear_map(x: np.ndarray, y: np.ndarray, ridge: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression y ~ x W^T + b in closed form (ridge scaled by the number of rows); returns (W, b)."""
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    mx, my = x64.mean(0), y64.mean(0)
+    xc, yc = x64 - mx, y64 - my
+    gram = xc.T @ xc + ridge * len(x) * np.eye(x.shape[1])
     w = np.linalg.solve(gram, xc.T @ yc).T
     return w.astype(np.float32), (my - mx @ w.T).astype(np.float32)
 
 
-def compatibility_loss(query: torch.Tensor, targets: torch.Tensor, index: torch.Tensor,
-                       temperature: float) -> torch.Tensor:
-    """Cosine pull to the own target + InfoNCE against every target in the bank."""
-    pull = (1 - (query * targets[index]).sum(-1)).mean()
-    contrast = F.cross_entropy(query @ targets.T / temperature, index)
-    return pull + contrast
+def _crop(img, cfg: CompatConfig, rng: random.Random):
+    """A random resized crop at the image's own resolution (the models' spec resizes it later)."""
+    return random_resized_crop(img, (img.height, img.width), cfg.crop_scale, (3 / 4, 4 / 3), rng)
 
 
-def train_compatible(model: EmbeddingModel, images: Sequence, targets: np.ndarray, cfg: CompatConfig,
-                     progress: bool = True) -> list[float]:
-    """Fine-tune `model` (query side) so model(image_i) ~ targets[i]; returns the mean loss per epoch."""
-    if len(images) != len(targets):
-        raise ValueError(f"{len(images)} images but {len(targets)} gallery targets")
-    if model.embedding_dim != targets.shape[1]:
-        raise ValueError(f"query model dim {model.embedding_dim} != gallery dim {targets.shape[1]}")
-    torch.manual_seed(cfg.seed)
-    pooled = embed_images(model.pooled, images, model.spec, desc="fit FC", progress=progress)
-    w, b = fit_linear_map(pooled, targets, cfg.ridge)
+def _crops(images: Sequence, cfg: CompatConfig, rng: random.Random) -> list:
+    """The clean images followed by `cfg.views` random resized crops of each (kept at full resolution)."""
+    loaded = [load_image(img) for img in images]
+    out = list(loaded)
+    for _ in range(cfg.views):
+        out += [_crop(img, cfg, rng) for img in loaded]
+    return out
+
+
+def _set_head(query: EmbeddingModel, w: np.ndarray, b: np.ndarray) -> None:
+    fc: nn.Linear = query.whiten.fc
     with torch.no_grad():
-        model.whiten.fc.weight.copy_(torch.from_numpy(w))
-        model.whiten.fc.bias.copy_(torch.from_numpy(b))
+        fc.weight.copy_(torch.from_numpy(w))
+        fc.bias.copy_(torch.from_numpy(b))
 
-    bank = torch.from_numpy(targets)
-    data = ImageDataset(list(zip(images, range(len(images)))),
-                        transform=train_transform(model.spec, seed=cfg.seed))
-    loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
-    opt = torch.optim.AdamW([
-        {"params": model.backbone.parameters(), "lr": cfg.lr * cfg.backbone_lr_scale},
-        {"params": list(model.pool.parameters()) + list(model.whiten.parameters()), "lr": cfg.lr},
-    ], weight_decay=1e-4)
-    history = []
-    model.train()
+
+def _freeze_batchnorm(model: nn.Module) -> None:
+    """Small batches of one dataset: keep the pretrained BN statistics (standard for fine-tuning)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, images: Sequence, cfg: CompatConfig,
+                     progress: bool = True) -> dict:
+    """Fine-tune `query` into `gallery`'s space on `images`; returns the fit/training losses."""
+    if query.embedding_dim != gallery.embedding_dim:
+        raise ValueError(f"query model dim {query.embedding_dim} != gallery dim {gallery.embedding_dim}: "
+                         "build the query model with embedding_dim equal to the gallery's")
+    if not isinstance(query.whiten, nn.Module) or not hasattr(query.whiten, "fc"):
+        raise ValueError("the query model needs a whitening FC (ModelConfig(embedding_dim=...)) to be fitted")
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    crops = _crops(images, cfg, rng)
+    targets = embed_images(gallery, crops, gallery_spec, desc="gallery targets", progress=progress)
+    pooled = embed_images(query.pooled, crops, query.spec, desc="query features", progress=progress)
+    _set_head(query, *fit_linear_map(pooled, targets, cfg.ridge))
+    with torch.no_grad():
+        fitted = torch.nn.functional.normalize(query.whiten(torch.from_numpy(pooled)), dim=-1).numpy()
+    history = {"fit_cosine_loss": float(1 - (fitted * targets).sum(1).mean()), "epoch_losses": []}
+    if cfg.epochs:
+        history["epoch_losses"] = _train_end_to_end(query, gallery, gallery_spec, images, cfg, rng, progress)
+    query.eval()
+    return history
+
+
+def _train_end_to_end(query, gallery, gallery_spec, images, cfg, rng, progress) -> list[float]:
+    loaded = [load_image(img) for img in images]
+    opt = torch.optim.SGD([
+        {"params": query.backbone.parameters(), "lr": cfg.lr * cfg.backbone_lr_scale},
+        {"params": list(query.pool.parameters()) + list(query.whiten.parameters()), "lr": cfg.lr},
+    ], momentum=0.9)
+    gallery.eval()
+    losses = []
     for epoch in range(cfg.epochs):
-        losses = []
-        bar = tqdm(loader, desc=f"compat epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress,
-                   leave=False)
-        for x, idx in bar:
-            loss = compatibility_loss(model(x), bank, idx, cfg.temperature)
+        query.train()
+        _freeze_batchnorm(query)
+        order = list(range(len(loaded)))
+        rng.shuffle(order)
+        epoch_losses = []
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"compat epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", disable=not progress, leave=False)
+        for start in bar:
+            crops = [_crop(loaded[i], cfg, rng) for i in order[start:start + cfg.batch_size]]
+            with torch.no_grad():
+                target = gallery(torch.from_numpy(np.stack([preprocess_image(c, gallery_spec) for c in crops])))
+            pred = query(torch.from_numpy(np.stack([preprocess_image(c, query.spec) for c in crops])))
+            loss = (1 - (pred * target).sum(-1)).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            epoch_losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        history.append(float(np.mean(losses)))
-    model.eval()
-    return history
+        losses.append(float(np.mean(epoch_losses)))
+    return losses

@@ -22,8 +22,9 @@ def embed_images(
     progress: bool = True,
 ) -> np.ndarray:
     """Images (paths or PIL) -> float32 (N, D) embeddings, preprocessed exactly as the SDK does."""
-    if isinstance(model, nn.Module):
-        model.eval()
+    owner = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)  # e.g. model.pooled
+    if isinstance(owner, nn.Module):
+        owner.eval()
     chunks = []
     bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress, leave=False)
     for start in range(0, len(images), batch_size):

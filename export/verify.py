@@ -1,0 +1,415 @@
+"""`retrieval-sdk verify BUNDLE`: run every file of a bundle with every runtime available here on sample
+images and compare with the torch model the bundle was exported from.
+
+Per file: size (and ratio to the fp32 file of the same format), max abs diff and min cosine to torch,
+min cosine to the fp32 file, retrieval mAP on each labelled image set, latency per image (batch 1).
+Then ONNX at several input sizes (dynamic H/W), tflite-support's ImageEmbedder against our LiteRT
+path on the same .tflite, and the acceptance checks (docs/export.md) with PASS/FAIL.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from export.errors import ExportError
+from export.images import ImageSet, load_image_set
+from export.runtimes import latency_ms, open_runner
+from sdk.bundle import Manifest, ModelEntry, ModelFile, read_manifest
+from sdk.preprocess import PreprocessSpec, normalize
+
+FP32_MAX_ABS_DIFF = 1e-4
+INT8_MIN_COSINE = 0.99
+INT8_MAX_SIZE_RATIO = 0.30
+INT8_MAX_MAP_DROP = 0.01  # 1 mAP point
+FP16_MIN_COSINE = 0.999
+EMBEDDER_MAX_ABS_DIFF = 1e-4
+
+
+@dataclass
+class FileResult:
+    role: str
+    path: str
+    format: str
+    precision: str
+    size_bytes: int
+    size_ratio: float | None = None  # to the fp32 file of the same role and format
+    max_abs_diff: float | None = None  # to torch, over all images
+    min_cos_torch: float | None = None
+    min_cos_fp32: float | None = None  # to the fp32 file of the same role and format
+    maps: dict[str, float] = field(default_factory=dict)  # image set -> mAP
+    ms: float | None = None  # per image, batch 1
+    note: str = ""
+
+
+@dataclass
+class SizeResult:
+    path: str
+    size: tuple[int, int]
+    max_abs_diff: float
+    min_cos: float
+
+
+@dataclass
+class EmbedderResult:
+    path: str
+    max_abs_diff: float | None = None
+    min_cos: float | None = None
+    ms_ours: float | None = None
+    ms_task_library: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class VerifyReport:
+    bundle: str
+    image_sets: list[dict]
+    threads: int
+    files: list[FileResult] = field(default_factory=list)
+    sizes: list[SizeResult] = field(default_factory=list)
+    embedders: list[EmbedderResult] = field(default_factory=list)
+    checks: list[Check] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _normed(a: np.ndarray) -> np.ndarray:
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def _compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(max abs diff, min cosine) between two (N, D) embedding arrays."""
+    return float(np.abs(a - b).max()), float((_normed(a) * _normed(b)).sum(1).min())
+
+
+def _map(query: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> float:
+    from training.evaluate import labelled_eval
+
+    return labelled_eval(_normed(query), labels, _normed(gallery), labels, ks=(1,), exclude_self=True).map
+
+
+def _torch_model(entry: ModelEntry, override: str | Path | None, bundle: Path, notes: list[str]):
+    """The source model (checkpoint from the manifest or the override), or None with a note."""
+    candidates = [Path(override)] if override else [Path(entry.source_checkpoint),
+                                                    bundle / Path(entry.source_checkpoint).name]
+    for c in candidates:
+        if str(c) and c.is_file():
+            from training.models import load_checkpoint
+
+            model, _ = load_checkpoint(c)
+            return model
+    notes.append(f"{entry.role}: source checkpoint {entry.source_checkpoint or '?'} not found, so no comparison "
+                 f"with torch (pass --checkpoint{' ' if entry.role == 'query' else ' --gallery-checkpoint '}PATH)")
+    return None
+
+
+def _default_images(tmp: Path, log) -> list[Path]:
+    from training.data import make_instance_set
+
+    log("no --images given: using a procedural labelled set (8 objects x 4 views); pass --images DIR for photos")
+    make_instance_set(tmp / "procedural", n_objects=8, n_views=4, image_size=224, seed=0)
+    return [tmp / "procedural"]
+
+
+def verify_bundle(bundle: str | Path, images: Iterable[str | Path] = (), checkpoint: str | Path | None = None,
+                  gallery_checkpoint: str | Path | None = None, threads: int = 1, runs: int = 10,
+                  tflite_support: bool = True, max_images: int = 200, progress: bool = True,
+                  log: Callable[[str], None] | None = None) -> VerifyReport:
+    """Run every file of the bundle; see the module docstring. Raises BundleError/ExportError on a
+    malformed bundle or bad image folders."""
+    import torch
+    from tqdm.auto import tqdm
+
+    log = log or (lambda msg: None)
+    bundle = Path(bundle)
+    manifest: Manifest = read_manifest(bundle, verify=True)  # sha256 of every file
+    images = [Path(p) for p in images]
+    with tempfile.TemporaryDirectory() as tmp:
+        if not images:
+            images = _default_images(Path(tmp), log)
+        report = VerifyReport(str(bundle), [], threads)
+        report.checks.append(Check("manifest: every file present, sha256 matches", True,
+                                   f"{sum(len(e.files) for e in manifest.models.values())} files"))
+        roles = [r for r in ("gallery", "query") if r in manifest.models]  # gallery first: queries use its index
+        sets: dict[str, dict[str, ImageSet]] = {}
+        for role in roles:
+            spec = manifest.models[role].preprocess
+            sets[role] = {}
+            for folder in images:
+                s = load_image_set(folder, spec, max_images=max_images, what="verify image", progress=progress)
+                sets[role][s.name] = s
+        for s in sets[roles[-1]].values():
+            report.image_sets.append({"name": s.name, "images": len(s.paths),
+                                      "labelled": s.labels is not None,
+                                      "classes": 0 if s.labels is None else int(len(np.unique(s.labels)))})
+        gallery_index: dict[str, np.ndarray] = {}
+        for role in roles:
+            entry = manifest.models[role]
+            spec = entry.preprocess
+            model = _torch_model(entry, checkpoint if role == "query" else gallery_checkpoint, bundle, report.notes)
+            xs = {name: s.batch(spec) for name, s in sets[role].items()}
+            refs = {}
+            if model is not None:
+                with torch.no_grad():
+                    refs = {name: np.concatenate([model(torch.from_numpy(x[i:i + 16])).numpy()
+                                                  for i in range(0, len(x), 16)]) for name, x in xs.items()}
+                previous = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                with torch.no_grad():
+                    first = torch.from_numpy(next(iter(xs.values()))[:1])
+                    torch_ms = latency_ms(lambda: model(first), runs=runs)
+                torch.set_num_threads(previous)
+                row = FileResult(role, "(torch eager)", "torch", "fp32", 0, ms=torch_ms, note="reference")
+                for name, s in sets[role].items():
+                    if s.labels is not None:
+                        g = gallery_index.get(name, refs[name]) if role == "query" else refs[name]
+                        row.maps[name] = _map(refs[name], g, s.labels)
+                report.files.append(row)
+            fp32_embs: dict[str, dict[str, np.ndarray]] = {}
+            ordered = sorted(entry.files, key=lambda f: (f.format, f.precision != "fp32"))
+            bar = tqdm(ordered, desc=f"verifying {role} files", unit="file", disable=not progress, leave=False)
+            for f in bar:
+                result = _verify_file(bundle, entry, f, spec, xs, refs, sets[role], threads, runs, report,
+                                      gallery_index if role == "query" else None, fp32_embs, model)
+                report.files.append(result)
+            if role == "gallery":
+                src = fp32_embs.get("onnx") or refs
+                gallery_index.update(src)
+        if tflite_support:
+            _verify_task_library(bundle, manifest, sets, threads, runs, report, log)
+        _acceptance(report)
+    return report
+
+
+def _verify_file(bundle: Path, entry: ModelEntry, f: ModelFile, spec: PreprocessSpec, xs: dict, refs: dict,
+                 sets: dict[str, ImageSet], threads: int, runs: int, report: VerifyReport,
+                 gallery_index: dict | None, fp32_embs: dict, model) -> FileResult:
+    result = FileResult(entry.role, f.path, f.format, f.precision, f.size_bytes)
+    fp32 = next((g for g in entry.files if g.format == f.format and g.precision == "fp32"), None)
+    if fp32 is not None and f.precision != "fp32" and fp32.size_bytes:
+        result.size_ratio = f.size_bytes / fp32.size_bytes
+    try:
+        runner = open_runner(bundle, f, spec, threads)
+    except ExportError as e:
+        if f.format == "coreml":
+            return _verify_coreml_here(bundle, entry, f, spec, xs, refs, result, model, str(e))
+        result.note = f"not run: {e}"
+        return result
+    embs = {name: runner.embed(x) for name, x in xs.items()}
+    if f.precision == "fp32":
+        fp32_embs[f.format] = embs
+    if refs:
+        diffs = [_compare(embs[n], refs[n]) for n in embs]
+        result.max_abs_diff = max(d for d, _ in diffs)
+        result.min_cos_torch = min(c for _, c in diffs)
+    if f.precision != "fp32" and f.format in fp32_embs:
+        result.min_cos_fp32 = min(_compare(embs[n], fp32_embs[f.format][n])[1] for n in embs)
+    for name, s in sets.items():
+        if s.labels is not None:
+            g = gallery_index.get(name, embs[name]) if gallery_index is not None else embs[name]
+            result.maps[name] = _map(embs[name], g, s.labels)
+    first = next(iter(xs.values()))[:1]
+    result.ms = latency_ms(lambda: runner.embed(first), runs=runs)
+    if f.format == "onnx" and runner.dynamic_hw and model is not None:
+        _verify_sizes(f, runner, spec, sets, model, report)
+    return result
+
+
+def _verify_coreml_here(bundle, entry, f, spec, xs, refs, result, model, why) -> FileResult:
+    """Linux: structural validation plus the torch proxy of the file's precision."""
+    import torch
+
+    from export.coreml import check_coreml, proxy_model
+
+    try:
+        facts = check_coreml(bundle / f.path, entry.embedding_dim, spec, f.precision)
+    except ExportError as e:
+        result.note = f"structural check FAILED: {e}"
+        return result
+    result.note = (f"structural check ok ({facts.get('input_type')} input {facts.get('input_shape')}, "
+                   f"weights {facts.get('weight_dtypes')}); {why}")
+    if model is not None and f.precision != "fp32":
+        with torch.no_grad():
+            proxy = proxy_model(model, f.precision)
+            embs = {n: proxy(torch.from_numpy(x)).float().numpy() for n, x in xs.items()}
+        result.min_cos_fp32 = min(_compare(embs[n], refs[n])[1] for n in embs)
+        result.note += f"; min cosine of the {f.precision} torch proxy to fp32: {result.min_cos_fp32:.5f}"
+    return result
+
+
+def onnx_check_sizes(spec: PreprocessSpec) -> list[tuple[int, int]]:
+    """The spec size, a smaller and a larger non-square one (multiples of 8)."""
+    h, w = spec.input_size
+    r8 = lambda v: max(32, int(round(v / 8)) * 8)  # noqa: E731
+    return [(h, w), (r8(h * 0.75), r8(w * 0.75)), (r8(h * 1.25), r8(w))]
+
+
+def _verify_sizes(f: ModelFile, runner, spec: PreprocessSpec, sets: dict[str, ImageSet], model, report) -> None:
+    import torch
+
+    from sdk.preprocess import preprocess_image
+
+    s = next(iter(sets.values()))
+    if not s.paths:
+        return
+    for size in onnx_check_sizes(spec):
+        sized = spec.with_size(size)
+        x = np.stack([preprocess_image(p, sized) for p in s.paths[:8]])
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        diff, cos = _compare(runner.embed(x), ref)
+        report.sizes.append(SizeResult(f.path, tuple(size), diff, cos))
+
+
+def _verify_task_library(bundle: Path, manifest: Manifest, sets: dict, threads: int, runs: int,
+                         report: VerifyReport, log) -> None:
+    """tflite-support's ImageEmbedder (isolated env, normalisation from the file's metadata) against our
+    LiteRT path (sdk preprocessing + ai-edge-litert) on the same .tflite and the same resized pixels."""
+    from export import tflite_support_env as tfs
+    from export.tflite import interpreter, run
+
+    for role, entry in manifest.models.items():
+        spec = entry.preprocess
+        for f in entry.files:
+            if f.format != "tflite":
+                continue
+            res = EmbedderResult(f.path)
+            report.embedders.append(res)
+            pixels = np.concatenate([s.pixels for s in sets[role].values()])
+            try:
+                theirs, res.ms_task_library = tfs.image_embedder(bundle / f.path, pixels, threads=threads,
+                                                                 repeats=runs)
+            except ExportError as e:
+                res.note = f"not run: {e}"
+                continue
+            interp = interpreter(bundle / f.path, threads)
+
+            def ours_one(p):
+                x = normalize(p, spec)  # NCHW per the spec
+                return run(interp, x[None].transpose(0, 2, 3, 1))
+
+            ours = np.concatenate([ours_one(p) for p in pixels])
+            res.max_abs_diff, res.min_cos = _compare(theirs, ours)
+            res.ms_ours = latency_ms(lambda: ours_one(pixels[0]), runs=runs)
+
+
+def _acceptance(report: VerifyReport) -> None:
+    rows = {(r.role, r.path): r for r in report.files}
+    for r in report.files:
+        if r.format not in ("onnx", "tflite"):
+            if r.format == "coreml":
+                report.checks.append(Check(f"{r.path}: CoreML contract (structure{'' if 'structural' in r.note else ', prediction'})",
+                                           "FAILED" not in r.note and "not run" not in r.note, r.note[:120]))
+            continue
+        if r.note.startswith("not run"):
+            report.checks.append(Check(f"{r.path}: runs here", False, r.note))
+            continue
+        if r.precision == "fp32" and r.max_abs_diff is not None:
+            report.checks.append(Check(f"{r.path}: max abs diff to torch <= {FP32_MAX_ABS_DIFF:g}",
+                                       r.max_abs_diff <= FP32_MAX_ABS_DIFF, f"{r.max_abs_diff:.2e}"))
+        if r.precision in ("int8", "fp16") and r.min_cos_fp32 is not None:
+            floor = INT8_MIN_COSINE if r.precision == "int8" else FP16_MIN_COSINE
+            report.checks.append(Check(f"{r.path}: min cosine to fp32 >= {floor}", r.min_cos_fp32 >= floor,
+                                       f"{r.min_cos_fp32:.5f}"))
+        if r.precision == "int8" and r.size_ratio is not None:
+            report.checks.append(Check(f"{r.path}: size <= {INT8_MAX_SIZE_RATIO:.0%} of fp32",
+                                       r.size_ratio <= INT8_MAX_SIZE_RATIO, f"{r.size_ratio:.1%}"))
+        if r.precision == "int8":
+            fp32 = rows.get((r.role, r.path.replace(".int8.", ".")))
+            for name, m in r.maps.items():
+                if fp32 is not None and name in fp32.maps:
+                    drop = fp32.maps[name] - m
+                    report.checks.append(Check(f"{r.path}: mAP on {name} within 1 point of fp32",
+                                               drop <= INT8_MAX_MAP_DROP + 1e-9,
+                                               f"{m * 100:.2f} vs {fp32.maps[name] * 100:.2f}"))
+    for s in report.sizes:
+        if ".int8." not in s.path and ".fp16." not in s.path:
+            report.checks.append(Check(f"{s.path} at {s.size[0]}x{s.size[1]}: max abs diff to torch <= "
+                                       f"{FP32_MAX_ABS_DIFF:g}", s.max_abs_diff <= FP32_MAX_ABS_DIFF,
+                                       f"{s.max_abs_diff:.2e}"))
+    for e in report.embedders:
+        if e.max_abs_diff is None:
+            report.checks.append(Check(f"{e.path}: tflite-support ImageEmbedder runs", False, e.note))
+        else:
+            report.checks.append(Check(f"{e.path}: ImageEmbedder == our embedder (max abs diff <= "
+                                       f"{EMBEDDER_MAX_ABS_DIFF:g})", e.max_abs_diff <= EMBEDDER_MAX_ABS_DIFF,
+                                       f"{e.max_abs_diff:.2e}"))
+
+
+# ------------------------------------------------------------------------------------------- printing
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n else "-"
+
+
+def _f(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def format_report(report: VerifyReport) -> str:
+    """The tables `retrieval-sdk verify` prints."""
+    lines = [f"bundle {report.bundle}; latency: batch 1, {report.threads} thread(s), median"]
+    lines.append("images: " + ", ".join(
+        f"{s['name']} ({s['images']} images" + (f", {s['classes']} classes)" if s["labelled"] else ", no labels)")
+        for s in report.image_sets))
+    set_names = [s["name"] for s in report.image_sets if s["labelled"]]
+    head = (f"{'role':8} {'file':24} {'fmt':7} {'prec':5} {'size':>9} {'%fp32':>6} {'maxdiff':>9} "
+            f"{'cos(torch)':>10} {'cos(fp32)':>9} " + " ".join(f"{'mAP ' + n[:12]:>17}" for n in set_names)
+            + f" {'ms/img':>8}")
+    lines += ["", head, "-" * len(head)]
+    notes = []
+    for r in report.files:
+        maps = " ".join(f"{_f(None if n not in r.maps else r.maps[n] * 100, '.2f'):>17}" for n in set_names)
+        lines.append(f"{r.role:8} {r.path[:24]:24} {r.format:7} {r.precision:5} {_mb(r.size_bytes):>9} "
+                     f"{_f(None if r.size_ratio is None else r.size_ratio * 100, '.1f'):>6} "
+                     f"{_f(r.max_abs_diff, '.2e'):>9} {_f(r.min_cos_torch, '.6f'):>10} {_f(r.min_cos_fp32, '.5f'):>9} "
+                     f"{maps} {_f(r.ms, '.2f'):>8}")
+        if r.note and r.note != "reference":
+            notes.append(f"  {r.path}: {r.note}")
+    lines += notes
+    if report.sizes:
+        lines += ["", "ONNX at other input sizes (dynamic height/width), vs torch at the same size:"]
+        for s in report.sizes:
+            lines.append(f"  {s.path:24} {s.size[0]}x{s.size[1]:<5} max abs diff {s.max_abs_diff:.2e}  "
+                         f"min cosine {s.min_cos:.6f}")
+    if report.embedders:
+        lines += ["", "tflite-support ImageEmbedder (its own normalisation from the TFLite metadata) vs our embedder "
+                      "(sdk preprocessing + ai-edge-litert), same file, same pixels:"]
+        for e in report.embedders:
+            if e.max_abs_diff is None:
+                lines.append(f"  {e.path:24} {e.note}")
+            else:
+                lines.append(f"  {e.path:24} max abs diff {e.max_abs_diff:.2e}  min cosine {e.min_cos:.6f}  "
+                             f"ms/img: ImageEmbedder {_f(e.ms_task_library, '.2f')}, ours {_f(e.ms_ours, '.2f')}")
+    if report.notes:
+        lines += [""] + [f"note: {n}" for n in report.notes]
+    lines += ["", "checks:"]
+    for c in report.checks:
+        lines.append(f"  [{'PASS' if c.passed else 'FAIL'}] {c.name}: {c.detail}")
+    failed = sum(not c.passed for c in report.checks)
+    lines.append(f"{len(report.checks) - failed} of {len(report.checks)} checks passed" +
+                 (f" ({failed} FAILED)" if failed else ""))
+    return "\n".join(lines)
+
+
+def write_json(report: VerifyReport, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(report.to_dict(), indent=2, default=float))

@@ -1,0 +1,258 @@
+"""Re-ranking after the first search: average query expansion (AQE), alpha-weighted query expansion
+(alphaQE) and offline diffusion with late truncation.
+
+- AQE (Chum et al. 2007): the new query is the mean of the query and its top-k results.
+- alphaQE (Radenovic et al. 2018): the same mean weighted by similarity**alpha (alpha=0 is AQE).
+- Diffusion (Yang et al., AAAI 2019, "decoupling diffusion into online and offline processing", as
+  used for post-processing in MABNet): offline, a random walk on the gallery's mutual kNN graph is
+  solved for every gallery item, restricted to its `truncation` nearest items *after* the graph is
+  built on the whole gallery (late truncation); online, a query's score vector is the combination
+  of the offline vectors of its kq nearest items weighted by similarity**gamma.
+
+numpy (+ faiss for kNN); scipy only for diffusion on galleries larger than `truncation`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+RERANK_METHODS = ("none", "aqe", "alpha_qe", "diffusion")
+Method = Literal["none", "aqe", "alpha_qe", "diffusion"]
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def _as_rows(x, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2 or not np.isfinite(x).all():
+        raise ValueError(f"{what} must be a finite (n, d) float array, got shape {x.shape}")
+    return x
+
+
+def _topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k columns of each row, best first: (values, indices)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    vals = np.take_along_axis(scores, part, 1)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    idx = np.take_along_axis(part, order, 1)
+    return np.take_along_axis(scores, idx, 1), idx
+
+
+# ------------------------------------------------------------------------------------------ query expansion
+def expand(queries: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha: float = 0.0) -> np.ndarray:
+    """New queries from the originals (n, d), their top neighbours' vectors (n, k, d) and similarities (n, k).
+
+    alpha=0: AQE (plain mean with the query); alpha>0: alphaQE, weights sim**alpha (negative sims count 0).
+    """
+    q = _as_rows(queries, "queries")
+    if neighbours.ndim != 3 or neighbours.shape[:2] != sims.shape or neighbours.shape[0] != q.shape[0]:
+        raise ValueError(f"neighbours must be (n, k, d) and sims (n, k); got {neighbours.shape} and {sims.shape}")
+    w = np.ones_like(sims, dtype=np.float32) if alpha == 0 else np.clip(sims, 0, None).astype(np.float32) ** alpha
+    return _l2(q + np.einsum("nk,nkd->nd", w, neighbours.astype(np.float32)))
+
+
+def query_expansion(queries, gallery, k: int = 2, alpha: float = 0.0, exclude_self: bool = False) -> np.ndarray:
+    """Expanded queries against a gallery matrix (exact search). exclude_self: queries are the gallery
+    itself, leave-one-out (a query is not expanded with itself)."""
+    if k < 1:
+        raise ValueError(f"query expansion needs k >= 1, got {k}")
+    q, g = _as_rows(queries, "queries"), _as_rows(gallery, "gallery")
+    s = q @ g.T
+    if exclude_self:
+        np.fill_diagonal(s, -np.inf)
+    sims, idx = _topk(s, k)
+    return expand(q, g[idx], sims, alpha)
+
+
+def aqe(queries, gallery, k: int = 2, exclude_self: bool = False) -> np.ndarray:
+    """Average query expansion with the top-k gallery items."""
+    return query_expansion(queries, gallery, k, 0.0, exclude_self)
+
+
+def alpha_qe(queries, gallery, k: int = 2, alpha: float = 3.0, exclude_self: bool = False) -> np.ndarray:
+    """alpha-weighted query expansion with the top-k gallery items."""
+    return query_expansion(queries, gallery, k, alpha, exclude_self)
+
+
+# ------------------------------------------------------------------------------------------------- diffusion
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Defaults chosen on a validation set (procedural objects, seed 1, never used for reporting) for
+    galleries with a handful of views per object. Yang et al.'s settings for Oxford/Paris-size sets,
+    with hundreds of relevant images per query, are kd=50, kq=10, alpha=0.99, truncation=1000."""
+
+    kd: int = 5  # neighbours per node in the gallery graph (mutual kNN)
+    kq: int = 2  # query neighbours whose offline vectors are combined
+    truncation: int = 1000  # late truncation: entries kept per offline vector
+    alpha: float = 0.5  # random-walk continuation probability
+    gamma: float = 3.0  # similarity exponent for graph weights and query weights
+    cg_iters: int = 20
+    cg_tol: float = 1e-6
+
+
+class Diffusion:
+    """Offline diffusion over a gallery (n, d); `scores(queries)` gives query-to-gallery diffusion scores."""
+
+    def __init__(self, gallery, config: DiffusionConfig = DiffusionConfig()):
+        g = _as_rows(gallery, "gallery")
+        if g.shape[0] < 2:
+            raise ValueError("diffusion needs a gallery of at least 2 items")
+        self.gallery = _l2(g)
+        self.config = config
+        self.n = g.shape[0]
+        self._fit()
+
+    def _knn(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        index = faiss.IndexFlatIP(self.gallery.shape[1])
+        index.add(self.gallery)
+        return index.search(np.ascontiguousarray(x, dtype=np.float32), min(k, self.n))
+
+    def _fit(self) -> None:
+        c, n = self.config, self.n
+        trunc = min(c.truncation, n)
+        sims, ids = self._knn(self.gallery, max(trunc, min(c.kd + 1, n)))
+        kd = min(c.kd + 1, n)
+        # Mutual kNN graph: i -- j when each is among the other's kd nearest (self excluded).
+        nb, nbs = ids[:, :kd], np.clip(sims[:, :kd], 0, None) ** c.gamma
+        rows = np.repeat(np.arange(n), kd)
+        cols = nb.reshape(-1)
+        vals = nbs.reshape(-1)
+        keep = (rows != cols) & (cols >= 0)
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        pair = rows.astype(np.int64) * n + cols
+        reverse = cols.astype(np.int64) * n + rows
+        mutual = np.isin(pair, reverse)
+        rows, cols, vals = rows[mutual], cols[mutual], vals[mutual]
+        deg = np.bincount(rows, weights=vals, minlength=n) + 1e-12
+        dinv = deg ** -0.5
+        w = vals * dinv[rows] * dinv[cols]  # D^-1/2 W D^-1/2
+        if trunc >= n:
+            # Small gallery: the truncated system is the whole one; invert it exactly (numpy only).
+            lap = np.eye(n)
+            lap[rows, cols] -= c.alpha * w
+            self._ids = np.tile(np.arange(n), (n, 1))
+            self._vals = np.linalg.inv(lap).astype(np.float32)  # symmetric: row i = diffusion from item i
+            return
+        try:
+            from scipy import sparse
+            from scipy.sparse.linalg import cg
+        except ImportError:
+            raise ImportError("diffusion on a gallery larger than its truncation size needs scipy: "
+                              "pip install scipy (or pip install 'retrieval-sdk[server]')") from None
+        lap = (sparse.identity(n, format="csr") - c.alpha * sparse.csr_matrix((w, (rows, cols)), shape=(n, n))).tocsr()
+        trunc_ids = ids[:, :trunc]
+        vals = np.zeros((n, trunc), np.float32)
+        e0 = np.zeros(trunc)
+        e0[0] = 1.0
+        for i in range(n):
+            sub_ids = trunc_ids[i]
+            sub = lap[sub_ids][:, sub_ids]
+            f, _ = cg(sub, e0, rtol=c.cg_tol, maxiter=c.cg_iters)
+            vals[i] = f
+        self._ids, self._vals = trunc_ids.astype(np.int64), vals
+
+    def scores(self, queries, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(diffusion scores (n_q, n), cosine scores (n_q, n)) for queries. exclude_self: the queries are
+        the gallery itself (leave-one-out evaluation); a query's own item is not among its kq neighbours."""
+        q = _l2(_as_rows(queries, "queries"))
+        cos = q @ self.gallery.T
+        kq = min(self.config.kq, self.n - 1 if exclude_self else self.n)
+        knn = cos.copy()
+        if exclude_self:
+            np.fill_diagonal(knn, -np.inf)
+        sims, idx = _topk(knn, kq)
+        weights = np.clip(sims, 0, None) ** self.config.gamma  # (n_q, kq)
+        out = np.zeros((q.shape[0], self.n), np.float32)
+        for r in range(q.shape[0]):
+            cols = self._ids[idx[r]].reshape(-1)
+            vals = (weights[r, :, None] * self._vals[idx[r]]).reshape(-1)
+            out[r] = np.bincount(cols, weights=vals, minlength=self.n)
+        return out, cos
+
+    def rank_scores(self, queries, exclude_self: bool = False) -> np.ndarray:
+        """One score per gallery item whose order is the diffusion ranking: items the diffusion reaches
+        first (by diffusion score), then the rest by cosine similarity."""
+        f, cos = self.scores(queries, exclude_self)
+        top = np.maximum(f.max(axis=1, keepdims=True), 1e-30)
+        return np.where(f > 0, 3.0 + f / top, cos).astype(np.float32)
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k gallery positions by diffusion ranking: (scores, indices)."""
+        return _topk(self.rank_scores(queries), k)
+
+
+# ------------------------------------------------------------------------------ re-ranking an index search
+@dataclass(frozen=True)
+class RerankConfig:
+    """Server/index re-ranking settings (defaults validated like DiffusionConfig's)."""
+
+    qe_k: int = 2  # AQE neighbours
+    alpha_qe_k: int = 2  # alphaQE neighbours
+    alpha: float = 3.0  # alphaQE exponent (Radenovic et al.)
+    diffusion: DiffusionConfig = DiffusionConfig()
+    diffusion_max_items: int = 20000  # above this the offline diffusion is too costly to fit on demand
+
+
+class DiffusionCache:
+    """A Diffusion fitted on an index's live vectors, refitted when the index has changed."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key = None
+        self._ids: list[str] = []
+        self._model: Diffusion | None = None
+
+    def get(self, index, config: RerankConfig) -> tuple[list[str], Diffusion]:
+        with self._lock:
+            key = (id(index), index.version)
+            if self._key != key or self._model is None:
+                n = len(index)
+                if n > config.diffusion_max_items:
+                    raise ValueError(f"diffusion re-ranking is limited to galleries of {config.diffusion_max_items} "
+                                     f"items (this one has {n}); use rerank 'aqe' or 'alpha_qe'")
+                if n < 2:
+                    raise ValueError("diffusion re-ranking needs at least 2 gallery items")
+                ids, vectors = index.live_vectors()
+                self._model = Diffusion(vectors, config.diffusion)
+                self._ids, self._key = ids, key
+            return self._ids, self._model
+
+
+def rerank_search(index, queries, k: int, method: Method = "none", *, space: str,
+                  config: RerankConfig = RerankConfig(), cache: DiffusionCache | None = None, **params):
+    """Search a GalleryIndex and re-rank: -> list (per query) of Hit lists."""
+    from sdk.index import Hit
+
+    if method not in RERANK_METHODS:
+        raise ValueError(f"rerank must be one of {', '.join(RERANK_METHODS)}, got {method!r}")
+    if method == "none":
+        return index.search(queries, k, space=space, **params)
+    if method in ("aqe", "alpha_qe"):
+        n_exp = config.qe_k if method == "aqe" else config.alpha_qe_k
+        alpha = 0.0 if method == "aqe" else config.alpha
+        first, vecs = index.search_with_vectors(queries, n_exp, space=space, **params)
+        q = _l2(_as_rows(queries, "queries"))
+        new_q = []
+        for r, (row, v) in enumerate(zip(first, vecs)):
+            if not row:
+                new_q.append(q[r])
+                continue
+            sims = np.array([[h.score for h in row]], np.float32)
+            new_q.append(expand(q[r:r + 1], v[None], sims, alpha)[0])
+        return index.search(np.stack(new_q), k, space=space, **params)
+    # diffusion
+    q, k = index._prepare_query(queries, k, space)
+    ids, model = (cache or DiffusionCache()).get(index, config)
+    scores, idx = model.search(q, k)
+    return [[Hit(ids[j], float(s)) for s, j in zip(srow, irow) if ids[j] in index] for srow, irow in zip(scores, idx)]

@@ -1,0 +1,723 @@
+"""The cloud gallery service (`retrieval-sdk serve`): FastAPI over a GalleryIndex and a model bundle.
+
+Endpoints (OpenAPI at /openapi.json, docs at /docs):
+  POST   /v1/search                 query embedding (JSON floats, or base64 float32/int8) -> top-k
+  POST   /v1/search/image           an image; the server embeds it with the query model (thin clients)
+  POST   /v1/items                  add/replace items: JSON embeddings, or multipart images (gallery model)
+  GET    /v1/items/{id}             an item's metadata
+  DELETE /v1/items/{id}             delete an item
+  GET    /v1/items/{id}/thumbnail   the JPEG thumbnail stored with an image item
+  GET    /v1/model                  manifest, embedding-space id, index stats
+  GET    /healthz, /metrics         liveness; Prometheus text metrics
+
+API keys (X-API-Key header or `Authorization: Bearer KEY`) carry scopes 'read' and/or 'write'; with
+no keys configured the server is open (it binds 127.0.0.1 by default). Every error is a 4xx with a
+one-line `detail`, and a rejected request never changes the index.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import io
+import json
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import numpy as np
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdk.bundle import BundleError, Manifest, read_manifest
+from sdk.index import (DimensionError, GalleryIndex, GalleryIndexError, IndexConfig, SpaceMismatchError,
+                       UnknownIdError, check_vectors)
+from sdk.preprocess import ImageError
+from sdk.rerank import RERANK_METHODS, DiffusionCache, RerankConfig, rerank_search
+
+log = logging.getLogger("retrieval_sdk.server")
+
+SCOPES = ("read", "write")
+API_KEYS_ENV = "RETRIEVAL_SDK_API_KEYS"
+FloatValue = Annotated[float, Field(allow_inf_nan=False)]
+RerankName = Literal["none", "aqe", "alpha_qe", "diffusion"]
+assert set(RerankName.__args__) == set(RERANK_METHODS)  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------------------ config
+@dataclass
+class ServerConfig:
+    bundle: Path
+    index: Path
+    index_config: str = "Flat"  # factory for a new index (an existing one keeps its own)
+    api_keys: dict[str, frozenset[str]] = field(default_factory=dict)  # key -> scopes
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    max_items_per_request: int = 1000
+    max_images_per_request: int = 64
+    max_k: int = 1000
+    thumbnail_size: int = 256
+    threads: int | None = None  # ONNX Runtime threads per model
+    checkpoint_every: int = 20000  # added vectors between index snapshots (the log covers the rest)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    static: dict[str, Path] = field(default_factory=dict)  # URL prefix -> folder (e.g. the mobile demo)
+
+
+def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
+    """API keys from text: JSON {"KEY": ["read", "write"]} or lines 'KEY read,write' ('#' comments;
+    ';' may separate entries on one line, as in the environment variable)."""
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+            entries = [(k, v if isinstance(v, list) else str(v).split(",")) for k, v in raw.items()]
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"API keys JSON is invalid ({e}); expected {{\"KEY\": [\"read\", \"write\"]}}") from None
+    else:
+        entries = []
+        for line in text.replace(";", "\n").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split(None, 1)
+            if len(parts) != 2:
+                raise ValueError(f"API key line {line[:12]!r}... needs scopes: 'KEY read' or 'KEY read,write'")
+            entries.append((parts[0], parts[1].replace(" ", "").split(",")))
+    keys = {}
+    for key, scopes in entries:
+        scopes = frozenset(s.strip() for s in scopes if s.strip())
+        bad = scopes - set(SCOPES)
+        if bad or not scopes:
+            raise ValueError(f"API key scopes must be among {SCOPES}, got {sorted(bad) or 'none'}")
+        if len(key) < 8:
+            raise ValueError("API keys must be at least 8 characters long")
+        keys[key] = scopes
+    return keys
+
+
+def load_api_keys(path: Path | None) -> dict[str, frozenset[str]]:
+    """Keys from a file (--api-keys-file) and/or the RETRIEVAL_SDK_API_KEYS environment variable."""
+    keys = parse_api_keys(os.environ.get(API_KEYS_ENV, ""))
+    if path is not None:
+        try:
+            keys.update(parse_api_keys(Path(path).read_text()))
+        except OSError as e:
+            raise ValueError(f"cannot read API keys file {path}: {e.strerror}") from None
+    return keys
+
+
+# ------------------------------------------------------------------------------------------------ schemas
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    space: str = Field(..., max_length=256, description="Embedding-space id of the model that made the embedding.")
+    embedding: Optional[list[FloatValue]] = Field(None, max_length=65536, description="The query embedding as floats.")
+    embedding_b64: Optional[str] = Field(None, max_length=1_000_000,
+                                         description="The query embedding as base64 of little-endian float32 or int8.")
+    dtype: Literal["float32", "int8"] = Field("float32", description="dtype of embedding_b64.")
+    k: int = Field(10, ge=1, le=100000)
+    rerank: RerankName = "none"
+    with_metadata: bool = True
+
+
+class SearchHit(BaseModel):
+    id: str
+    score: float
+    metadata: Optional[dict] = None
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchHit]
+    took_ms: float
+    space: str
+    rerank: str
+
+
+class ItemIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(..., min_length=1, max_length=512)
+    embedding: Optional[list[FloatValue]] = Field(None, max_length=65536)
+    embedding_b64: Optional[str] = Field(None, max_length=1_000_000)
+    dtype: Literal["float32", "int8"] = "float32"
+    metadata: Optional[dict] = None
+
+
+class AddItemsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    space: str = Field(..., max_length=256)
+    items: list[ItemIn] = Field(..., min_length=1)
+
+
+class AddItemsResponse(BaseModel):
+    added: int
+    updated: int
+    ids: list[str]
+
+
+class DeleteResponse(BaseModel):
+    deleted: str
+
+
+class ItemResponse(BaseModel):
+    id: str
+    metadata: Optional[dict] = None
+    updated: Optional[float] = None
+
+
+class ModelResponse(BaseModel):
+    embedding_space: str
+    embedding_dim: int
+    manifest: dict
+    index: dict
+    gallery_model: str
+
+
+class Health(BaseModel):
+    status: str
+    items: int
+
+
+_ERROR = {"description": "Error", "content": {"application/json": {"example": {"detail": "one-line reason"}}}}
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def decode_embedding(values, b64: str | None, dtype: str, dim: int) -> np.ndarray:
+    """JSON floats or base64 float32/int8 -> normalised float32 (dim,); HTTP 400 on anything wrong."""
+    if (values is None) == (b64 is None):
+        raise HTTPException(400, "give exactly one of 'embedding' (floats) or 'embedding_b64' (base64)")
+    if b64 is not None:
+        try:
+            raw = base64.b64decode(b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise HTTPException(400, "embedding_b64 is not valid base64") from None
+        width = 4 if dtype == "float32" else 1
+        if len(raw) != dim * width:
+            raise HTTPException(400, f"embedding_b64 decodes to {len(raw)} bytes; a {dim}-d {dtype} embedding "
+                                     f"has {dim * width}")
+        x = np.frombuffer(raw, "<f4" if dtype == "float32" else np.int8).astype(np.float32)
+        if dtype == "int8":
+            x = x / 127.0  # symmetric int8 quantisation; the scale cancels in normalisation
+    else:
+        with np.errstate(over="ignore"):  # values beyond float32 become inf and are refused below
+            x = np.asarray(values, np.float32)
+    try:
+        return check_vectors(x, dim)[0]
+    except GalleryIndexError as e:
+        raise HTTPException(400, str(e)) from None
+
+
+class _Metrics:
+    """Request counters and latency histograms in Prometheus text format (no extra dependency)."""
+
+    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.count: dict[tuple[str, str, int], int] = defaultdict(int)
+        self.hist: dict[str, list[int]] = {}
+        self.sum: dict[str, float] = defaultdict(float)
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.count[(method, route, status)] += 1
+            h = self.hist.setdefault(route, [0] * (len(self.BUCKETS) + 1))
+            for i, b in enumerate(self.BUCKETS):
+                if seconds <= b:
+                    h[i] += 1
+                    break
+            else:
+                h[-1] += 1
+            self.sum[route] += seconds
+
+    def render(self, index: GalleryIndex) -> str:
+        lines = ["# HELP retrieval_requests_total HTTP requests by method, route and status.",
+                 "# TYPE retrieval_requests_total counter"]
+        with self.lock:
+            for (method, route, status), n in sorted(self.count.items()):
+                lines.append(f'retrieval_requests_total{{method="{method}",route="{route}",status="{status}"}} {n}')
+            lines += ["# HELP retrieval_request_seconds Request latency.", "# TYPE retrieval_request_seconds histogram"]
+            for route, h in sorted(self.hist.items()):
+                cum = 0
+                for b, c in zip(self.BUCKETS, h):
+                    cum += c
+                    lines.append(f'retrieval_request_seconds_bucket{{route="{route}",le="{b}"}} {cum}')
+                cum += h[-1]
+                lines.append(f'retrieval_request_seconds_bucket{{route="{route}",le="+Inf"}} {cum}')
+                lines.append(f'retrieval_request_seconds_sum{{route="{route}"}} {self.sum[route]:.6f}')
+                lines.append(f'retrieval_request_seconds_count{{route="{route}"}} {cum}')
+        st = index.stats()
+        lines += ["# HELP retrieval_index_items Live items in the gallery index.", "# TYPE retrieval_index_items gauge",
+                  f"retrieval_index_items {st.count}",
+                  "# HELP retrieval_index_tombstones Deleted or replaced vectors awaiting compaction.",
+                  "# TYPE retrieval_index_tombstones gauge", f"retrieval_index_tombstones {st.tombstones}",
+                  "# HELP retrieval_index_unsaved Vectors in the write-ahead log since the last snapshot.",
+                  "# TYPE retrieval_index_unsaved gauge", f"retrieval_index_unsaved {st.unsaved}"]
+        return "\n".join(lines) + "\n"
+
+
+class _BodyTooLarge(HTTPException):
+    """Raised from the receive channel once a streamed body passes the limit (FastAPI re-raises
+    HTTPExceptions from body parsing, so this becomes a 413)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body is larger than {limit} bytes")
+
+
+class LimitsAndMetrics:
+    """ASGI middleware: refuse bodies over `max_body` with 413 (Content-Length or streamed), and time
+    every request for /metrics."""
+
+    def __init__(self, app, max_body: int, metrics: _Metrics):
+        self.app, self.max_body, self.metrics = app, max_body, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = {"code": 500}
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                too_big = False
+            if too_big:
+                # Read and drop a moderately oversized body first, so the client (which sends it
+                # all before reading) gets the 413 instead of a reset connection.
+                if int(length) <= 4 * self.max_body:
+                    more = True
+                    while more:
+                        message = await receive()
+                        more = message.get("more_body", False) and message["type"] == "http.request"
+                return await self._reject(scope, send, start)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _BodyTooLarge(self.max_body)
+            return message
+
+        async def tracking_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            return await self._reject(scope, send, start)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", None) or "unmatched"
+            self.metrics.observe(scope.get("method", ""), name, status["code"], time.perf_counter() - start)
+
+    async def _reject(self, scope, send, start):
+        body = json.dumps({"detail": f"request body is larger than {self.max_body} bytes"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+        self.metrics.observe(scope.get("method", ""), "rejected", 413, time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------------ state
+class ServerState:
+    """What the endpoints share: the manifest, the index, lazily loaded embedders, caches, metrics."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.manifest: Manifest = read_manifest(config.bundle)
+        self.space = self.manifest.embedding_space
+        self.gallery_role = "gallery" if "gallery" in self.manifest.models else "query"
+        self.dim = self.manifest.model(self.gallery_role).embedding_dim
+        if "query" in self.manifest.models and self.manifest.model("query").embedding_dim != self.dim:
+            raise BundleError("bundle's query and gallery models have different embedding dims; re-export it")
+        if (Path(config.index) / "index.sqlite").exists():
+            self.index = GalleryIndex.open(config.index)
+            if self.index.config.checkpoint_every != config.checkpoint_every:
+                self.index.config = replace(self.index.config, checkpoint_every=config.checkpoint_every)
+        else:
+            self.index = GalleryIndex.create(config.index, self.dim, self.space,
+                                             IndexConfig(config.index_config, checkpoint_every=config.checkpoint_every))
+        if self.index.space != self.space or self.index.dim != self.dim:
+            self.index.close()
+            raise GalleryIndexError(f"index {config.index} holds {self.index.dim}-d vectors of space "
+                                    f"{self.index.space!r}, but bundle {config.bundle} is {self.dim}-d space "
+                                    f"{self.space!r}; serve it with the bundle it was built with")
+        self._embedders: dict[str, object] = {}
+        self._embed_lock = threading.Lock()
+        self.diffusion = DiffusionCache()
+        self.metrics = _Metrics()
+
+    def embedder(self, role: str):
+        with self._embed_lock:
+            if role not in self._embedders:
+                from sdk.embedder import Embedder
+
+                self._embedders[role] = Embedder.from_bundle(self.config.bundle, role=role,
+                                                             threads=self.config.threads, workers=1, verify=False)
+            return self._embedders[role]
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def _read_image_bytes(data: bytes, config: ServerConfig, name: str) -> bytes:
+    if not data:
+        raise HTTPException(400, f"upload {name!r} is empty")
+    if len(data) > config.max_image_bytes:
+        raise HTTPException(413, f"image {name!r} is larger than {config.max_image_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+    except Image.DecompressionBombError:
+        raise HTTPException(413, f"image {name!r} has too many pixels") from None
+    except Exception:  # noqa: BLE001  (PIL raises many types for non-images)
+        raise HTTPException(400, f"upload {name!r} is not a readable image (send JPEG, PNG or WebP)") from None
+    if w * h > config.max_image_pixels:
+        raise HTTPException(413, f"image {name!r} is {w}x{h}; the limit is {config.max_image_pixels} pixels")
+    return data
+
+
+def _thumbnail(data: bytes, size: int) -> bytes:
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        img.thumbnail((size, size))
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=85)
+        return out.getvalue()
+
+
+def _embed_images(state: ServerState, role: str, blobs: list[bytes]) -> np.ndarray:
+    try:
+        return state.embedder(role).embed(blobs, batch_size=16)
+    except ImageError as e:
+        raise HTTPException(400, str(e)) from None
+
+
+# ------------------------------------------------------------------------------------------------ the app
+def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI:
+    """The FastAPI app; opens (or creates) the index now, so a bad bundle or index fails here."""
+    state = state or ServerState(config)
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        state.close()
+
+    app = FastAPI(title="retrieval-sdk gallery service", version=_version(), lifespan=lifespan,
+                  description="Asymmetric image retrieval: query embeddings from the phone, gallery in the cloud.")
+    app.state.retrieval = state
+    key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+    bearer = HTTPBearer(auto_error=False)
+
+    def require(scope: str):
+        def check(api_key: Optional[str] = Depends(key_header),
+                  creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+            keys = config.api_keys
+            if not keys:
+                return
+            given = api_key or (creds.credentials if creds else None)
+            if not given:
+                raise HTTPException(401, "missing API key: send 'X-API-Key: KEY' or 'Authorization: Bearer KEY'",
+                                    headers={"WWW-Authenticate": "Bearer"})
+            scopes = next((s for k, s in keys.items() if hmac.compare_digest(k.encode(), given.encode())), None)
+            if scopes is None:
+                raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+            if scope not in scopes:
+                raise HTTPException(403, f"this API key lacks the '{scope}' scope")
+        return check
+
+    read, write = Depends(require("read")), Depends(require("write"))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):
+        # One line, and never echo the input (it may hold NaN, which JSON cannot carry).
+        parts = []
+        for e in exc.errors()[:3]:
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
+        return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(SpaceMismatchError)
+    async def _space(request, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(UnknownIdError)
+    async def _unknown(request, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
+
+    @app.exception_handler(GalleryIndexError)
+    async def _bad(request, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    def run_search(q: np.ndarray, k: int, rerank: str, with_metadata: bool, space: str) -> SearchResponse:
+        if k > config.max_k:
+            raise HTTPException(400, f"k={k} is above this server's limit of {config.max_k}")
+        t0 = time.perf_counter()
+        try:
+            hits = rerank_search(state.index, q, k, rerank, space=space, config=config.rerank,
+                                 cache=state.diffusion)[0]
+        except (ValueError, ImportError) as e:
+            if isinstance(e, GalleryIndexError):
+                raise
+            raise HTTPException(400, str(e)) from None
+        if with_metadata:
+            hits = state.index.with_metadata([hits])[0]
+        took = (time.perf_counter() - t0) * 1000
+        return SearchResponse(results=[SearchHit(id=h.id, score=h.score, metadata=h.metadata) for h in hits],
+                              took_ms=round(took, 3), space=state.space, rerank=rerank)
+
+    @app.post("/v1/search", response_model=SearchResponse, dependencies=[read], tags=["search"],
+              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR})
+    def search(req: SearchRequest) -> SearchResponse:
+        """Search with a query embedding computed on the device (same embedding space)."""
+        if req.space != state.space:
+            raise SpaceMismatchError(f"embedding space {req.space!r} does not match this server's {state.space!r}: "
+                                     "embed the query with the bundle the server uses")
+        q = decode_embedding(req.embedding, req.embedding_b64, req.dtype, state.dim)
+        return run_search(q, req.k, req.rerank, req.with_metadata, req.space)
+
+    @app.post("/v1/search/image", response_model=SearchResponse, dependencies=[read], tags=["search"],
+              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 413: _ERROR})
+    async def search_image(request: Request) -> SearchResponse:
+        """Search with an image; the server embeds it with the query model (for thin clients)."""
+        form = await _form(request)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(400, "send the image as a multipart file field named 'image'")
+        data = _read_image_bytes(await upload.read(config.max_image_bytes + 1), config, upload.filename or "image")
+        k = _int_field(form, "k", 10, 1, 100000)
+        rerank = str(form.get("rerank", "none"))
+        if rerank not in RERANK_METHODS:
+            raise HTTPException(400, f"rerank must be one of {', '.join(RERANK_METHODS)}")
+        with_metadata = str(form.get("with_metadata", "true")).lower() not in ("false", "0", "no")
+        from starlette.concurrency import run_in_threadpool
+
+        def work():
+            q = _embed_images(state, "query" if "query" in state.manifest.models else state.gallery_role, [data])[0]
+            return run_search(q, k, rerank, with_metadata, state.space)
+
+        return await run_in_threadpool(work)
+
+    @app.post("/v1/items", response_model=AddItemsResponse, dependencies=[write], tags=["items"],
+              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR, 415: _ERROR},
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/AddItemsRequest"}},
+                  "multipart/form-data": {"schema": {"$ref": "#/components/schemas/AddImagesForm"}}}}})
+    async def add_items(request: Request) -> AddItemsResponse:
+        """Add or replace items: precomputed gallery embeddings (JSON) or images (multipart; the server
+        embeds them with the gallery model and keeps a thumbnail)."""
+        from starlette.concurrency import run_in_threadpool
+
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "application/json":
+            try:
+                raw = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+                raise HTTPException(400, "request body is not valid JSON") from None
+            try:
+                req = AddItemsRequest.model_validate(raw)
+            except Exception as e:  # noqa: BLE001  (pydantic.ValidationError)
+                errors = getattr(e, "errors", lambda: [])()
+                first = errors[0] if errors else {}
+                where = ".".join(str(p) for p in first.get("loc", ()))
+                raise HTTPException(422, f"invalid items: {where}: {first.get('msg', str(e))}") from None
+            if len(req.items) > config.max_items_per_request:
+                raise HTTPException(413, f"at most {config.max_items_per_request} items per request")
+            if req.space != state.space:
+                raise SpaceMismatchError(f"embedding space {req.space!r} does not match this server's "
+                                         f"{state.space!r}: embed the gallery with the server's bundle")
+            vectors = np.stack([decode_embedding(it.embedding, it.embedding_b64, it.dtype, state.dim)
+                                for it in req.items])
+            ids = [it.id for it in req.items]
+            metas = [it.metadata for it in req.items]
+            result = await run_in_threadpool(state.index.add, ids, vectors, space=state.space, metadata=metas)
+            return AddItemsResponse(ids=ids, **result)
+        if ctype == "multipart/form-data":
+            form = await _form(request)
+            uploads = [u for u in form.getlist("images") if not isinstance(u, str)]
+            if not uploads:
+                raise HTTPException(400, "send one or more multipart file fields named 'images'")
+            if len(uploads) > config.max_images_per_request:
+                raise HTTPException(413, f"at most {config.max_images_per_request} images per request")
+            ids = [str(i) for i in form.getlist("ids")]
+            if ids and len(ids) != len(uploads):
+                raise HTTPException(400, f"{len(ids)} ids for {len(uploads)} images; send one 'ids' field per image")
+            ids = ids or [u.filename or "" for u in uploads]
+            metas = _form_metadata(form.get("metadata"), ids)
+            blobs = [_read_image_bytes(await u.read(config.max_image_bytes + 1), config, u.filename or "image")
+                     for u in uploads]
+
+            def work():
+                vectors = _embed_images(state, state.gallery_role, blobs)
+                thumbs = [_thumbnail(b, config.thumbnail_size) for b in blobs]
+                return state.index.add(ids, vectors, space=state.space, metadata=metas, thumbnails=thumbs)
+
+            result = await run_in_threadpool(work)
+            return AddItemsResponse(ids=ids, **result)
+        raise HTTPException(415, "send application/json (embeddings) or multipart/form-data (images)")
+
+    @app.get("/v1/items/{item_id:path}/thumbnail", dependencies=[read], tags=["items"],
+             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: _ERROR})
+    def thumbnail(item_id: str) -> Response:
+        """The JPEG thumbnail kept for an item added as an image."""
+        data, mime = state.index.thumbnail(item_id)
+        return Response(data, media_type=mime)
+
+    @app.get("/v1/items/{item_id:path}", response_model=ItemResponse, dependencies=[read], tags=["items"],
+             responses={404: _ERROR})
+    def get_item(item_id: str) -> ItemResponse:
+        return ItemResponse(**state.index.get(item_id))
+
+    @app.delete("/v1/items/{item_id:path}", response_model=DeleteResponse, dependencies=[write], tags=["items"],
+                responses={404: _ERROR})
+    def delete_item(item_id: str) -> DeleteResponse:
+        """Delete an item (durable when this returns)."""
+        state.index.remove([item_id])
+        return DeleteResponse(deleted=item_id)
+
+    @app.get("/v1/model", response_model=ModelResponse, dependencies=[read], tags=["service"])
+    def model() -> ModelResponse:
+        """The bundle manifest and embedding-space id: clients check theirs against it on connect."""
+        st = state.index.stats()
+        return ModelResponse(embedding_space=state.space, embedding_dim=state.dim, manifest=state.manifest.to_dict(),
+                             gallery_model=state.gallery_role,
+                             index={"items": st.count, "factory": st.factory, "tombstones": st.tombstones,
+                                    "trained": st.trained})
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    def healthz() -> Health:
+        return Health(status="ok", items=len(state.index))
+
+    @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
+    def metrics() -> PlainTextResponse:
+        return PlainTextResponse(state.metrics.render(state.index), media_type="text/plain; version=0.0.4")
+
+    for prefix, folder in config.static.items():
+        mount_static(app, folder, prefix)
+
+    _add_form_schema(app)
+    app.add_middleware(LimitsAndMetrics, max_body=config.max_body_bytes, metrics=state.metrics)
+    return app
+
+
+def mount_static(app: FastAPI, folder: str | Path, prefix: str = "/demo") -> None:
+    """Serve a static folder (e.g. the mobile web demo) under `prefix`, with index.html at its root."""
+    from starlette.staticfiles import StaticFiles
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"static folder {folder} does not exist")
+    app.mount(prefix.rstrip("/") or "/", StaticFiles(directory=str(folder), html=True), name=f"static:{prefix}")
+
+
+async def _form(request: Request):
+    ctype = request.headers.get("content-type", "").lower()
+    if not ctype.startswith("multipart/form-data"):
+        raise HTTPException(415, "send multipart/form-data")
+    try:
+        return await request.form(max_files=256, max_fields=1024)
+    except HTTPException:
+        raise
+    except Exception as e:  # noqa: BLE001  (multipart parser errors)
+        raise HTTPException(400, f"malformed multipart body ({e.__class__.__name__})") from None
+
+
+def _int_field(form, name: str, default: int, lo: int, hi: int) -> int:
+    value = form.get(name)
+    if value is None:
+        return default
+    try:
+        n = int(str(value))
+    except ValueError:
+        raise HTTPException(400, f"form field '{name}' must be an integer") from None
+    if not lo <= n <= hi:
+        raise HTTPException(400, f"form field '{name}' must be between {lo} and {hi}")
+    return n
+
+
+def _form_metadata(raw, ids: list[str]) -> list[dict | None]:
+    """'metadata' form field: a JSON list (one per image) or object {id: metadata}."""
+    if raw is None or isinstance(raw, str) and not raw.strip():
+        return [None] * len(ids)
+    if not isinstance(raw, str):
+        raise HTTPException(400, "the 'metadata' field must be a JSON string")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise HTTPException(400, "the 'metadata' field is not valid JSON") from None
+    if isinstance(value, list) and len(value) == len(ids) and all(v is None or isinstance(v, dict) for v in value):
+        return value
+    if isinstance(value, dict) and all(isinstance(v, dict) or v is None for v in value.values()):
+        return [value.get(i) for i in ids]
+    raise HTTPException(400, "'metadata' must be a JSON list with one object per image, or {id: object}")
+
+
+def _add_form_schema(app: FastAPI) -> None:
+    """Put the JSON and multipart bodies of POST /v1/items into the OpenAPI components."""
+    base = app.openapi
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = base()
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
+        add = AddItemsRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        comps.update(add.pop("$defs", {}))
+        comps["AddItemsRequest"] = add
+        comps["AddImagesForm"] = {
+            "type": "object", "required": ["images"],
+            "properties": {
+                "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                "ids": {"type": "array", "items": {"type": "string"}},
+                "metadata": {"type": "string", "description": "JSON list (one object per image) or {id: object}"},
+            }}
+        path = schema["paths"]["/v1/search/image"]["post"]
+        path["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["image"],
+            "properties": {"image": {"type": "string", "format": "binary"},
+                           "k": {"type": "integer", "minimum": 1, "default": 10},
+                           "rerank": {"type": "string", "enum": list(RERANK_METHODS)},
+                           "with_metadata": {"type": "boolean"}}}}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+def _version() -> str:
+    from sdk import __version__
+
+    return __version__
+
+
+def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+          on_ready=None) -> None:
+    """Run the service with uvicorn (blocking) until SIGINT/SIGTERM; the index is snapshotted on exit.
+    The index and bundle are opened first, so a bad one fails before the port is bound."""
+    import uvicorn
+
+    app = create_app(config)
+    if host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+        log.warning("serving on %s without API keys: anyone who can reach it can read and write the gallery", host)
+    if on_ready is not None:
+        on_ready(app)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

@@ -1,0 +1,77 @@
+"""The `retrieval-sdk` command line as a user runs it: help, quickstart end to end, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+CLI = [sys.executable, "-c", "from sdk.cli import app; app()"]
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_lists_commands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("quickstart", "backbones"):
+        assert command in proc.stdout
+
+
+def test_backbones_lists_shipped_weights():
+    proc = run_cli("backbones")
+    assert proc.returncode == 0
+    assert "mobilenetv2_100" in proc.stdout and "shipped: installed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_small_run_prints_map_and_writes_checkpoints(tmp_path):
+    proc = run_cli("quickstart", "--out", str(tmp_path), "--objects", "10", "--views", "3", "--image-size", "64",
+                   "--gallery-backbone", "efficientnet_lite0", "--no-progress", "--threads", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "asymmetric mAP" in proc.stdout and "symmetric mAP" in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert 0.0 <= results["asymmetric_map"] <= 1.0 and 0.0 < results["symmetric_map"] <= 1.0
+    from training.models import load_checkpoint
+
+    query, qmeta = load_checkpoint(tmp_path / "query.pt")
+    gallery, gmeta = load_checkpoint(tmp_path / "gallery.pt")
+    assert qmeta.embedding_space == gmeta.embedding_space == results["embedding_space"]
+    assert query.embedding_dim == gallery.embedding_dim
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--images", "/nonexistent/folder"], "is not a folder"),
+    (["--gallery-backbone", "resnet9000"], "unknown backbone 'resnet9000'"),
+])
+def test_quickstart_bad_input_is_one_line(tmp_path, args, message):
+    proc = run_cli("quickstart", "--out", str(tmp_path), "--no-progress", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_quickstart_on_a_folder_without_classes(tmp_path):
+    images = tmp_path / "flat"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"x")
+    proc = run_cli("quickstart", "--images", str(images), "--out", str(tmp_path / "o"), "--no-progress")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "class subfolders" in proc.stderr
+
+
+def test_quickstart_on_corrupt_image(tmp_path):
+    root = tmp_path / "imgs"
+    for c in ("a", "b", "c", "d", "e"):
+        (root / c).mkdir(parents=True)
+        for i in range(2):
+            (root / c / f"{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    proc = run_cli("quickstart", "--images", str(root), "--out", str(tmp_path / "o"), "--no-progress",
+                   "--image-size", "64")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot read image" in proc.stderr

@@ -1,0 +1,320 @@
+"""Typed configuration of the AFF pipeline, read from a JSON or YAML file with dotted overrides.
+
+    cfg = load_config("configs/aff_small.json", overrides=["train.epochs=1", "extractors.0.train.epochs=1"])
+
+The dataclass defaults are the small CPU config (configs/aff_small.json spells them out). Unknown keys
+and impossible values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from training.extractors.base import ExtractorConfig, ExtractorError, ExtractorTrainConfig
+
+DATA_KINDS = ("fashion_mnist", "instances", "folder", "csv", "gldv2")
+SPLITS = ("test", "classes", "images")
+ABLATIONS = ("shared", "two_stage")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which labelled set, and how its held-out evaluation split is made.
+
+    kind: fashion_mnist (idx files under `root`) | instances (the procedural set, written under OUT/data) |
+    folder (ROOT/<class>/<image>) | csv (`csv` with path,label) | gldv2 (`csv` = train.csv or
+    train_clean.csv, `root` = the image tree). split: "test" (Fashion-MNIST's own test split: unseen
+    images of the training classes) | "images" (per class, a `held_out` fraction of its images is
+    held out: unseen views of seen objects) | "classes" (a `held_out` fraction of the classes is held
+    out: unseen objects, the AFF/landmark setting).
+    """
+
+    kind: str = "fashion_mnist"
+    root: str | None = None
+    csv: str | None = None
+    split: str = "test"
+    held_out: float = 0.3
+    train_limit: int | None = 6000
+    eval_limit: int | None = 2000
+    n_objects: int = 120
+    n_views: int = 8
+    image_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in DATA_KINDS:
+            raise ConfigError(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"data.split must be one of {SPLITS}, got {self.split!r}")
+        if self.split == "test" and self.kind != "fashion_mnist":
+            raise ConfigError(f"data.split='test' needs a dataset with a test split (fashion_mnist); for "
+                              f"{self.kind} use 'images' or 'classes'")
+        if not 0.0 < self.held_out < 1.0:
+            raise ConfigError(f"data.held_out must be in (0, 1), got {self.held_out}")
+        if self.kind in ("csv", "gldv2") and not self.csv:
+            raise ConfigError(f"data.kind={self.kind} needs data.csv (the CSV file)")
+        if self.kind in ("folder", "gldv2") and not self.root:
+            raise ConfigError(f"data.kind={self.kind} needs data.root (the image folder)")
+        for key in ("train_limit", "eval_limit"):
+            v = getattr(self, key)
+            if v is not None and v < 2:
+                raise ConfigError(f"data.{key} must be >= 2 or null, got {v}")
+
+
+@dataclass(frozen=True)
+class MixerConfig:
+    """The dynamic mixer: common width `dim`, `depth` transformer layers of `heads` heads."""
+
+    dim: int = 256
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    dropout: float = 0.1
+    token_dropout: float = 0.1  # drop whole features at random in training (robust fusion)
+    use_local: bool = True  # feed DELG's local descriptors as extra tokens
+
+    def __post_init__(self) -> None:
+        if self.dim < 1 or self.depth < 1 or self.heads < 1 or self.dim % self.heads:
+            raise ConfigError(f"mixer needs dim, depth, heads >= 1 and dim divisible by heads; got dim={self.dim}, "
+                              f"depth={self.depth}, heads={self.heads}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.token_dropout < 1.0:
+            raise ConfigError("mixer.dropout and mixer.token_dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class QueryConfig:
+    """The phone-side model: a light backbone + GeM + whitening FC + L2."""
+
+    backbone: str = "mobilenetv2_100"
+    pretrained: bool | str = True
+    image_size: int | None = 64
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """Mixer + query training (AFF). classifier: momentum (W_q EMA of W_mix, no gradient) | shared (one
+    W for both, back-propagated by both). schedule: joint (after `mixer_epochs` of mixer-only warm-up on
+    the cached features, mixer and query train together for `epochs`) | two_stage (the mixer trains
+    alone for `mixer_epochs`, then the query alone for `epochs` against the frozen W_mix)."""
+
+    classifier: str = "momentum"
+    alpha: float = 0.99
+    schedule: str = "joint"
+    epochs: int = 3
+    mixer_epochs: int = 5
+    batch_size: int = 64
+    mixer_lr: float = 1e-3
+    query_lr: float = 1e-3
+    query_backbone_lr_scale: float = 0.5
+    weight_decay: float = 1e-4
+    arcface_s: float = 30.0
+    arcface_m: float = 0.3
+    query_weight: float = 1.0
+    augment: bool = True
+    max_steps: int | None = None  # cap on steps per epoch (tests / smoke runs)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.classifier not in ("momentum", "shared"):
+            raise ConfigError(f"train.classifier must be 'momentum' or 'shared', got {self.classifier!r}")
+        if self.schedule not in ("joint", "two_stage"):
+            raise ConfigError(f"train.schedule must be 'joint' or 'two_stage', got {self.schedule!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"train.alpha must be in [0, 1], got {self.alpha}")
+        if self.epochs < 0 or self.mixer_epochs < 0 or self.batch_size < 2:
+            raise ConfigError("train.epochs and train.mixer_epochs must be >= 0 and train.batch_size >= 2")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """The concat+MLP baseline, trained with ArcFace on the cached features."""
+
+    concat_mlp: bool = True
+    epochs: int = 20
+    lr: float = 1e-3
+
+
+def _default_extractors() -> tuple[ExtractorConfig, ...]:
+    """Small CPU extractors: real DELG/DOLG/CVNet heads on small backbones, briefly trained with ArcFace."""
+    return (
+        ExtractorConfig("delg", backbone="tiny_resnet", image_size=64, dim=128, local_dim=32, num_local=8,
+                        attention_hidden=64, train=ExtractorTrainConfig(epochs=3, lr=2e-3, seed=1)),
+        ExtractorConfig("dolg", backbone="tiny_efficientnet", image_size=64, dim=128, local_dim=64,
+                        dilations=(1, 2, 3), train=ExtractorTrainConfig(epochs=3, lr=2e-3, seed=2)),
+        ExtractorConfig("cvnet", backbone="efficientnet_lite0", pretrained=True, image_size=64, dim=128,
+                        train=ExtractorTrainConfig(epochs=1, lr=1e-3, backbone_lr_scale=0.1, freeze_stem=True, seed=3)),
+    )
+
+
+@dataclass(frozen=True)
+class AFFConfig:
+    name: str = "aff_small"
+    out: str = "runs/aff_small"
+    embedding_dim: int = 256
+    data: DataConfig = field(default_factory=DataConfig)
+    extractors: tuple[ExtractorConfig, ...] = field(default_factory=_default_extractors)
+    mixer: MixerConfig = field(default_factory=MixerConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)
+    train: JointConfig = field(default_factory=JointConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    ablations: tuple[str, ...] = ("shared",)
+    extract_batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.extractors:
+            raise ConfigError("extractors: give at least one gallery extractor")
+        names = [e.name for e in self.extractors]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"extractor names repeat: {names}; set a distinct 'name' for each")
+        bad = [a for a in self.ablations if a not in ABLATIONS]
+        if bad:
+            raise ConfigError(f"unknown ablation {bad[0]!r}; choose from {ABLATIONS}")
+        if self.embedding_dim < 1:
+            raise ConfigError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["extractors"] = [e.to_dict() for e in self.extractors]
+        d["ablations"] = list(self.ablations)
+        return json.loads(json.dumps(d))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AFFConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config is a mapping of sections, got {type(d).__name__}")
+        _check_keys(cls, d, "config")
+        kw: dict[str, Any] = {k: v for k, v in d.items() if k not in _SECTIONS and k != "extractors"}
+        for key, section in _SECTIONS.items():
+            if key in d:
+                value = d[key]
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config section '{key}' must be a mapping, got {type(value).__name__}")
+                _check_keys(section, value, key)
+                kw[key] = _construct(section, value, key)
+        if "extractors" in d:
+            if not isinstance(d["extractors"], list):
+                raise ConfigError("config 'extractors' must be a list of extractor configs")
+            try:
+                kw["extractors"] = tuple(ExtractorConfig.from_dict(e) for e in d["extractors"])
+            except ExtractorError as e:
+                raise ConfigError(str(e)) from None
+        if "ablations" in kw:
+            kw["ablations"] = tuple(kw["ablations"])
+        return _construct(cls, kw, "config")
+
+
+_SECTIONS = {"data": DataConfig, "mixer": MixerConfig, "query": QueryConfig, "train": JointConfig,
+             "baseline": BaselineConfig}
+
+
+def _check_keys(cls, d: dict, where: str) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected some of {sorted(known)}")
+
+
+def _construct(cls, kw: dict, where: str):
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except ExtractorError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(d: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply "a.b.c=value" overrides (value parsed as JSON, else kept as a string) to a nested dict;
+    list items are addressed by index ("extractors.0.epochs=1")."""
+    d = json.loads(json.dumps(d))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        path, _, raw = item.partition("=")
+        keys = path.strip().split(".")
+        node: Any = d
+        for i, key in enumerate(keys[:-1]):
+            node = _child(node, key, ".".join(keys[: i + 1]))
+        last = keys[-1]
+        if isinstance(node, list):
+            idx = _index(node, last, path)
+            node[idx] = _parse_value(raw)
+        elif isinstance(node, dict):
+            node[last] = _parse_value(raw)
+        else:
+            raise ConfigError(f"override {path!r}: {'.'.join(keys[:-1])} is not a section")
+    return d
+
+
+def _index(node: list, key: str, path: str) -> int:
+    if not key.lstrip("-").isdigit() or not -len(node) <= int(key) < len(node):
+        raise ConfigError(f"override {path!r}: {key!r} is not an index of a list of {len(node)}")
+    return int(key)
+
+
+def _child(node: Any, key: str, path: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, key, path)]
+    if isinstance(node, dict):
+        if key not in node:
+            node[key] = {}
+        return node[key]
+    raise ConfigError(f"override path {path!r} goes through a value, not a section")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A JSON (.json) or YAML (.yaml/.yml) file as a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            raise ConfigError(f"{path} is YAML but PyYAML is not installed (pip install pyyaml), or use JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> AFFConfig:
+    """Defaults, updated by the file at `path` (JSON/YAML) and then by dotted `overrides`."""
+    base = AFFConfig().to_dict() if path is None else read_config_file(path)
+    if path is not None:
+        base.pop("$comment", None)
+    return AFFConfig.from_dict(apply_overrides(base, list(overrides)))
+
+
+def with_changes(cfg: AFFConfig, **sections: dict) -> AFFConfig:
+    """A copy with some section fields replaced, e.g. with_changes(cfg, train={"classifier": "shared"})."""
+    kw = {}
+    for name, changes in sections.items():
+        kw[name] = replace(getattr(cfg, name), **changes)
+    return replace(cfg, **kw)

@@ -1,0 +1,513 @@
+"""The AFF pipeline behind `retrieval-sdk train aff`: extractors -> cached features -> mixer + query
+(momentum classifier) -> one embedding space, evaluated against every baseline on a held-out split.
+
+Steps (each cached under cfg.out, so a re-run skips what is done):
+1. data: the labelled training split and the held-out evaluation split (see DataConfig);
+2. extractors: DELG / DOLG / CVNet trained with ArcFace on the training split (or loaded), then frozen
+   -> out/extractors/<name>.pt;
+3. features of both splits, extracted once -> out/features/<split>/<name>/ (memory-mapped);
+4. baselines on the features: each single feature, the ensemble, concat+MLP;
+5. AFF: dynamic mixer (ArcFace, W_mix) + query model (ArcFace on W_q, momentum copy of W_mix);
+6. ablations (shared classifier, two-stage) trained the same way from the same seed;
+7. evaluation on the held-out split: leave-one-out class-based mAP and R@1; symmetric for every gallery
+   representation, asymmetric (query model vs mixer gallery) for each trained pair;
+8. outputs: gallery.pt (mixer + extractor references), query.pt (EmbeddingModel checkpoint for
+   `retrieval-sdk export`), both with one embedding_space id, and results.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from training.aff.config import AFFConfig, JointConfig
+from training.aff.features import FeatureSet, LabelError, check_labels, dataset_fingerprint, extract_features
+from training.aff.gallery import save_gallery
+from training.aff.mixer import ConcatMLP, DynamicMixer, MixerArch, ensemble
+from training.aff.query import QueryClassifier, build_query_model
+from training.data import (DatasetError, LabelledImages, csv_manifest, fashion_mnist, gldv2_csv, image_folder,
+                           make_instance_set, split_classes)
+from training.embed import embed_images
+from training.evaluate import asymmetric_eval, labelled_eval
+from training.extractors import (ExtractorConfig, GalleryExtractor, build_extractor, load_extractor, load_released,
+                                 read_extractor_header, save_extractor, train_extractor)
+from training.extractors.base import ExtractorError
+from training.losses import ArcFace
+from training.models import CheckpointMeta, new_space_id, save_checkpoint
+from training.transforms import eval_transform, train_transform
+
+Log = Callable[[str], None]
+DEFAULT_LAYOUT = {"cvnet": "cvnet", "dolg": "dolg-pytorch", "delg": "delg-pytorch"}
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: LabelledImages
+    eval: LabelledImages
+    description: str
+
+
+def _subset(data: LabelledImages, limit: int | None, seed: int) -> LabelledImages:
+    if limit is None or limit >= len(data):
+        return data
+    idx = sorted(random.Random(seed).sample(range(len(data)), limit))
+    return data.subset(idx)
+
+
+def split_images(data: LabelledImages, held_out: float, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
+    """Per class, a `held_out` fraction of its images (at least 2 when it has >= 4) goes to evaluation;
+    both parts keep every class, so evaluation sees unseen images of seen classes."""
+    rng = random.Random(seed)
+    train_idx, eval_idx = [], []
+    for members in data.indices_by_class():
+        members = list(members)
+        rng.shuffle(members)
+        k = max(2, round(held_out * len(members))) if len(members) >= 4 else 0
+        eval_idx += members[:k]
+        train_idx += members[k:]
+    if not eval_idx:
+        raise DatasetError("no class has >= 4 images, so no evaluation images could be held out")
+    return data.subset(sorted(train_idx)), data.subset(sorted(eval_idx))
+
+
+def load_splits(cfg: AFFConfig) -> Splits:
+    d = cfg.data
+    out = Path(cfg.out)
+    if d.kind == "fashion_mnist":
+        root = d.root or "/usr/share/datasets/fashion-mnist"
+        train = fashion_mnist(root, "train", d.train_limit)
+        evaluation = fashion_mnist(root, "test", d.eval_limit)
+        desc = (f"Fashion-MNIST: train {len(train)} images (first of the train split), evaluation {len(evaluation)} "
+                f"test-split images of the same {len(train.classes)} classes")
+        return Splits(train, evaluation, desc)
+    if d.kind == "instances":
+        folder = out / "data" / f"instances-{d.n_objects}x{d.n_views}-{d.image_size}px-seed{d.seed}"
+        data = make_instance_set(folder, n_objects=d.n_objects, n_views=d.n_views, image_size=d.image_size, seed=d.seed)
+        name = f"procedural instance set ({d.n_objects} objects x {d.n_views} views)"
+    elif d.kind == "folder":
+        data, name = image_folder(d.root), f"image folder {d.root}"
+    elif d.kind == "csv":
+        data, name = csv_manifest(d.csv, d.root), f"CSV {d.csv}"
+    else:
+        data, name = gldv2_csv(d.csv, d.root), f"GLDv2 {d.csv}"
+        if "" in data.classes:
+            raise LabelError(f"{d.csv} has rows without a landmark_id: every image needs a class label")
+    if d.split == "classes":
+        train, evaluation = split_classes(data, held_out=d.held_out, seed=d.seed)
+        how = f"{len(evaluation.classes)} held-out classes (unseen objects) vs {len(train.classes)} training classes"
+    else:
+        train, evaluation = split_images(data, d.held_out, seed=d.seed)
+        how = f"held-out images of the {len(train.classes)} training classes (unseen views of seen objects)"
+    train = _subset(train, d.train_limit, d.seed)
+    evaluation = _subset(evaluation, d.eval_limit, d.seed + 1)
+    return Splits(train, evaluation, f"{name}: train {len(train)} images, evaluation {len(evaluation)} images, {how}")
+
+
+# ------------------------------------------------------------------------------------------ extractors
+
+
+def _extractor_fingerprint(ec: ExtractorConfig, train_fp: str, num_classes: int) -> str:
+    text = json.dumps({"config": ec.to_dict(), "data": train_fp, "classes": num_classes}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str, out: Path, progress: bool,
+                      log: Log) -> tuple[GalleryExtractor, Path, float]:
+    """Train (or load the cached / released) extractor; returns it frozen, its checkpoint and seconds spent."""
+    t0 = time.perf_counter()
+    path = out / "extractors" / f"{ec.name}.pt"
+    fingerprint = _extractor_fingerprint(ec, train_fp, len(train.classes))
+    if path.is_file():
+        try:
+            cached = read_extractor_header(path).get("fingerprint")
+        except ExtractorError:
+            cached = None
+        if cached == fingerprint:
+            ex = load_extractor(path)
+            log(f"  {ec.name}: trained extractor reused from {path}")
+            return ex, path, time.perf_counter() - t0
+        log(f"  {ec.name}: {path} was trained with another config or data; retraining")
+    ex = build_extractor(ec, num_classes=len(train.classes))
+    if ec.weights:
+        header = None
+        try:
+            header = read_extractor_header(ec.weights)
+        except ExtractorError:
+            pass
+        if header is not None:
+            ex.load_state_dict(header["state_dict"], strict=False)
+            log(f"  {ec.name}: weights from {ec.weights}")
+        else:
+            report = load_released(ex, ec.weights, DEFAULT_LAYOUT[ec.kind])
+            log(f"  {ec.name}: released {DEFAULT_LAYOUT[ec.kind]} weights, {report.loaded} tensors"
+                + (f", classifier heads skipped: {len(report.skipped_classifiers)}" if report.skipped_classifiers else ""))
+    params = sum(p.numel() for p in ex.parameters()) / 1e6
+    log(f"  {ec.name}: {ec.kind.upper()} on {ec.backbone} ({ex.weights_source}), {params:.2f}M params, "
+        f"{ex.global_dim}-d global" + (f" + {ex.num_local}x{ex.local_dim}-d local" if ex.num_local else "")
+        + f", input {ex.spec.input_size[0]} px, scales {list(ec.scales)}")
+    history = train_extractor(ex, train, progress=progress, log=log) if ec.train.epochs else []
+    ex.eval()
+    save_extractor(ex, path, fingerprint, extra={"history": history})
+    return ex, path, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    total = max(1, total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+
+def _feature_batches(n: int, batch: int, rng: np.random.Generator) -> list[np.ndarray]:
+    order = rng.permutation(n)
+    return [order[i:i + batch] for i in range(0, n, batch) if len(order[i:i + batch]) >= 2]
+
+
+@dataclass
+class TrainedPair:
+    """A mixer and a query model trained into one space (one variant)."""
+
+    variant: str
+    mixer: DynamicMixer
+    arcface: ArcFace
+    query: torch.nn.Module
+    history: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def train_fusion_model(model: torch.nn.Module, features: FeatureSet, num_classes: int, epochs: int, lr: float,
+                       batch_size: int, s: float, m: float, seed: int, desc: str, progress: bool, log: Log,
+                       weight_decay: float = 1e-4, max_steps: int | None = None) -> tuple[ArcFace, list[float]]:
+    """ArcFace training of a feature-only model (mixer warm-up, concat+MLP baseline)."""
+    torch.manual_seed(seed)
+    arc = ArcFace(model.embedding_dim, num_classes, s=s, m=m)
+    params = list(model.parameters()) + list(arc.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    rng = np.random.default_rng(seed)
+    steps = len(_feature_batches(features.count, batch_size, rng)) * epochs
+    sched = _cosine(opt, steps)
+    labels = torch.from_numpy(features.labels)
+    history = []
+    model.train()
+    for epoch in range(epochs):
+        losses = []
+        for i, idx in enumerate(_feature_batches(features.count, batch_size, rng)):
+            if max_steps is not None and i >= max_steps:
+                break
+            loss = arc(model(features.batch(idx)), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        history.append(float(np.mean(losses)) if losses else float("nan"))
+    model.eval()
+    if epochs:
+        log(f"  {desc}: ArcFace loss per epoch " + ", ".join(f"{x:.2f}" for x in history))
+    return arc, history
+
+
+def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: FeatureSet, images: LabelledImages,
+              progress: bool = True, log: Log = print) -> TrainedPair:
+    """Train the dynamic mixer and the query model into one space with the classifier tie in `joint`."""
+    t0 = time.perf_counter()
+    torch.manual_seed(joint.seed)
+    n_classes = len(images.classes)
+    labels_np = check_labels(images.labels, features.count, n_classes, what="training images")
+    if not np.array_equal(labels_np, features.labels):
+        raise LabelError("the training images' labels differ from the labels the features were cached with")
+    labels = torch.from_numpy(labels_np)
+    arch = MixerArch(inputs=features.specs(), kind="transformer", dim=cfg.mixer.dim, depth=cfg.mixer.depth,
+                     heads=cfg.mixer.heads, mlp_ratio=cfg.mixer.mlp_ratio, dropout=cfg.mixer.dropout,
+                     embedding_dim=cfg.embedding_dim, token_dropout=cfg.mixer.token_dropout)
+    mixer = DynamicMixer(arch)
+    history: dict = {}
+
+    # stage 1: the mixer alone on the cached features (warm-up for joint, the first stage for two_stage)
+    arc, history["mixer_only"] = train_fusion_model(
+        mixer, features, n_classes, joint.mixer_epochs, joint.mixer_lr, joint.batch_size, joint.arcface_s,
+        joint.arcface_m, joint.seed, f"[{variant}] mixer warm-up ({joint.mixer_epochs} epochs on features)",
+        progress, log, joint.weight_decay, joint.max_steps)
+
+    query = build_query_model(cfg.query.backbone, cfg.embedding_dim, cfg.query.image_size, cfg.query.pretrained)
+    two_stage = joint.schedule == "two_stage"
+    mode = "frozen" if two_stage else joint.classifier
+    qcls = QueryClassifier(arc, mode=mode, alpha=joint.alpha)
+    qcls.sync()
+
+    groups = [
+        {"params": list(query.backbone.parameters()), "lr": joint.query_lr * joint.query_backbone_lr_scale},
+        {"params": list(query.pool.parameters()) + list(query.whiten.parameters()), "lr": joint.query_lr},
+    ]
+    if not two_stage:
+        groups.append({"params": list(mixer.parameters()) + list(arc.parameters()), "lr": joint.mixer_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=joint.weight_decay)
+    transform = train_transform(query.spec, seed=joint.seed) if joint.augment else eval_transform(query.spec)
+    loader = DataLoader(
+        [(src, i) for i, src in enumerate(images.paths)], batch_size=joint.batch_size, shuffle=True,
+        drop_last=len(images) > joint.batch_size, generator=torch.Generator().manual_seed(joint.seed),
+        collate_fn=lambda items: (torch.stack([transform(s) for s, _ in items]), torch.tensor([i for _, i in items])),
+    )
+    per_epoch = len(loader) if joint.max_steps is None else min(len(loader), joint.max_steps)
+    query.to(memory_format=torch.channels_last)  # ~2x faster CPU training of the mobile network
+    sched = _cosine(opt, per_epoch * joint.epochs)
+    history["mixer"], history["query"] = [], []
+    for epoch in range(joint.epochs):
+        te = time.perf_counter()
+        query.train()
+        mixer.train(not two_stage)
+        lm, lq = [], []
+        bar = tqdm(loader, total=per_epoch, desc=f"[{variant}] {'query' if two_stage else 'joint'} epoch "
+                   f"{epoch + 1}/{joint.epochs}", unit="batch", disable=not progress, leave=False)
+        for i, (x, idx) in enumerate(bar):
+            if i >= per_epoch:
+                break
+            y = labels[idx]
+            loss_q = qcls.loss(query(x.contiguous(memory_format=torch.channels_last)), y, joint.arcface_s,
+                               joint.arcface_m)
+            loss = joint.query_weight * loss_q
+            if not two_stage:
+                loss_m = arc(mixer(features.batch(idx.numpy())), y)
+                loss = loss + loss_m
+                lm.append(loss_m.item())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"[{variant}] loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            qcls.update()  # W_q <- alpha W_q + (1 - alpha) W_mix (momentum mode only)
+            lq.append(loss_q.item())
+            bar.set_postfix(query=f"{lq[-1]:.2f}", **({"mixer": f"{lm[-1]:.2f}"} if lm else {}))
+        bar.close()
+        history["query"].append(float(np.mean(lq)))
+        if lm:
+            history["mixer"].append(float(np.mean(lm)))
+        log(f"  [{variant}] {'query' if two_stage else 'joint'} epoch {epoch + 1}/{joint.epochs}: "
+            + (f"mixer ArcFace {history['mixer'][-1]:.3f}, " if lm else "")
+            + f"query ArcFace {history['query'][-1]:.3f} ({time.perf_counter() - te:.0f} s)")
+    mixer.eval()
+    query.to(memory_format=torch.contiguous_format).eval()
+    return TrainedPair(variant, mixer, arc, query, history, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+
+
+@torch.no_grad()
+def embed_features(model: torch.nn.Module, features: FeatureSet, batch_size: int = 256) -> np.ndarray:
+    model.eval()
+    out = [model(features.batch(np.arange(i, min(i + batch_size, features.count)))).numpy()
+           for i in range(0, features.count, batch_size)]
+    return np.concatenate(out).astype(np.float32)
+
+
+def symmetric(emb: np.ndarray, labels: np.ndarray) -> dict:
+    r = labelled_eval(emb, labels, emb, labels, ks=(1,), exclude_self=True)
+    return {"map": r.map, "r1": r.recall[1]}
+
+
+@dataclass
+class VariantResult:
+    variant: str
+    mixer: dict
+    asym: dict
+    query_sym: dict
+    ratio: float
+
+
+def evaluate_pair(pair: TrainedPair, eval_features: FeatureSet, eval_images: LabelledImages, batch_size: int,
+                  progress: bool) -> VariantResult:
+    labels = eval_features.labels
+    g = embed_features(pair.mixer, eval_features)
+    q = embed_images(pair.query, eval_images.paths, pair.query.spec, batch_size=batch_size,
+                     desc=f"query ({pair.variant})", progress=progress)
+    r = asymmetric_eval(q, g, labels, labels, query_emb_g=g, exclude_self=True)
+    return VariantResult(pair.variant, {"map": r.sym_map, "r1": r.sym_recall_at_1},
+                         {"map": r.asym_map, "r1": r.asym_recall_at_1}, symmetric(q, labels), r.ratio)
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+
+def _variant_config(joint: JointConfig, ablation: str) -> JointConfig:
+    if ablation == "shared":
+        return replace(joint, classifier="shared")
+    if ablation == "two_stage":
+        return replace(joint, schedule="two_stage")
+    raise ValueError(f"unknown ablation {ablation!r}")
+
+
+def _variant_name(joint: JointConfig) -> str:
+    return "two-stage" if joint.schedule == "two_stage" else f"{joint.classifier} classifier"
+
+
+def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False, log: Log = print) -> dict:
+    """Run the whole pipeline; write checkpoints and results.json under cfg.out; return the results."""
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    t = time.perf_counter()
+    splits = load_splits(cfg)
+    train_labels = check_labels(splits.train.labels, len(splits.train), len(splits.train.classes), "training images")
+    eval_labels = check_labels(splits.eval.labels, len(splits.eval), len(splits.eval.classes), "evaluation images")
+    train_fp = dataset_fingerprint(splits.train.paths, splits.train.labels)
+    timings["data"] = time.perf_counter() - t
+    log(f"data: {splits.description}")
+
+    log(f"gallery extractors ({len(cfg.extractors)}), trained with ArcFace on the training split, then frozen:")
+    extractors: list[tuple[GalleryExtractor, Path]] = []
+    for ec in cfg.extractors:
+        ex, path, sec = prepare_extractor(ec, splits.train, train_fp, out, progress, log)
+        extractors.append((ex, path))
+        timings[f"extractor {ec.name}"] = sec
+
+    log("features (extracted once, memory-mapped caches):")
+    t = time.perf_counter()
+    caches = {"train": [], "eval": []}
+    for split, data in (("train", splits.train), ("eval", splits.eval)):
+        for ex, _ in extractors:
+            caches[split].append(extract_features(
+                ex, data.paths, data.labels, out / "features" / split / ex.name, batch_size=cfg.extract_batch_size,
+                overwrite=overwrite_cache, progress=progress, log=log, desc=f"extract {ex.name} ({split})"))
+    train_set = FeatureSet(caches["train"], train_labels, len(splits.train.classes), cfg.mixer.use_local).load()
+    eval_set = FeatureSet(caches["eval"], eval_labels, len(splits.eval.classes), cfg.mixer.use_local).load()
+    timings["features"] = time.perf_counter() - t
+
+    # ---- baselines
+    t = time.perf_counter()
+    rows: list[dict] = []
+    for (ex, _), g in zip(extractors, eval_set.globals_()):
+        rows.append({"name": f"{ex.name} ({ex.config.backbone}, {ex.global_dim}-d)", "kind": "single",
+                     "protocol": "symmetric", **symmetric(g, eval_labels)})
+    rows.append({"name": f"ensemble (concat of {len(extractors)} normalised)", "kind": "ensemble",
+                 "protocol": "symmetric", **symmetric(ensemble(eval_set.globals_()), eval_labels)})
+    if cfg.baseline.concat_mlp:
+        arch = MixerArch(inputs=train_set.specs(), kind="concat_mlp", dim=cfg.mixer.dim, dropout=cfg.mixer.dropout,
+                         embedding_dim=cfg.embedding_dim)
+        torch.manual_seed(cfg.seed)
+        mlp = ConcatMLP(arch)
+        train_fusion_model(mlp, train_set, len(splits.train.classes), cfg.baseline.epochs, cfg.baseline.lr,
+                           cfg.train.batch_size, cfg.train.arcface_s, cfg.train.arcface_m, cfg.seed,
+                           "concat+MLP baseline", progress, log, max_steps=cfg.train.max_steps)
+        rows.append({"name": "concat+MLP (ArcFace on features)", "kind": "concat_mlp", "protocol": "symmetric",
+                     **symmetric(embed_features(mlp, eval_set), eval_labels)})
+    timings["baselines"] = time.perf_counter() - t
+
+    # ---- AFF: main variant + ablations
+    variants = [("main", cfg.train)] + [(a, _variant_config(cfg.train, a)) for a in cfg.ablations]
+    results: dict[str, VariantResult] = {}
+    pairs: dict[str, TrainedPair] = {}
+    for key, joint in variants:
+        name = _variant_name(joint)
+        log(f"AFF training [{name}]: mixer {cfg.mixer.depth}x{cfg.mixer.dim}-d over {len(train_set.specs())} inputs, "
+            f"query {cfg.query.backbone} @ {cfg.query.image_size} px, {joint.epochs} epochs")
+        pair = train_aff(cfg, name, joint, train_set, splits.train, progress, log)
+        t = time.perf_counter()
+        results[key] = evaluate_pair(pair, eval_set, splits.eval, cfg.extract_batch_size, progress)
+        timings[f"aff {name}"] = pair.seconds + time.perf_counter() - t
+        pairs[key] = pair
+
+    # ---- outputs
+    main = pairs["main"]
+    space = new_space_id("aff")
+    gallery_path = save_gallery(out / "gallery.pt", main.mixer, extractors, space,
+                                extra={"variant": main.variant, "mixer_map": results["main"].mixer["map"]})
+    query_path = save_checkpoint(main.query, out / "query.pt", CheckpointMeta(
+        embedding_space=space, role="query", name=f"aff-query-{cfg.query.backbone}",
+        extra={"gallery": "gallery.pt", "asymmetric_map": results["main"].asym["map"],
+               "symmetric_mixer_map": results["main"].mixer["map"], "config": cfg.name}))
+    timings["total"] = time.perf_counter() - t_start
+    report = build_report(cfg, splits, rows, results, timings, space, gallery_path, query_path)
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    log("")
+    log(format_report(report))
+    return report
+
+
+def build_report(cfg: AFFConfig, splits: Splits, rows: list[dict], results: dict[str, VariantResult],
+                 timings: dict, space: str, gallery_path: Path, query_path: Path) -> dict:
+    main = results["main"]
+    best_single = max((r for r in rows if r["kind"] == "single"), key=lambda r: r["map"])
+    ens = next(r for r in rows if r["kind"] == "ensemble")
+    checks = {
+        "mixer_beats_best_single": {"pass": main.mixer["map"] > best_single["map"],
+                                    "mixer": main.mixer["map"], "best_single": best_single["map"],
+                                    "best_single_name": best_single["name"]},
+        "mixer_beats_ensemble": {"pass": main.mixer["map"] > ens["map"], "mixer": main.mixer["map"], "ensemble": ens["map"]},
+        "asym_at_least_0.9_sym": {"pass": main.ratio >= 0.9, "ratio": main.ratio},
+    }
+    if "shared" in results:
+        sh = results["shared"]
+        checks["momentum_beats_shared"] = {"pass": main.asym["map"] > sh.asym["map"], "momentum_asym": main.asym["map"],
+                                           "shared_asym": sh.asym["map"], "momentum_mixer": main.mixer["map"],
+                                           "shared_mixer": sh.mixer["map"]}
+    return {
+        "config": cfg.to_dict(),
+        "data": splits.description,
+        "protocol": "leave-one-out over the evaluation split: every image queries all the others; positives share its "
+                    "class label; mAP = mean non-interpolated AP, R@1 = top-1 is a positive",
+        "embedding_space": space,
+        "gallery": str(gallery_path),
+        "query": str(query_path),
+        "rows": rows,
+        "variants": {k: {"variant": v.variant, "mixer": v.mixer, "asym": v.asym, "query_sym": v.query_sym,
+                         "ratio": v.ratio} for k, v in results.items()},
+        "checks": checks,
+        "seconds": timings,
+    }
+
+
+def format_report(report: dict) -> str:
+    """The result table printed at the end of `retrieval-sdk train aff`."""
+    cfg = report["config"]
+    lines = [f"== AFF results: {cfg['name']} ==", f"data: {report['data']}",
+             "protocol: " + report["protocol"], ""]
+    header = f"{'gallery / model':58s} {'protocol':11s} {'mAP':>7s} {'R@1':>7s}"
+    lines += [header, "-" * len(header)]
+    for r in report["rows"]:
+        lines.append(f"{r['name']:58s} {r['protocol']:11s} {100 * r['map']:7.2f} {100 * r['r1']:7.2f}")
+    qb = cfg["query"]["backbone"]
+    for key, v in report["variants"].items():
+        tag = v["variant"] if key == "main" else f"ablation: {v['variant']}"
+        lines.append(f"{'AFF mixer [' + tag + ']':58s} {'symmetric':11s} {100 * v['mixer']['map']:7.2f} {100 * v['mixer']['r1']:7.2f}")
+        lines.append(f"{'  query ' + qb + ' -> mixer gallery':58s} {'asymmetric':11s} {100 * v['asym']['map']:7.2f} {100 * v['asym']['r1']:7.2f}")
+        lines.append(f"{'  asym / sym':58s} {'':11s} {v['ratio']:7.3f}")
+        lines.append(f"{'  query ' + qb + ' alone (reference)':58s} {'symmetric':11s} {100 * v['query_sym']['map']:7.2f} {100 * v['query_sym']['r1']:7.2f}")
+    lines.append("")
+    c = report["checks"]
+    yes = lambda ok: "PASS" if ok else "FAIL"  # noqa: E731
+    s = c["mixer_beats_best_single"]
+    lines.append(f"[{yes(s['pass'])}] mixer mAP {100 * s['mixer']:.2f} > best single feature {100 * s['best_single']:.2f} ({s['best_single_name']})")
+    s = c["mixer_beats_ensemble"]
+    lines.append(f"[{yes(s['pass'])}] mixer mAP {100 * s['mixer']:.2f} > ensemble {100 * s['ensemble']:.2f}")
+    s = c["asym_at_least_0.9_sym"]
+    lines.append(f"[{yes(s['pass'])}] asymmetric / symmetric mixer mAP = {s['ratio']:.3f} >= 0.9")
+    if "momentum_beats_shared" in c:
+        s = c["momentum_beats_shared"]
+        lines.append(f"[{yes(s['pass'])}] momentum classifier asym mAP {100 * s['momentum_asym']:.2f} > shared classifier "
+                     f"{100 * s['shared_asym']:.2f} (mixer sym: {100 * s['momentum_mixer']:.2f} vs {100 * s['shared_mixer']:.2f})")
+    sec = report["seconds"]
+    lines.append("")
+    lines.append("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in sec.items()))
+    lines.append(f"embedding space {report['embedding_space']}: gallery {report['gallery']}, query {report['query']}")
+    return "\n".join(lines)

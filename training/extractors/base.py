@@ -1,0 +1,404 @@
+"""What every gallery extractor shares: its typed config, the backbone split at conv4/conv5, ArcFace
+training, multi-scale extraction and the checkpoint file.
+
+DELG, DOLG and CVNet all read a ResNet-style backbone twice: the stride-16 map ("conv4", ResNet
+`layer3`) for local features and the stride-32 map ("conv5", `layer4`) for the global one. `Trunk`
+gives those two maps for any registry backbone of the ResNet family (`layer1..4`) or the
+EfficientNet/MobileNet family (`blocks` + `conv_head`), so tests and CPU runs use tiny variants of the
+same architectures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdk.preprocess import PreprocessSpec
+from training.backbones import Backbone, create_backbone
+
+EXTRACTOR_FORMAT = "retrieval-sdk/gallery-extractor"
+EXTRACTOR_VERSION = 1
+KINDS = ("delg", "dolg", "cvnet")
+
+
+class ExtractorError(ValueError):
+    """An extractor config, backbone or checkpoint that cannot be used."""
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+@dataclass(frozen=True)
+class ExtractorTrainConfig:
+    """ArcFace training of one extractor on a labelled set (the paper recipes, shortened for CPU)."""
+
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 1e-3
+    backbone_lr_scale: float = 1.0  # pretrained backbones usually move slower than the new heads
+    freeze_stem: bool = False  # keep everything below conv4 fixed (and skip its backward pass)
+    weight_decay: float = 1e-4
+    arcface_s: float = 30.0
+    arcface_m: float = 0.15
+    recon_weight: float = 10.0  # DELG: autoencoder reconstruction loss weight (lambda in the paper)
+    attention_weight: float = 1.0  # DELG: attention classification loss weight (beta in the paper)
+    augment: bool = True
+    max_steps: int | None = None  # stop early (tests / smoke runs)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 2:
+            raise ExtractorError(f"extractor training needs epochs >= 0 and batch_size >= 2, got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0 or self.backbone_lr_scale < 0:
+            raise ExtractorError(f"lr must be > 0 and backbone_lr_scale >= 0, got {self.lr}, {self.backbone_lr_scale}")
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """One gallery feature extractor. `kind` picks the architecture; `name` names its feature.
+
+    Field meanings by kind:
+    - all: backbone (registry name: resnet50/101, efficientnet_lite*, mobilenetv2_100, tiny_*), pretrained
+      (False | True for shipped weights | a file), image_size, dim (global descriptor dim), gem_p,
+      scales (multi-scale extraction: descriptors of the rescaled images are summed, then L2-normalised).
+    - delg: local_dim (autoencoder bottleneck, 128 in the paper), num_local (top-k local features kept
+      per image by attention score; 0 = global only), attention_hidden (512 in the paper).
+    - dolg: local_dim (local branch width, 1024 in the paper), dilations (multi-atrous rates; scale them
+      to the conv4 map size), multi_atrous (False reproduces the released PyTorch port).
+    - cvnet: global only; scales default to (0.7071, 1, 1.4142) as in CVNet's extraction.
+    `weights` loads a released checkpoint (see training.extractors.released) instead of training.
+    """
+
+    kind: str
+    name: str = ""
+    backbone: str = "resnet50"
+    pretrained: bool | str = False
+    image_size: int | None = None
+    dim: int = 2048
+    gem_p: float = 3.0
+    scales: tuple[float, ...] | None = None  # None: (0.7071, 1, 1.4142) for cvnet, (1,) otherwise
+    local_dim: int = 128
+    num_local: int = 0
+    attention_hidden: int = 512
+    dilations: tuple[int, ...] = (6, 12, 18)
+    multi_atrous: bool = True
+    weights: str | None = None
+    train: ExtractorTrainConfig = field(default_factory=ExtractorTrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ExtractorError(f"extractor kind must be one of {KINDS}, got {self.kind!r}")
+        if not self.name:
+            object.__setattr__(self, "name", self.kind)
+        if self.scales is None:
+            object.__setattr__(self, "scales", (0.7071, 1.0, 1.4142) if self.kind == "cvnet" else (1.0,))
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
+        if isinstance(self.train, dict):
+            object.__setattr__(self, "train", _from_dict(ExtractorTrainConfig, self.train, f"extractor {self.name}.train"))
+        if self.dim < 1 or self.local_dim < 1 or self.num_local < 0 or self.attention_hidden < 1:
+            raise ExtractorError(f"extractor {self.name}: dim, local_dim, attention_hidden must be >= 1 and num_local >= 0")
+        if not self.scales or min(self.scales) <= 0:
+            raise ExtractorError(f"extractor {self.name}: scales must be positive numbers, got {self.scales}")
+        if self.kind != "delg" and self.num_local:
+            raise ExtractorError(f"extractor {self.name}: only DELG produces local features (num_local), not {self.kind}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scales"], d["dilations"] = list(self.scales), list(self.dilations)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExtractorConfig":
+        return _from_dict(cls, d, f"extractor {d.get('name') or d.get('kind', '?')}")
+
+    def fingerprint(self) -> str:
+        """A short hash of everything that shapes the trained weights (architecture and training)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _from_dict(cls, d: dict, what: str):
+    if not isinstance(d, dict):
+        raise ExtractorError(f"{what}: expected a mapping, got {type(d).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ExtractorError(f"{what}: unknown keys {unknown}; expected some of {sorted(known)}")
+    d = dict(d)
+    for key in ("scales", "dilations"):
+        if key in d and isinstance(d[key], list):
+            d[key] = tuple(d[key])
+    if "train" in d and isinstance(d["train"], dict):
+        d["train"] = _from_dict(ExtractorTrainConfig, d["train"], f"{what}.train")
+    try:
+        return cls(**d)
+    except TypeError as e:
+        raise ExtractorError(f"{what}: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------ trunk
+
+
+class Trunk(nn.Module):
+    """A registry backbone read at two depths: conv4 (stride 16) and conv5 (stride 32, the usual output).
+
+    The backbone module is kept whole (state-dict keys `backbone.model.*` as in a plain Backbone), only
+    its forward pass is split. `freeze_stem` runs everything up to conv4 without gradients.
+    """
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        self.backbone = backbone
+        model = backbone.model
+        info = getattr(model, "feature_info", None)
+        infos = info.get_dicts() if hasattr(info, "get_dicts") else list(info or [])
+        c4 = [d for d in infos if d.get("reduction") == 16]
+        if hasattr(model, "layer4") and hasattr(model, "layer3"):
+            self.family = "resnet"
+            self.split = 0
+        elif hasattr(model, "blocks") and hasattr(model, "conv_head") and c4:
+            self.family = "efficientnet"
+            self.split = int(c4[-1]["module"].split(".")[1]) + 1  # blocks[:split] end at stride 16
+        else:
+            raise ExtractorError(
+                f"backbone '{backbone.name}' is not a ResNet (layer1..4) or EfficientNet/MobileNet (blocks) "
+                "network; DELG/DOLG/CVNet need conv4 and conv5 feature maps (try resnet50, resnet101, "
+                "efficientnet_lite0, mobilenetv2_100, tiny_resnet)"
+            )
+        if not c4:
+            raise ExtractorError(f"backbone '{backbone.name}' has no stride-16 stage to take conv4 features from")
+        self.conv4_channels: int = int(c4[-1]["num_chs"])
+        self.conv5_channels: int = int(backbone.num_features)
+        self.freeze_stem = False
+
+    def stem_modules(self) -> list[nn.Module]:
+        m = self.backbone.model
+        if self.family == "resnet":
+            return [m.conv1, m.bn1, m.act1, m.maxpool, m.layer1, m.layer2, m.layer3]
+        return [m.conv_stem, m.bn1, *m.blocks[: self.split]]
+
+    def set_freeze_stem(self, frozen: bool) -> None:
+        """Keep the layers below conv4 fixed: no gradients, BatchNorm statistics frozen (eval mode)."""
+        self.freeze_stem = frozen
+        for module in self.stem_modules():
+            module.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "Trunk":
+        super().train(mode)
+        if self.freeze_stem:
+            for module in self.stem_modules():
+                module.eval()
+        return self
+
+    def _stem(self, x: Tensor) -> Tensor:
+        m = self.backbone.model
+        if self.family == "resnet":
+            x = m.maxpool(m.act1(m.bn1(m.conv1(x))))
+            return m.layer3(m.layer2(m.layer1(x)))
+        x = m.bn1(m.conv_stem(x))
+        for block in m.blocks[: self.split]:
+            x = block(x)
+        return x
+
+    def _tail(self, x: Tensor) -> Tensor:
+        m = self.backbone.model
+        if self.family == "resnet":
+            return m.layer4(x)
+        for block in m.blocks[self.split:]:
+            x = block(x)
+        return m.bn2(m.conv_head(x))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(conv4 map (B, C4, H/16, W/16), conv5 map (B, C5, H/32, W/32))."""
+        if self.freeze_stem:
+            with torch.no_grad():
+                c4 = self._stem(x)
+        else:
+            c4 = self._stem(x)
+        return c4, self._tail(c4)
+
+    def stem_parameters(self) -> list[nn.Parameter]:
+        return [p for module in self.stem_modules() for p in module.parameters()]
+
+    def tail_parameters(self) -> list[nn.Parameter]:
+        m = self.backbone.model
+        if self.family == "resnet":
+            return list(m.layer4.parameters())
+        mods = list(m.blocks[self.split:]) + [m.conv_head, m.bn2]
+        return [p for mod in mods for p in mod.parameters()]
+
+
+# ------------------------------------------------------------------------------------------ extractor
+
+
+class Extracted(NamedTuple):
+    """One batch of gallery features. Global: (B, D) unit norm. Local (DELG): (B, K, Dl) unit-norm
+    descriptors sorted by attention score (B, K), the first `local_count[b]` of each row valid."""
+
+    global_: Tensor
+    local: Tensor | None = None
+    local_scores: Tensor | None = None
+    local_count: Tensor | None = None
+
+
+class GalleryExtractor(nn.Module):
+    """Base of DELG, DOLG and CVNet: a Trunk, a global head (`embed`), an ArcFace classifier for training.
+
+    Subclasses define `embed(x) -> (B, dim)` (before L2) and may override `train_losses` (extra terms)
+    and `extract` (local features).
+    """
+
+    def __init__(self, config: ExtractorConfig, num_classes: int | None = None):
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+        self.trunk = Trunk(create_backbone(config.backbone, pretrained=config.pretrained))
+        self.weights_source = self.trunk.backbone.weights_source
+        spec = self.trunk.backbone.spec
+        self.spec: PreprocessSpec = spec.with_size(config.image_size) if config.image_size else spec
+        self.arcface = None  # set by subclasses once the descriptor dim is known
+
+    # -- shapes
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def global_dim(self) -> int:
+        return self.config.dim
+
+    @property
+    def local_dim(self) -> int:
+        return 0
+
+    @property
+    def num_local(self) -> int:
+        return 0
+
+    def _make_arcface(self) -> None:
+        from training.losses import ArcFace
+
+        if self.num_classes is not None:
+            if self.num_classes < 2:
+                raise ExtractorError(f"extractor {self.name}: ArcFace training needs >= 2 classes, got {self.num_classes}")
+            t = self.config.train
+            self.arcface = ArcFace(self.global_dim, self.num_classes, s=t.arcface_s, m=t.arcface_m)
+
+    # -- training
+    def embed(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def train_losses(self, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        """Named loss terms for one batch; their weighted sum is what gets minimised."""
+        if self.arcface is None:
+            raise ExtractorError(f"extractor {self.name} was built without num_classes: it cannot be trained")
+        return {"arcface": self.arcface(self.embed(x), labels)}
+
+    def loss_weights(self) -> dict[str, float]:
+        return {"arcface": 1.0}
+
+    # -- extraction
+    def _rescaled(self, x: Tensor, scale: float) -> Tensor:
+        if scale == 1.0:
+            return x
+        h, w = x.shape[-2:]
+        size = (max(32, round(h * scale)), max(32, round(w * scale)))
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+    def global_descriptor(self, x: Tensor) -> Tensor:
+        """Multi-scale global descriptor: sum over scales of the L2-normalised embedding, L2-normalised."""
+        total = None
+        for s in self.config.scales:
+            e = F.normalize(self.embed(self._rescaled(x, s)), dim=-1)
+            total = e if total is None else total + e
+        return F.normalize(total, dim=-1)
+
+    @torch.no_grad()
+    def extract(self, x: Tensor) -> Extracted:
+        return Extracted(self.global_descriptor(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The global descriptor (B, dim), unit norm: what a plain embedding model would return."""
+        return self.global_descriptor(x)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def build_extractor(config: ExtractorConfig | dict, num_classes: int | None = None) -> GalleryExtractor:
+    """The extractor for `config.kind`; with `num_classes`, it carries an ArcFace head for training."""
+    if isinstance(config, dict):
+        config = ExtractorConfig.from_dict(config)
+    if config.kind == "delg":
+        from training.extractors.delg import DELG
+
+        return DELG(config, num_classes)
+    if config.kind == "dolg":
+        from training.extractors.dolg import DOLG
+
+        return DOLG(config, num_classes)
+    from training.extractors.cvnet import CVNetGlobal
+
+    return CVNetGlobal(config, num_classes)
+
+
+def save_extractor(extractor: GalleryExtractor, path: str | Path, fingerprint: str = "", extra: dict | None = None) -> Path:
+    """Write config + weights (+ the training fingerprint used to decide whether to retrain)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": EXTRACTOR_FORMAT,
+        "version": EXTRACTOR_VERSION,
+        "config": extractor.config.to_dict(),
+        "num_classes": extractor.num_classes,
+        "preprocess": extractor.spec.to_dict(),
+        "fingerprint": fingerprint,
+        "extra": extra or {},
+        "state_dict": extractor.state_dict(),
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_extractor_header(path: str | Path) -> dict:
+    """The checkpoint payload (weights included) after checking it is an extractor checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExtractorError(f"extractor checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ExtractorError(f"cannot read extractor checkpoint {path}: {e.__class__.__name__}: {e}") from None
+    if not isinstance(payload, dict) or payload.get("format") != EXTRACTOR_FORMAT:
+        raise ExtractorError(
+            f"{path} is not a gallery-extractor checkpoint (no '{EXTRACTOR_FORMAT}' header); released DELG/DOLG/"
+            "CVNet files load with training.extractors.load_released"
+        )
+    return payload
+
+
+def load_extractor(path: str | Path) -> GalleryExtractor:
+    """Rebuild an extractor saved by `save_extractor` (eval mode)."""
+    payload = read_extractor_header(path)
+    try:
+        config = ExtractorConfig.from_dict(payload["config"])
+        # the backbone's pretrained weights are in the state dict already: do not look for them again
+        extractor = build_extractor(replace(config, pretrained=False, weights=None), payload.get("num_classes"))
+        extractor.load_state_dict(payload["state_dict"], strict=True)
+    except (KeyError, RuntimeError) as e:
+        first = str(e).splitlines()[0]
+        raise ExtractorError(f"{path}: weights do not match the config saved with them ({first})") from None
+    extractor.config = config
+    extractor.spec = PreprocessSpec.from_dict(payload["preprocess"])
+    extractor.weights_source = f"checkpoint {path}"
+    return extractor.eval()
