@@ -56,7 +56,7 @@ def sample(n: int, centres: np.ndarray, basis: np.ndarray, spread: float, iso: f
 
 
 def build(factory: str, x: np.ndarray, **knobs) -> tuple[GalleryIndex, float]:
-    cfg = IndexConfig(factory, train_size=min(len(x), knobs.pop("train_size", 200_000)), checkpoint_every=0, **knobs)
+    cfg = IndexConfig(factory, train_size=min(len(x), knobs.pop("train_size", 100_000)), checkpoint_every=0, **knobs)
     idx = GalleryIndex.create(None, x.shape[1], SPACE, cfg)
     t0 = time.perf_counter()
     step = 100_000
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500, help="queries for recall and approximate latency")
     ap.add_argument("--exact-queries", type=int, default=50, help="queries timed one by one on exact search")
     ap.add_argument("--hnsw", default="HNSW32")
-    ap.add_argument("--ivfpq", default="IVF4096,PQ64")
+    ap.add_argument("--ivfpq", default="IVF1024,PQ64")
     ap.add_argument("--skip-hnsw", action="store_true")
     ap.add_argument("--skip-ivfpq", action="store_true")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -143,7 +143,7 @@ def main() -> None:
     if not args.skip_ivfpq:
         idx, build_s = build(args.ivfpq, x)
         factory = idx.stats().factory
-        print(f"{factory} built (trained on {min(args.n, 200_000)}) in {build_s:.0f} s", flush=True)
+        print(f"{factory} built (trained on {min(args.n, 100_000)}) in {build_s:.0f} s", flush=True)
         for nprobe, k_factor in ((16, 4), (32, 4), (32, 8), (64, 8), (128, 16)):
             ms, found = single_query_ms(idx, q, nprobe=nprobe, k_factor=k_factor)
             record("IVF-PQ", factory, build_s, {"nprobe": nprobe, "k_factor": k_factor}, ms, found)

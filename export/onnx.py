@@ -212,7 +212,8 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, per
             self.bar.update(len(chunk))
             return {INPUT_NAME: np.ascontiguousarray(chunk, dtype=np.float32)}
 
-    with tempfile.TemporaryDirectory() as tmp:
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    with tempfile.TemporaryDirectory(prefix="retrieval-sdk-quant-") as tmp, working_directory(tmp):
         pre = Path(tmp) / "pre.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -232,6 +233,22 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, per
     if meta:
         add_metadata(dst, meta)
     return Path(dst)
+
+
+@contextlib.contextmanager
+def working_directory(path: str | Path):
+    """Run a block with `path` as the current directory. onnxruntime's symbolic shape inference, when it
+    gives up on a graph (it does on GeM's dynamic spatial mean), saves `sym_shape_infer_temp.onnx` and a
+    `<uuid1>.data` external-data file into the *current* directory before raising; quant_pre_process
+    catches that and goes on, so without this the export would litter the user's working directory."""
+    import os
+
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def check_onnx(path: str | Path, embedding_dim: int | None = None, dynamic_hw: bool = True) -> dict:

@@ -28,7 +28,10 @@ INT8_MIN_COSINE = 0.99
 INT8_MAX_SIZE_RATIO = 0.30
 INT8_MAX_MAP_DROP = 0.01  # 1 mAP point
 FP16_MIN_COSINE = 0.999
-EMBEDDER_MAX_ABS_DIFF = 1e-4
+EMBEDDER_MAX_ABS_DIFF = 1e-4  # float files: the same kernels, the same numbers
+# int8 files: tflite-support 0.4.4 bundles a 2022 TFLite runtime whose int8 kernels round differently
+# from ai-edge-litert 2.3's, so the two are close but not bit-identical
+EMBEDDER_INT8_MIN_COSINE = 0.9999
 
 
 @dataclass
@@ -42,6 +45,7 @@ class FileResult:
     max_abs_diff: float | None = None  # to torch, over all images
     min_cos_torch: float | None = None
     min_cos_fp32: float | None = None  # to the fp32 file of the same role and format
+    min_cos_fp32_by_set: dict[str, float] = field(default_factory=dict)
     maps: dict[str, float] = field(default_factory=dict)  # image set -> mAP
     ms: float | None = None  # per image, batch 1
     note: str = ""
@@ -121,6 +125,14 @@ def _torch_model(entry: ModelEntry, override: str | Path | None, bundle: Path, n
     return None
 
 
+def is_procedural(s: ImageSet) -> bool:
+    """A set written by training.data.make_instance_set (object_NNN/view_NN.jpg): synthetic, not photos."""
+    import re
+
+    pattern = re.compile(r"object_\d+[/\\]view_\d+\.jpg$")
+    return bool(s.paths) and all(pattern.search(str(p)) for p in s.paths)
+
+
 def _default_images(tmp: Path, log) -> list[Path]:
     from training.data import make_instance_set
 
@@ -157,7 +169,7 @@ def verify_bundle(bundle: str | Path, images: Iterable[str | Path] = (), checkpo
                 s = load_image_set(folder, spec, max_images=max_images, what="verify image", progress=progress)
                 sets[role][s.name] = s
         for s in sets[roles[-1]].values():
-            report.image_sets.append({"name": s.name, "images": len(s.paths),
+            report.image_sets.append({"name": s.name, "images": len(s.paths), "synthetic": is_procedural(s),
                                       "labelled": s.labels is not None,
                                       "classes": 0 if s.labels is None else int(len(np.unique(s.labels)))})
         gallery_index: dict[str, np.ndarray] = {}
@@ -221,7 +233,8 @@ def _verify_file(bundle: Path, entry: ModelEntry, f: ModelFile, spec: Preprocess
         result.max_abs_diff = max(d for d, _ in diffs)
         result.min_cos_torch = min(c for _, c in diffs)
     if f.precision != "fp32" and f.format in fp32_embs:
-        result.min_cos_fp32 = min(_compare(embs[n], fp32_embs[f.format][n])[1] for n in embs)
+        result.min_cos_fp32_by_set = {n: _compare(embs[n], fp32_embs[f.format][n])[1] for n in embs}
+        result.min_cos_fp32 = min(result.min_cos_fp32_by_set.values())
     for name, s in sets.items():
         if s.labels is not None:
             g = gallery_index.get(name, embs[name]) if gallery_index is not None else embs[name]
@@ -313,6 +326,7 @@ def _verify_task_library(bundle: Path, manifest: Manifest, sets: dict, threads: 
 
 def _acceptance(report: VerifyReport) -> None:
     rows = {(r.role, r.path): r for r in report.files}
+    synthetic = {s["name"] for s in report.image_sets if s.get("synthetic")}
     for r in report.files:
         if r.format not in ("onnx", "tflite"):
             if r.format == "coreml":
@@ -325,10 +339,15 @@ def _acceptance(report: VerifyReport) -> None:
         if r.precision == "fp32" and r.max_abs_diff is not None:
             report.checks.append(Check(f"{r.path}: max abs diff to torch <= {FP32_MAX_ABS_DIFF:g}",
                                        r.max_abs_diff <= FP32_MAX_ABS_DIFF, f"{r.max_abs_diff:.2e}"))
-        if r.precision in ("int8", "fp16") and r.min_cos_fp32 is not None:
+        if r.precision in ("int8", "fp16"):
             floor = INT8_MIN_COSINE if r.precision == "int8" else FP16_MIN_COSINE
-            report.checks.append(Check(f"{r.path}: min cosine to fp32 >= {floor}", r.min_cos_fp32 >= floor,
-                                       f"{r.min_cos_fp32:.5f}"))
+            for name, cos in r.min_cos_fp32_by_set.items():
+                if name in synthetic:
+                    report.notes.append(f"{r.path}: min cosine to fp32 on {name} (synthetic, procedural images) "
+                                        f"{cos:.5f}: reported, not checked (the acceptance asks it on real photos)")
+                    continue
+                report.checks.append(Check(f"{r.path}: min cosine to fp32 on {name} >= {floor}", cos >= floor,
+                                           f"{cos:.5f}"))
         if r.precision == "int8" and r.size_ratio is not None:
             report.checks.append(Check(f"{r.path}: size <= {INT8_MAX_SIZE_RATIO:.0%} of fp32",
                                        r.size_ratio <= INT8_MAX_SIZE_RATIO, f"{r.size_ratio:.1%}"))
@@ -348,6 +367,11 @@ def _acceptance(report: VerifyReport) -> None:
     for e in report.embedders:
         if e.max_abs_diff is None:
             report.checks.append(Check(f"{e.path}: tflite-support ImageEmbedder runs", False, e.note))
+        elif ".int8." in e.path:
+            report.checks.append(Check(f"{e.path}: ImageEmbedder ~ our embedder (int8 kernels of two runtime "
+                                       f"versions; min cosine >= {EMBEDDER_INT8_MIN_COSINE})",
+                                       e.min_cos >= EMBEDDER_INT8_MIN_COSINE,
+                                       f"min cosine {e.min_cos:.6f}, max abs diff {e.max_abs_diff:.2e}"))
         else:
             report.checks.append(Check(f"{e.path}: ImageEmbedder == our embedder (max abs diff <= "
                                        f"{EMBEDDER_MAX_ABS_DIFF:g})", e.max_abs_diff <= EMBEDDER_MAX_ABS_DIFF,
@@ -369,8 +393,8 @@ def format_report(report: VerifyReport) -> str:
     """The tables `retrieval-sdk verify` prints."""
     lines = [f"bundle {report.bundle}; latency: batch 1, {report.threads} thread(s), median"]
     lines.append("images: " + ", ".join(
-        f"{s['name']} ({s['images']} images" + (f", {s['classes']} classes)" if s["labelled"] else ", no labels)")
-        for s in report.image_sets))
+        f"{s['name']} ({s['images']} {'synthetic ' if s.get('synthetic') else ''}images"
+        + (f", {s['classes']} classes)" if s["labelled"] else ", no labels)") for s in report.image_sets))
     set_names = [s["name"] for s in report.image_sets if s["labelled"]]
     head = (f"{'role':8} {'file':24} {'fmt':7} {'prec':5} {'size':>9} {'%fp32':>6} {'maxdiff':>9} "
             f"{'cos(torch)':>10} {'cos(fp32)':>9} " + " ".join(f"{'mAP ' + n[:12]:>17}" for n in set_names)

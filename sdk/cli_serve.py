@@ -128,6 +128,8 @@ def serve(
                                          help="Added vectors between index snapshots (the write-ahead log covers the rest)."),
     max_body_mb: float = typer.Option(32.0, "--max-body-mb", min=0.01, help="Largest request body."),
     log_level: str = typer.Option("warning", help="uvicorn log level."),
+    demo: bool = typer.Option(False, "--demo", help="Also serve the mobile web demo at /demo/ (the query model runs "
+                                                    "in the browser; needs `npm ci` in mobile_demo/)."),
 ) -> None:
     """Serve the gallery: search by embedding or image, add/delete items, /docs for the API."""
     from sdk.server import ServerConfig, load_api_keys
@@ -140,4 +142,12 @@ def serve(
                            max_body_bytes=int(max_body_mb * 1024 * 1024))
         ready = (f"serving {index} with bundle {bundle} on http://{host}:{port} "
                  f"({str(len(keys)) + ' API keys' if keys else 'no API keys: open access'}); API docs at /docs")
-        run(cfg, host=host, port=port, log_level=log_level, on_ready=lambda _app: typer.echo(ready, err=True))
+
+        def on_ready(app) -> None:
+            if demo:
+                from sdk.demo import mount_demo
+
+                mount_demo(app, bundle)
+            typer.echo(ready + (f"; mobile demo at http://{host}:{port}/demo/" if demo else ""), err=True)
+
+        run(cfg, host=host, port=port, log_level=log_level, on_ready=on_ready)

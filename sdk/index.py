@@ -40,6 +40,7 @@ LOCK_NAME = "index.lock"
 MAX_ID_LEN = 512
 MAX_METADATA_BYTES = 64 * 1024
 _SNAPSHOT_RE = re.compile(r"^index-(\d+)\.faiss$")
+_PARALLEL_MIN_QUERIES = 8  # fewer queries per call are searched on one thread
 _HASH_LIMIT = 1 << 30  # snapshots up to this size are sha256-checked on open (larger: size only)
 
 
@@ -767,8 +768,18 @@ class GalleryIndex:
                 params.sel = sel
         else:
             params, _ = self._params(k, sel, ef_search, nprobe, k_factor)
-        scores, labels = target.search(q, k, params=params)
-        return scores, labels
+        if len(q) >= _PARALLEL_MIN_QUERIES:
+            return target.search(q, k, params=params)
+        # A few queries: one OpenMP thread. Parallel regions for a single query cost more than they
+        # save and stall under load (a server runs many such searches at once on its own threads).
+        # omp_set_num_threads only affects the calling thread's later parallel regions.
+        faiss = _faiss()
+        before = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            return target.search(q, k, params=params)
+        finally:
+            faiss.omp_set_num_threads(before)
 
     def search_labels(self, queries, k: int = 10, *, space: str, ef_search: int | None = None,
                       nprobe: int | None = None, k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -104,7 +104,8 @@ def ingest(bundle: str | Path, images_dir: str | Path, index_path: str | Path, *
             else:
                 todo.append((p, item_id, meta))
         if report.skipped:
-            log(f"{report.skipped} of {len(images)} images are already indexed; embedding the other {len(todo)}")
+            log(f"{report.skipped} of {len(images)} images are already indexed (unchanged); "
+                + (f"embedding the other {len(todo)}" if todo else "nothing to do"))
         if todo:
             embedder = Embedder.from_bundle(bundle, role=role, threads=threads, verify=False)
             bar = None

@@ -1,0 +1,176 @@
+"""Gallery-service benchmark over loopback: p50/p99 latency and QPS of POST /v1/search (k=10) with
+concurrent clients, against a real `retrieval-sdk serve` process.
+
+    python benchmarks/server_bench.py                        # 100k x 512 HNSW32, 8 clients, 20 s
+    python benchmarks/server_bench.py --n 1000000 --config HNSW32 --index /path/to/keep
+
+Setup (not timed): a bundle with a 512-d tiny model (export/, needs the train extra), an index of N
+clustered vectors written with GalleryIndex, then the server in a subprocess on 127.0.0.1. Each client
+is its own process (no shared GIL) with one keep-alive connection, sending one query at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from index_bench import generator, sample  # noqa: E402
+
+SPACE = "bench-space"
+
+
+def make_bundle(out: Path, dim: int) -> Path:
+    from export.bundle import export_bundle
+    from training.models import CheckpointMeta, EmbeddingModel, ModelConfig, save_checkpoint
+
+    for role in ("query", "gallery"):
+        save_checkpoint(EmbeddingModel(ModelConfig("tiny_resnet", "gem", embedding_dim=dim)), out / f"{role}.pt",
+                        CheckpointMeta(embedding_space=SPACE, role=role))
+    export_bundle(out / "query.pt", out / "bundle", gallery_checkpoint=out / "gallery.pt")
+    return out / "bundle"
+
+
+def build_index(path: Path, n: int, d: int, config: str) -> np.ndarray:
+    from sdk.index import GalleryIndex, IndexConfig
+
+    centres, basis = generator(d, max(100, n // 100), 64)
+    x = sample(n, centres, basis, 1.0, 0.3, np.random.default_rng(1))
+    t0 = time.perf_counter()
+    with GalleryIndex.create(path, d, SPACE, IndexConfig(config, checkpoint_every=0)) as idx:
+        for s in range(0, n, 50_000):
+            idx.add([f"item-{i}" for i in range(s, min(s + 50_000, n))], x[s:s + 50_000], space=SPACE,
+                    metadata=[{"n": i} for i in range(s, min(s + 50_000, n))])
+    print(f"index: {n} x {d} {config} built in {time.perf_counter() - t0:.0f} s", flush=True)
+    return sample(2000, centres, basis, 1.0, 0.3, np.random.default_rng(2))
+
+
+def client(url: str, queries: np.ndarray, k: int, encoding: str, start: float, stop: float, seed: int, out) -> None:
+    import httpx
+
+    rng = np.random.default_rng(seed)
+    lat, took, errors = [], [], 0
+    with httpx.Client(base_url=url, timeout=10) as http:
+        while time.time() < start:
+            time.sleep(0.001)
+        while time.time() < stop:
+            q = queries[rng.integers(len(queries))]
+            body = {"space": SPACE, "k": k}
+            if encoding == "json":
+                body["embedding"] = q.tolist()
+            else:
+                body["embedding_b64"] = base64.b64encode(q.tobytes()).decode()
+            t0 = time.perf_counter()
+            r = http.post("/v1/search", json=body)
+            dt = time.perf_counter() - t0
+            if r.status_code == 200:
+                lat.append(dt)
+                took.append(r.json()["took_ms"])
+            else:
+                errors += 1
+    out.put((lat, took, errors))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--config", default="HNSW32")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--encoding", choices=("b64", "json"), default="b64")
+    ap.add_argument("--index", type=Path, default=None, help="reuse/keep the index here (default: a temp folder)")
+    ap.add_argument("--threads", type=int, default=1, help="ONNX/faiss threads of the server")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="server_bench_"))
+    bundle = make_bundle(work, args.d)
+    index = args.index or work / "index"
+    if (index / "index.sqlite").exists():
+        from index_bench import generator as g
+
+        centres, basis = g(args.d, max(100, args.n // 100), 64)
+        queries = sample(2000, centres, basis, 1.0, 0.3, np.random.default_rng(2))
+    else:
+        queries = build_index(index, args.n, args.d, args.config)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    cmd = [sys.executable, "-c", "from sdk.cli import app; app()", "serve", "--bundle", str(bundle), "--index",
+           str(index), "--port", str(port), "--threads", str(args.threads)]
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    try:
+        import httpx
+
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        else:
+            raise SystemExit("server did not start")
+        items = httpx.get(url + "/healthz").json()["items"]
+        # warm-up (connections, caches), then the timed run
+        ctx = mp.get_context("fork")
+        out = ctx.Queue()
+        for phase, seconds in (("warm-up", 2.0), ("run", args.seconds)):
+            start = time.time() + 1.0
+            procs = [ctx.Process(target=client, args=(url, queries, args.k, args.encoding, start, start + seconds, i, out))
+                     for i in range(args.clients)]
+            for p in procs:
+                p.start()
+            results = [out.get() for _ in procs]
+            for p in procs:
+                p.join()
+        lat = np.concatenate([np.asarray(r[0]) for r in results]) * 1000
+        took = np.concatenate([np.asarray(r[1]) for r in results])
+        errors = sum(r[2] for r in results)
+        report = {
+            "items": items, "d": args.d, "config": args.config, "clients": args.clients, "k": args.k,
+            "encoding": args.encoding, "seconds": args.seconds, "requests": int(len(lat)), "errors": int(errors),
+            "qps": round(len(lat) / args.seconds, 1),
+            "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 3), "p90": round(float(np.percentile(lat, 90)), 3),
+                           "p99": round(float(np.percentile(lat, 99)), 3), "mean": round(float(lat.mean()), 3)},
+            "server_search_ms": {"p50": round(float(np.percentile(took, 50)), 3),
+                                 "p99": round(float(np.percentile(took, 99)), 3)},
+            "cpus": os.cpu_count(),
+        }
+        print(json.dumps(report, indent=2))
+        print(f"p99 {report['latency_ms']['p99']:.1f} ms (target <= 20 ms for k=10): "
+              f"{'met' if report['latency_ms']['p99'] <= 20 else 'NOT met'}")
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+if __name__ == "__main__":
+    main()
