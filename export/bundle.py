@@ -207,10 +207,15 @@ def _export_one(model, out: Path, fmt: str, prec: str, spec: PreprocessSpec, cal
             ox.convert_fp16(fp32, path)
             ox.add_metadata(path, onnx_meta)
         else:
-            ox.quantize_int8(fp32, path, calib.batch(spec), progress=progress)
+            nchw = calib.batch(spec)
+            search = _int8_search(out, "onnx", fp32, path, nchw, spec,
+                                  lambda k: ox.quantize_int8(fp32, path, nchw, progress=progress, float_convs=k))
             ox.add_metadata(path, onnx_meta)
         vit = getattr(getattr(model.backbone, "config", None), "kind", "cnn") == "vit"
-        return ox.check_onnx(path, model.embedding_dim, dynamic_hw=not vit)
+        facts = ox.check_onnx(path, model.embedding_dim, dynamic_hw=not vit)
+        if prec == "int8":
+            facts["int8"] = search
+        return facts
     if fmt == "tflite":
         from export import tflite as tf
 
@@ -220,9 +225,13 @@ def _export_one(model, out: Path, fmt: str, prec: str, spec: PreprocessSpec, cal
             tf.convert_fp16(fp32, path)
         else:
             nchw = calib.batch(spec)
-            tf.quantize_int8(fp32, path, nchw.transpose(0, 2, 3, 1), progress=progress)
+            search = _int8_search(out, "tflite", fp32, path, nchw, spec,
+                                  lambda k: tf.quantize_int8(fp32, path, nchw.transpose(0, 2, 3, 1),
+                                                             progress=progress, float_convs=k))
         facts = tf.check_tflite(path, model.embedding_dim, spec.input_size)
         facts.pop("signatures", None)
+        if prec == "int8":
+            facts["int8"] = search
         return facts
     from export import coreml as cm
 
@@ -230,6 +239,36 @@ def _export_one(model, out: Path, fmt: str, prec: str, spec: PreprocessSpec, cal
     facts = cm.check_coreml(path, model.embedding_dim, spec, prec, metadata["embedding_space"])
     facts.pop("metadata", None)
     return facts
+
+
+# int8: accuracy-aware choice of how many leading conv layers stay float (see export.onnx.quantize_int8).
+# Each candidate is quantized and compared with the fp32 file on the calibration images; the first that
+# reaches the target wins, else the best one. Models that quantize well stop at 0 (one conversion).
+INT8_TARGET_MIN_COSINE = 0.995
+FLOAT_CONV_STEPS = (0, 2, 4, 6, 8)
+
+
+def _int8_search(out: Path, fmt: str, fp32: Path, path: Path, nchw: np.ndarray, spec: PreprocessSpec,
+                 quantize: Callable[[int], object]) -> dict:
+    from export.runtimes import open_runner
+
+    def embed(p: Path) -> np.ndarray:
+        return open_runner(out, ModelFile(path=p.name, format=fmt), spec, threads=None).embed(nchw)
+
+    ref = embed(fp32)
+    tried: dict[int, float] = {}
+    best = None
+    for k in FLOAT_CONV_STEPS:
+        quantize(k)
+        tried[k] = _min_cos_and_diff(embed(path), ref)[1]
+        if best is None or tried[k] > tried[best] + 1e-4:
+            best = k
+        if tried[k] >= INT8_TARGET_MIN_COSINE:
+            break
+    if k != best:
+        quantize(best)
+    return {"float_leading_convs": best, "calibration_min_cosine": round(tried[best], 6),
+            "target_min_cosine": INT8_TARGET_MIN_COSINE, "tried": {str(k): round(c, 6) for k, c in tried.items()}}
 
 
 def _write_tflite_metadata(path: Path, spec: PreprocessSpec, metadata: dict, space: str, record: dict, log) -> None:

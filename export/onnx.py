@@ -182,11 +182,18 @@ def _toposort(graph) -> None:
 
 
 def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, per_channel: bool = True,
-                  batch_size: int = 8, progress: bool = False) -> Path:
+                  batch_size: int = 8, progress: bool = False, float_convs: int = 0) -> Path:
     """Static int8 QDQ quantization (int8 per-channel weights, uint8 activations, MinMax calibration on
     `calibration`, a float32 NCHW batch of preprocessed real images). The model goes through
     `quant_pre_process` (shape inference + graph optimization) first; the pooling and L2-norm head
-    stays float so the output is exactly unit-norm."""
+    stays float so the output is exactly unit-norm.
+
+    float_convs: keep the first N Conv nodes (in execution order) float. ImageNet MobileNetV2 weights
+    with BatchNorm folded in have early layers whose per-channel weight ranges span 1e-5..1e2: a
+    per-tensor uint8 activation feeding them loses the small channels, and the big weights amplify
+    that error (the case cross-layer equalization was invented for). Those layers hold a few thousand
+    weights, so keeping them float costs nothing in size. Only a leading run is excluded: onnxruntime
+    1.32's graph optimizer mis-handles a float Conv fed by a quantized one (min cosine < 0)."""
     onnx = require("onnx")
     require("onnxruntime")
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
@@ -221,7 +228,8 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, per
                 quant_pre_process(str(src), str(pre))
             except Exception:  # noqa: BLE001  symbolic shape inference gives up on some graphs; ONNX's own suffices
                 quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        exclude = head_nodes(onnx.load(str(pre)).graph)
+        graph = onnx.load(str(pre)).graph
+        exclude = head_nodes(graph) + [n.name for n in graph.node if n.op_type == "Conv"][:float_convs]
         quantize_static(
             str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

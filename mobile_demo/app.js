@@ -270,7 +270,8 @@ function renderResults(results) {
     score.textContent = `${i + 1}. ${hit.score.toFixed(3)}`;
     const id = document.createElement("div");
     id.className = "id";
-    id.textContent = hit.id;
+    id.textContent = hit.id.split("/").pop() || hit.id; // ids are often relative paths: show the file name
+    id.title = hit.id;
     const bar = document.createElement("div");
     bar.className = "scorebar";
     const fill = document.createElement("span");

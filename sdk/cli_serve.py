@@ -130,17 +130,27 @@ def serve(
     log_level: str = typer.Option("warning", help="uvicorn log level."),
     demo: bool = typer.Option(False, "--demo", help="Also serve the mobile web demo at /demo/ (the query model runs "
                                                     "in the browser; needs `npm ci` in mobile_demo/)."),
+    ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile", help="PEM certificate: serve HTTPS "
+                                                "(phones open the camera only on HTTPS; see docs/mobile_demo.md)."),
+    ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="PEM private key for --ssl-certfile."),
 ) -> None:
     """Serve the gallery: search by embedding or image, add/delete items, /docs for the API."""
     from sdk.server import ServerConfig, load_api_keys
     from sdk.server import serve as run
 
     with runtime_errors():
+        if (ssl_certfile is None) != (ssl_keyfile is None):
+            fail("HTTPS needs both --ssl-certfile and --ssl-keyfile (e.g. from `mkcert HOST`)")
+        for f in (ssl_certfile, ssl_keyfile):
+            if f is not None and not f.is_file():
+                fail(f"{f} does not exist; pass PEM files (e.g. made by `mkcert HOST`)")
         keys = load_api_keys(api_keys_file)
         cfg = ServerConfig(bundle=bundle, index=index, index_config=config, api_keys=keys, threads=threads,
                            checkpoint_every=checkpoint_every,
                            max_body_bytes=int(max_body_mb * 1024 * 1024))
-        ready = (f"serving {index} with bundle {bundle} on http://{host}:{port} "
+        scheme = "https" if ssl_certfile else "http"
+        shown = "<this machine's address>" if host in ("0.0.0.0", "::") else host
+        ready = (f"serving {index} with bundle {bundle} on {scheme}://{shown}:{port} "
                  f"({str(len(keys)) + ' API keys' if keys else 'no API keys: open access'}); API docs at /docs")
 
         def on_ready(app) -> None:
@@ -148,6 +158,7 @@ def serve(
                 from sdk.demo import mount_demo
 
                 mount_demo(app, bundle)
-            typer.echo(ready + (f"; mobile demo at http://{host}:{port}/demo/" if demo else ""), err=True)
+            typer.echo(ready + (f"; mobile demo at {scheme}://{shown}:{port}/demo/" if demo else ""), err=True)
 
-        run(cfg, host=host, port=port, log_level=log_level, on_ready=on_ready)
+        run(cfg, host=host, port=port, log_level=log_level, on_ready=on_ready,
+            ssl_certfile=ssl_certfile and str(ssl_certfile), ssl_keyfile=ssl_keyfile and str(ssl_keyfile))

@@ -621,17 +621,8 @@ class GalleryIndex:
         """Snapshot the faiss index and drop the log rows it covers (caller holds the write lock)."""
         if self.path is None or self._unsaved == 0 or self._staging is not None or not self._index.is_trained:
             return
-        faiss = _faiss()
         gen = self._snapshot_gen + 1
-        name = f"index-{gen}.faiss"
-        tmp = self.path / (name + ".tmp")
-        faiss.write_index(self._index, str(tmp))
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path / name)
-        _fsync_dir(self.path)
-        size = (self.path / name).stat().st_size
-        digest = _sha256(self.path / name) if size <= _HASH_LIMIT else ""
+        name, size, digest = self._write_snapshot(gen)
         ntotal = self._index.ntotal
         with self._db_lock, self._db:
             self._db.executemany("INSERT OR REPLACE INTO info(key, value) VALUES (?, ?)", [
@@ -641,6 +632,19 @@ class GalleryIndex:
         self._snapshot_gen = gen
         self._unsaved = 0
         self._remove_orphans(name)
+
+    def _write_snapshot(self, gen: int) -> tuple[str, int, str]:
+        """Write the faiss index as snapshot `gen` (temp file, fsync, atomic rename, fsync of the folder);
+        returns its file name, size and sha256 ('' above _HASH_LIMIT)."""
+        name = f"index-{gen}.faiss"
+        tmp = self.path / (name + ".tmp")
+        _faiss().write_index(self._index, str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / name)
+        _fsync_dir(self.path)
+        size = (self.path / name).stat().st_size
+        return name, size, (_sha256(self.path / name) if size <= _HASH_LIMIT else "")
 
     def compact(self) -> int:
         """Rebuild without tombstones (deleted or replaced vectors); returns how many were dropped."""
@@ -661,17 +665,8 @@ class GalleryIndex:
                 snapshot = self._index.is_trained and self._staging is None and self._index.ntotal > 0
                 name, size, digest = "", 0, ""
                 if snapshot:
-                    faiss = _faiss()
                     gen = old_snapshot_gen + 1
-                    name = f"index-{gen}.faiss"
-                    tmp = self.path / (name + ".tmp")
-                    faiss.write_index(self._index, str(tmp))
-                    with open(tmp, "rb+") as f:
-                        os.fsync(f.fileno())
-                    os.replace(tmp, self.path / name)
-                    _fsync_dir(self.path)
-                    size = (self.path / name).stat().st_size
-                    digest = _sha256(self.path / name) if size <= _HASH_LIMIT else ""
+                    name, size, digest = self._write_snapshot(gen)
                     self._snapshot_gen = gen
                 try:
                     with self._db_lock, self._db:

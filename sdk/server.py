@@ -710,9 +710,10 @@ def _version() -> str:
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
-          on_ready=None) -> None:
+          on_ready=None, ssl_certfile: str | None = None, ssl_keyfile: str | None = None) -> None:
     """Run the service with uvicorn (blocking) until SIGINT/SIGTERM; the index is snapshotted on exit.
-    The index and bundle are opened first, so a bad one fails before the port is bound."""
+    The index and bundle are opened first, so a bad one fails before the port is bound. With a
+    certificate and key it serves HTTPS (phones only open the camera on a secure origin)."""
     import uvicorn
 
     app = create_app(config)
@@ -720,4 +721,5 @@ def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_l
         log.warning("serving on %s without API keys: anyone who can reach it can read and write the gallery", host)
     if on_ready is not None:
         on_ready(app)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, ssl_certfile=ssl_certfile,
+                ssl_keyfile=ssl_keyfile)

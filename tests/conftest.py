@@ -6,7 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
+# Idle OpenMP threads spin by default; on a shared 2-core machine the spinning of one test's
+# thread pool starves the next. Must be set before torch (or onnxruntime) loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

@@ -16,6 +16,7 @@ from torch import nn
 
 from sdk.preprocess import PreprocessSpec
 from training.backbones import create_backbone
+from training.checkpoint_io import read_tagged, save_atomic
 from training.heads import CGDHead, L2Norm, Whitening
 from training.pooling import build_pooling
 
@@ -110,26 +111,16 @@ def save_checkpoint(model: EmbeddingModel, path: str | Path, meta: CheckpointMet
         "meta": asdict(meta),
         "state_dict": model.state_dict(),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written checkpoint under the real name
-    return path
+    return save_atomic(payload, path)
 
 
 def load_checkpoint(path: str | Path) -> tuple[EmbeddingModel, CheckpointMeta]:
     """Rebuild the model from a checkpoint written by save_checkpoint, with clear errors otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read checkpoint {path}: {e.__class__.__name__}: {e}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} is not a retrieval-sdk checkpoint (no '{CHECKPOINT_FORMAT}' header); "
-            "train one with `retrieval-sdk quickstart` or save it with training.models.save_checkpoint"
-        )
+    payload = read_tagged(
+        path, CheckpointError, "retrieval-sdk checkpoint", CHECKPOINT_FORMAT,
+        "train one with `retrieval-sdk quickstart` or save it with training.models.save_checkpoint",
+    )
     try:
         config = ModelConfig.from_dict(payload["config"])
         model = EmbeddingModel(config, pretrained=False)

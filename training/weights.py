@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from training.checkpoint_io import read_state_dict_file
+
 HUB_HOST = ("huggingface.co", 443)
 
 
@@ -65,19 +67,7 @@ def shipped_weights_path(name: str) -> Path | None:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a checkpoint file and unwrap the usual containers ({'state_dict': ...}, {'model': ...})."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"weights file not found: {path} (pass the path of a .pt/.pth checkpoint)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise WeightsError(f"cannot read weights file {path}: {e.__class__.__name__}: {e}") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path} holds no state dict of tensors (got {type(obj).__name__})")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return read_state_dict_file(path, WeightsError, "weights file", " (pass the path of a .pt/.pth checkpoint)")
 
 
 def map_by_order(

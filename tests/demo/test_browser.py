@@ -20,10 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from ..servers import ROOT, app_in_thread, cli_server
 CHROMIUM = Path(os.environ.get("RETRIEVAL_SDK_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PHONE = dict(viewport={"width": 412, "height": 915}, device_scale_factor=2, is_mobile=True, has_touch=True,
              user_agent="Mozilla/5.0 (Linux; Android 14; Pixel 7) AppleWebKit/537.36 (KHTML, like Gecko) "
@@ -109,71 +105,16 @@ def demo_index(demo_bundle, ukbench_dir, tmp_path_factory) -> Path:
     return out / "index"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 90) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"`retrieval-sdk serve --demo` exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server at {url} did not come up in {timeout} s")
-
-
 @contextmanager
 def serve_demo(bundle: Path, index: Path, log: Path):
-    """`retrieval-sdk serve --demo` (the real CLI) on a free loopback port."""
-    port = free_port()
-    cmd = [sys.executable, "-c", "from sdk.cli import app; app()", "serve", "--bundle", str(bundle),
-           "--index", str(index), "--host", "127.0.0.1", "--port", str(port), "--demo"]
+    """`retrieval-sdk serve --demo` (the real CLI) on a free loopback port, its output in `log`."""
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
         try:
-            wait_healthy(url, proc)
+            with cli_server(["--bundle", str(bundle), "--index", str(index), "--demo"], stdout=out,
+                            timeout=90) as served:
+                yield served
         except RuntimeError as e:
             raise RuntimeError(f"{e}; log:\n{log.read_text()}") from None
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-@contextmanager
-def serve_in_thread(app):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError("server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
 
 
 class PageWatch:
@@ -331,7 +272,7 @@ def test_demo_says_when_spaces_do_not_match(browser, demo_bundle, ukbench_dir, t
 
     app = create_app(ServerConfig(bundle=other, index=tmp_path / "index"))
     mount_demo(app, demo_bundle, cross_origin_isolated=False)
-    with serve_in_thread(app) as url:
+    with app_in_thread(app) as url:
         context = browser.new_context(**PHONE)
         page = context.new_page()
         watch = PageWatch(context, page)

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ..servers import CLI, ROOT, app_in_thread, cli_server, free_port, wait_http  # noqa: F401 (re-exported)
+
 SPACE = "test-space"
-CLI = [sys.executable, "-c", "from sdk.cli import app; app()"]  # `retrieval-sdk` with this interpreter
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_bundle(out: Path, dim: int = 32, seed: int = 0, space: str = SPACE, gallery: bool = True) -> Path:
@@ -54,76 +47,21 @@ def unit(n: int, d: int, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server_in_thread(config):
-    """uvicorn serving create_app(config) on 127.0.0.1:<free port> in a thread; always shut down."""
-    import uvicorn
-
+    """The service for `config` under uvicorn in a thread; yields (url, app)."""
     from sdk.server import create_app
 
     app = create_app(config)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            server.should_exit = True
-            raise RuntimeError("server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=20)
-
-
-def wait_http(url: str, proc: subprocess.Popen | None = None, timeout: float = 60.0) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise RuntimeError(f"server exited with {proc.returncode}: {out}")
-        try:
-            if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server at {url} did not come up in {timeout} s")
+    with app_in_thread(app) as url:
+        yield url, app
 
 
 @contextmanager
-def server_process(bundle: Path, index: Path, extra: list[str] = (), env: dict | None = None):
-    """`retrieval-sdk serve` in a subprocess on a free loopback port; killed (if still alive) on exit."""
-    port = free_port()
-    cmd = [*CLI, "serve", "--bundle", str(bundle), "--index", str(index),
-           "--host", "127.0.0.1", "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, **(env or {})})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(url, proc)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+def server_process(bundle: Path, index: Path, extra: list[str] = (), env: dict | None = None, verify=True):
+    """`retrieval-sdk serve --bundle B --index I EXTRA` in a subprocess; yields (url, process)."""
+    with cli_server(["--bundle", str(bundle), "--index", str(index), *extra], env=env, verify=verify) as served:
+        yield served
 
 
 @pytest.fixture(scope="session")

@@ -260,3 +260,28 @@ def test_static_folder_mount(tiny_bundle, tmp_path):
     with server_in_thread(cfg) as (url, _):
         assert "demo" in httpx.get(url + "/demo/").text
         assert httpx.get(url + "/healthz").status_code == 200
+
+
+def test_serve_https_with_a_certificate(tiny_bundle, tmp_path):
+    """`serve --ssl-certfile/--ssl-keyfile` serves HTTPS (phones open the camera only on a secure origin);
+    a certificate without its key is refused before anything starts."""
+    import ssl
+    import subprocess
+
+    from .conftest import CLI, ROOT, server_process
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    extra = ["--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    trust = ssl.create_default_context(cafile=str(cert))
+    with server_process(tiny_bundle, tmp_path / "idx", extra, verify=trust) as (url, _):
+        assert url.startswith("https://")
+        r = httpx.get(url + "/v1/model", verify=trust)
+        assert r.status_code == 200 and r.json()["embedding_space"] == SPACE
+        with pytest.raises(httpx.TransportError):  # plain HTTP is not answered
+            httpx.get(url.replace("https://", "http://") + "/healthz", timeout=2.0)
+    bad = subprocess.run([*CLI, "serve", "--bundle", str(tiny_bundle), "--index", str(tmp_path / "idx"),
+                          "--ssl-certfile", str(cert)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--ssl-keyfile" in bad.stderr

@@ -95,7 +95,7 @@ def _fake_gldv2(root: Path, landmarks: int = 4, per: int = 4, missing_label: boo
     return csv
 
 
-def _full(tmp_path: Path, csv: Path, size: int = 96) -> list[str]:
+def _full(tmp_path: Path, csv: Path, size: int = 64) -> list[str]:
     steps = [f"extractors.{i}.{k}" for i in range(3)
              for k in ("pretrained=false", f"image_size={size}", "train.epochs=1", "train.max_steps=1",
                        "train.batch_size=2")]
@@ -108,7 +108,7 @@ def _full(tmp_path: Path, csv: Path, size: int = 96) -> list[str]:
 @pytest.mark.slow
 def test_full_config_runs_one_training_step(tmp_path):
     """configs/aff_full.json as shipped (ResNet-101 DELG/DOLG/CVNet, GLDv2 CSV, MobileNetV2 query, 2048-d
-    space), on a 16-image stand-in for GLDv2 with images at 96 px, one step of every training loop."""
+    space), on a 16-image stand-in for GLDv2 with images at 64 px, one step of every training loop."""
     csv = _fake_gldv2(tmp_path)
     cfg = load_config(CONFIGS / "aff_full.json", _full(tmp_path, csv))
     logs: list[str] = []
@@ -126,3 +126,15 @@ def test_missing_landmark_label_is_refused(tmp_path):
     cfg = load_config(CONFIGS / "aff_full.json", _full(tmp_path, csv))
     with pytest.raises(LabelError, match="rows without a landmark_id"):
         load_splits(cfg)
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    """A missing class label and an unknown config key stop the command with one 'error:' line, exit code 2."""
+    csv = _fake_gldv2(tmp_path, landmarks=3, per=3, missing_label=True)
+    args = ["train", "aff", "--config", str(CONFIGS / "aff_full.json"), "--no-progress",
+            *[a for o in _full(tmp_path, csv) for a in ("--set", o)]]
+    for extra, match in ((), "rows without a landmark_id"), (("--set", "train.epoch=1"), "unknown key 'epoch'"):
+        result = cli(*args, *extra)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert lines[0].startswith("error: ") and match in lines[0]

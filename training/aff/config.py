@@ -108,7 +108,7 @@ class JointConfig:
     alpha: float = 0.99
     schedule: str = "joint"
     epochs: int = 3
-    mixer_epochs: int = 5
+    mixer_epochs: int = 15
     batch_size: int = 64
     mixer_lr: float = 1e-3
     query_lr: float = 1e-3

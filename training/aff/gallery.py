@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from sdk.preprocess import preprocess_image
 from training.aff.features import weights_fingerprint
 from training.aff.mixer import MixerArch, build_mixer, local_key, mask_key
+from training.checkpoint_io import read_tagged, save_atomic
 from training.extractors.base import GalleryExtractor, load_extractor
 
 GALLERY_FORMAT = "retrieval-sdk/aff-gallery"
@@ -53,10 +54,7 @@ def save_gallery(path: str | Path, mixer: nn.Module, extractors: Sequence[tuple[
         "extractors": entries,
         "extra": extra or {},
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return save_atomic(payload, path)
 
 
 class AFFGallery(nn.Module):
@@ -99,14 +97,10 @@ class AFFGallery(nn.Module):
 def load_gallery(path: str | Path) -> AFFGallery:
     """Rebuild the gallery side from gallery.pt and its extractor checkpoints (checked by fingerprint)."""
     path = Path(path)
-    if not path.is_file():
-        raise GalleryCheckpointError(f"gallery checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise GalleryCheckpointError(f"cannot read {path}: {e.__class__.__name__}: {e}") from None
-    if not isinstance(payload, dict) or payload.get("format") != GALLERY_FORMAT:
-        raise GalleryCheckpointError(f"{path} is not an AFF gallery checkpoint (no '{GALLERY_FORMAT}' header)")
+    payload = read_tagged(
+        path, GalleryCheckpointError, "AFF gallery checkpoint", GALLERY_FORMAT,
+        "it is written by `retrieval-sdk train aff` (gallery.pt in the run folder)",
+    )
     extractors = []
     for entry in payload["extractors"]:
         ckpt = Path(entry["checkpoint"])

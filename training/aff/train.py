@@ -17,6 +17,7 @@ Steps (each cached under cfg.out, so a re-run skips what is done):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -189,6 +190,7 @@ class TrainedPair:
     query: torch.nn.Module
     history: dict = field(default_factory=dict)
     seconds: float = 0.0
+    warm: "WarmMixer | None" = None
 
 
 def train_fusion_model(model: torch.nn.Module, features: FeatureSet, num_classes: int, epochs: int, lr: float,
@@ -223,27 +225,62 @@ def train_fusion_model(model: torch.nn.Module, features: FeatureSet, num_classes
     return arc, history
 
 
-def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: FeatureSet, images: LabelledImages,
-              progress: bool = True, log: Log = print) -> TrainedPair:
-    """Train the dynamic mixer and the query model into one space with the classifier tie in `joint`."""
-    t0 = time.perf_counter()
+@dataclass
+class WarmMixer:
+    """A mixer and its ArcFace (W_mix) after the mixer-only stage on the cached features. Variants that
+    share that stage's settings start from copies of one warm-up instead of repeating it."""
+
+    key: tuple
+    mixer: DynamicMixer
+    arcface: ArcFace
+    history: list[float]
+
+    def copy(self) -> tuple[DynamicMixer, ArcFace, list[float]]:
+        return copy.deepcopy(self.mixer), copy.deepcopy(self.arcface), list(self.history)
+
+
+def _warm_key(cfg: AFFConfig, joint: JointConfig) -> tuple:
+    return (json.dumps(cfg.mixer.__dict__, sort_keys=True), cfg.embedding_dim, joint.mixer_epochs, joint.mixer_lr,
+            joint.batch_size, joint.arcface_s, joint.arcface_m, joint.weight_decay, joint.max_steps, joint.seed)
+
+
+def warm_up_mixer(cfg: AFFConfig, joint: JointConfig, features: FeatureSet, num_classes: int, desc: str,
+                  progress: bool = True, log: Log = print) -> WarmMixer:
+    """Stage 1: the dynamic mixer alone, ArcFace on the cached features (the joint schedule's warm-up, the
+    two-stage schedule's first stage)."""
     torch.manual_seed(joint.seed)
+    arch = MixerArch(inputs=features.specs(), kind="transformer", dim=cfg.mixer.dim, depth=cfg.mixer.depth,
+                     heads=cfg.mixer.heads, mlp_ratio=cfg.mixer.mlp_ratio, dropout=cfg.mixer.dropout,
+                     embedding_dim=cfg.embedding_dim, token_dropout=cfg.mixer.token_dropout)
+    mixer = DynamicMixer(arch)
+    arc, history = train_fusion_model(
+        mixer, features, num_classes, joint.mixer_epochs, joint.mixer_lr, joint.batch_size, joint.arcface_s,
+        joint.arcface_m, joint.seed, f"{desc} mixer warm-up ({joint.mixer_epochs} epochs on features)",
+        progress, log, joint.weight_decay, joint.max_steps)
+    return WarmMixer(_warm_key(cfg, joint), mixer, arc, history)
+
+
+def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: FeatureSet, images: LabelledImages,
+              progress: bool = True, log: Log = print, warm: WarmMixer | None = None) -> TrainedPair:
+    """Train the dynamic mixer and the query model into one space with the classifier tie in `joint`.
+
+    `warm`: a finished mixer-only stage to start from (copied, not modified), when its settings match."""
+    t0 = time.perf_counter()
     n_classes = len(images.classes)
     labels_np = check_labels(images.labels, features.count, n_classes, what="training images")
     if not np.array_equal(labels_np, features.labels):
         raise LabelError("the training images' labels differ from the labels the features were cached with")
     labels = torch.from_numpy(labels_np)
-    arch = MixerArch(inputs=features.specs(), kind="transformer", dim=cfg.mixer.dim, depth=cfg.mixer.depth,
-                     heads=cfg.mixer.heads, mlp_ratio=cfg.mixer.mlp_ratio, dropout=cfg.mixer.dropout,
-                     embedding_dim=cfg.embedding_dim, token_dropout=cfg.mixer.token_dropout)
-    mixer = DynamicMixer(arch)
     history: dict = {}
 
     # stage 1: the mixer alone on the cached features (warm-up for joint, the first stage for two_stage)
-    arc, history["mixer_only"] = train_fusion_model(
-        mixer, features, n_classes, joint.mixer_epochs, joint.mixer_lr, joint.batch_size, joint.arcface_s,
-        joint.arcface_m, joint.seed, f"[{variant}] mixer warm-up ({joint.mixer_epochs} epochs on features)",
-        progress, log, joint.weight_decay, joint.max_steps)
+    if warm is None or warm.key != _warm_key(cfg, joint):
+        warm = warm_up_mixer(cfg, joint, features, n_classes, f"[{variant}]", progress, log)
+    else:
+        log(f"  [{variant}] mixer warm-up: starting from the same {joint.mixer_epochs}-epoch warm-up")
+    mixer, arc, history["mixer_only"] = warm.copy()
+    mixer.train()
+    torch.manual_seed(joint.seed + 1)  # the query model's new layers: the same init in every variant
 
     query = build_query_model(cfg.query.backbone, cfg.embedding_dim, cfg.query.image_size, cfg.query.pretrained)
     two_stage = joint.schedule == "two_stage"
@@ -304,7 +341,7 @@ def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: Featur
             + f"query ArcFace {history['query'][-1]:.3f} ({time.perf_counter() - te:.0f} s)")
     mixer.eval()
     query.to(memory_format=torch.contiguous_format).eval()
-    return TrainedPair(variant, mixer, arc, query, history, time.perf_counter() - t0)
+    return TrainedPair(variant, mixer, arc, query, history, time.perf_counter() - t0, warm)
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -417,11 +454,13 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     variants = [("main", cfg.train)] + [(a, _variant_config(cfg.train, a)) for a in cfg.ablations]
     results: dict[str, VariantResult] = {}
     pairs: dict[str, TrainedPair] = {}
+    warm: WarmMixer | None = None
     for key, joint in variants:
         name = _variant_name(joint)
         log(f"AFF training [{name}]: mixer {cfg.mixer.depth}x{cfg.mixer.dim}-d over {len(train_set.specs())} inputs, "
             f"query {cfg.query.backbone} @ {cfg.query.image_size} px, {joint.epochs} epochs")
-        pair = train_aff(cfg, name, joint, train_set, splits.train, progress, log)
+        pair = train_aff(cfg, name, joint, train_set, splits.train, progress, log, warm=warm)
+        warm = pair.warm
         t = time.perf_counter()
         results[key] = evaluate_pair(pair, eval_set, splits.eval, cfg.extract_batch_size, progress)
         timings[f"aff {name}"] = pair.seconds + time.perf_counter() - t

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from sdk.preprocess import PreprocessSpec
 from training.backbones import Backbone, create_backbone
+from training.checkpoint_io import read_tagged, save_atomic
 
 EXTRACTOR_FORMAT = "retrieval-sdk/gallery-extractor"
 EXTRACTOR_VERSION = 1
@@ -364,27 +365,15 @@ def save_extractor(extractor: GalleryExtractor, path: str | Path, fingerprint: s
         "extra": extra or {},
         "state_dict": extractor.state_dict(),
     }
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return save_atomic(payload, path)
 
 
 def read_extractor_header(path: str | Path) -> dict:
     """The checkpoint payload (weights included) after checking it is an extractor checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExtractorError(f"extractor checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ExtractorError(f"cannot read extractor checkpoint {path}: {e.__class__.__name__}: {e}") from None
-    if not isinstance(payload, dict) or payload.get("format") != EXTRACTOR_FORMAT:
-        raise ExtractorError(
-            f"{path} is not a gallery-extractor checkpoint (no '{EXTRACTOR_FORMAT}' header); released DELG/DOLG/"
-            "CVNet files load with training.extractors.load_released"
-        )
-    return payload
+    return read_tagged(
+        path, ExtractorError, "gallery-extractor checkpoint", EXTRACTOR_FORMAT,
+        "released DELG/DOLG/CVNet files load with training.extractors.load_released",
+    )
 
 
 def load_extractor(path: str | Path) -> GalleryExtractor:

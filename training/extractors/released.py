@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from training.checkpoint_io import read_state_dict_file
 from training.extractors.base import ExtractorError, GalleryExtractor
 
 BACKBONE = "trunk.backbone.model."
@@ -122,20 +123,7 @@ def _map_key(key: str, layout: ReleasedLayout) -> str | None:
 
 
 def _read(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise ExtractorError(f"released checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise ExtractorError(f"cannot read released checkpoint {path}: {e.__class__.__name__}: {e}") from None
-    for key in ("model_state", "state_dict", "model"):  # pycls saves {"epoch", "model_state", "optimizer_state"}
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ExtractorError(f"{path} holds no state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    return read_state_dict_file(path, ExtractorError, "released checkpoint")
 
 
 def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) -> LoadReport:

@@ -1,0 +1,92 @@
+"""Fixtures for the export tests: tiny random-init checkpoints (fast conversions), one bundle with every
+format and precision exported once per session, and the real photos for calibration and parity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SPACE = "export-test-space"
+DIM = 48  # a multiple of 3: the gallery model's CGD head has 3 branches
+
+
+def make_checkpoint(path: Path, backbone: str = "tiny_resnet", pooling: str = "gem", dim: int | None = DIM,
+                    role: str = "query", seed: int = 0, space: str = SPACE, pretrained: bool = False,
+                    input_size: int | None = None) -> Path:
+    import torch
+
+    from training.models import CheckpointMeta, EmbeddingModel, ModelConfig, save_checkpoint
+
+    torch.manual_seed(seed)
+    model = EmbeddingModel(ModelConfig(backbone, pooling, embedding_dim=dim, input_size=input_size),
+                           pretrained=pretrained)
+    return save_checkpoint(model.eval(), path, CheckpointMeta(embedding_space=space, role=role,
+                                                               name=f"{backbone}-{pooling}"))
+
+
+def load(path: Path):
+    from training.models import load_checkpoint
+
+    return load_checkpoint(path)[0]
+
+
+def torch_embed(model, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
+
+
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return float((a * b).sum(1).min())
+
+
+@pytest.fixture(scope="session")
+def real_photos(shared_data) -> Path:
+    from tests.conftest import require_path
+
+    return require_path(shared_data / "real-photos", "real photos (UKBench + PhotoTourism)")
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("ckpt")
+    return {
+        "query": make_checkpoint(d / "query.pt"),
+        "gallery": make_checkpoint(d / "gallery.pt", backbone="tiny_efficientnet", pooling="cgd", role="gallery",
+                                   seed=1),
+    }
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory, ckpts, real_photos) -> Path:
+    """Every format x precision of the tiny query model, plus the gallery model in ONNX: exported once.
+    TFLite metadata (the isolated tflite-support env) is covered by test_tflite_support.py."""
+    from export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    export_bundle(ckpts["query"], out, gallery_checkpoint=ckpts["gallery"], formats="all",
+                  precisions=("fp32", "fp16", "int8"), calibration=real_photos, tflite_metadata=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def query_model(ckpts):
+    return load(ckpts["query"])
+
+
+@pytest.fixture(scope="session")
+def photos(real_photos, query_model):
+    """All real photos (UKBench + PhotoTourism), resized for the tiny query model (an ImageSet)."""
+    from export.images import load_image_set
+
+    return load_image_set(real_photos, query_model.spec)
+
+
+@pytest.fixture(scope="session")
+def photos_nchw(photos, query_model) -> np.ndarray:
+    return photos.batch(query_model.spec)

@@ -1,0 +1,81 @@
+"""TFLite export (litert-torch, no TensorFlow) run with ai-edge-litert: NHWC batch-1 `image` -> `embedding`,
+fp32 parity with torch, fp16 weights and calibrated int8 (ai-edge-quantizer)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from export.errors import ExportError
+from export.tflite import check_tflite, interpreter, leading_conv_scopes, run
+
+from .conftest import DIM, min_cosine, torch_embed
+
+
+def _embed(path, nchw: np.ndarray) -> np.ndarray:
+    return run(interpreter(path), nchw.transpose(0, 2, 3, 1))
+
+
+@pytest.mark.parametrize("name", ["query.tflite", "query.fp16.tflite", "query.int8.tflite"])
+def test_signature_is_nhwc_batch1_float32(bundle, name):
+    facts = check_tflite(bundle / name, DIM, (64, 64))
+    assert facts["input_shape"] == [1, 64, 64, 3] and facts["output_shape"] == [1, DIM]
+    assert facts["input_dtype"] == facts["output_dtype"] == "float32"
+    assert facts["signatures"]["serving_default"] == {"inputs": ["image"], "outputs": ["embedding"]}
+
+
+def test_fp32_parity_with_torch_on_real_photos(bundle, query_model, photos_nchw):
+    got = _embed(bundle / "query.tflite", photos_nchw)
+    assert got.shape == (len(photos_nchw), DIM)
+    assert np.abs(got - torch_embed(query_model, photos_nchw)).max() <= 1e-4
+
+
+def test_fp16_weights_halve_the_file_and_stay_close(bundle, photos_nchw):
+    fp32 = _embed(bundle / "query.tflite", photos_nchw)
+    half = _embed(bundle / "query.fp16.tflite", photos_nchw)
+    assert min_cosine(half, fp32) >= 0.999
+    assert (bundle / "query.fp16.tflite").stat().st_size <= 0.6 * (bundle / "query.tflite").stat().st_size
+
+
+def test_int8_is_quantized_and_close_to_fp32(bundle, photos_nchw):
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model(str(bundle / "query.int8.tflite"))
+    types = {t.type for t in model.subgraphs[0].tensors}
+    assert 9 in types  # TensorType.INT8: weights and activations
+    fp32 = _embed(bundle / "query.tflite", photos_nchw)
+    q = _embed(bundle / "query.int8.tflite", photos_nchw)
+    assert np.allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-4)  # the L2 head stays float
+    assert min_cosine(q, fp32) >= 0.99
+
+
+def test_quantized_files_keep_signature_names_but_drop_debug_names(bundle):
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    for name, long_names in (("query.tflite", True), ("query.int8.tflite", False)):
+        sg = flatbuffer_utils.read_model(str(bundle / name)).subgraphs[0]
+        longest = max(len(t.name) for t in sg.tensors)
+        assert (longest > 100) == long_names
+        assert check_tflite(bundle / name)  # signature still resolves image -> embedding
+
+
+def test_leading_conv_scopes_select_the_first_convs(bundle):
+    import re
+
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils as u
+
+    scopes = leading_conv_scopes(bundle / "query.tflite", 2)
+    assert len(scopes) == 2
+    model = u.read_model(str(bundle / "query.tflite"))
+    sg = model.subgraphs[0]
+    matched = [i for i, op in enumerate(sg.operators) if any(re.search(s, u.get_op_scope(op, sg.tensors))
+                                                                for s in scopes)]
+    codes = [model.operatorCodes[sg.operators[i].opcodeIndex].builtinCode for i in matched]
+    assert len(matched) == 2 and set(codes) <= {3, 4}  # CONV_2D / DEPTHWISE_CONV_2D
+
+
+def test_int8_needs_nhwc_calibration(tmp_path, bundle):
+    from export.tflite import quantize_int8
+
+    with pytest.raises(ExportError, match="non-empty \\(N,H,W,3\\)"):
+        quantize_int8(bundle / "query.tflite", tmp_path / "q.tflite", np.zeros((4, 3, 64, 64), np.float32))
