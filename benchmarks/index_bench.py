@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500, help="queries for recall and approximate latency")
     ap.add_argument("--exact-queries", type=int, default=50, help="queries timed one by one on exact search")
     ap.add_argument("--hnsw", default="HNSW32")
+    ap.add_argument("--ef-construction", type=int, default=IndexConfig.ef_construction, help="HNSW build breadth")
     ap.add_argument("--ivfpq", default="IVF1024,PQ64")
     ap.add_argument("--skip-hnsw", action="store_true")
     ap.add_argument("--skip-ivfpq", action="store_true")
@@ -102,6 +103,7 @@ def main() -> None:
 
     report = {"n": args.n, "d": args.d, "clusters": args.clusters, "queries": args.queries,
               "data": {"spread": args.spread, "intrinsic": args.intrinsic, "iso": args.iso},
+              "hnsw_ef_construction": args.ef_construction,
               "machine": f"{platform.machine()}, {faiss.omp_get_max_threads()} threads, faiss {faiss.__version__}",
               "results": []}
     t_all = time.perf_counter()
@@ -132,9 +134,9 @@ def main() -> None:
               f"x{r['speedup_vs_exact']:.0f} vs exact", flush=True)
 
     if not args.skip_hnsw:
-        idx, build_s = build(args.hnsw, x, ef_construction=40)
+        idx, build_s = build(args.hnsw, x, ef_construction=args.ef_construction)
         print(f"{args.hnsw} built in {build_s:.0f} s", flush=True)
-        for ef in (32, 64, 128, 256):
+        for ef in (32, 64, 128, 256, 512):
             ms, found = single_query_ms(idx, q, ef_search=ef)
             record("HNSW", args.hnsw, build_s, {"ef_search": ef}, ms, found)
         del idx
