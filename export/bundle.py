@@ -20,6 +20,7 @@ import numpy as np
 
 from export.errors import ExportError, require
 from export.images import ImageSet, load_image_set, random_images
+from export.runtimes import compare_embeddings, open_runner
 from sdk.bundle import (FORMATS, MANIFEST, PRECISIONS, BundleError, Manifest, ModelEntry, ModelFile, describe_file,
                         read_manifest, write_manifest)
 from sdk.preprocess import PreprocessSpec
@@ -77,12 +78,6 @@ def _check_dependencies(formats: tuple[str, ...], precisions: tuple[str, ...]) -
             require("ai_edge_quantizer")
     if "coreml" in formats:
         require("coremltools")
-
-
-def _min_cos_and_diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    na = a / np.linalg.norm(a, axis=1, keepdims=True)
-    nb = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return float(np.abs(a - b).max()), float((na * nb).sum(1).min())
 
 
 def export_bundle(query_checkpoint: str | Path, out: str | Path, gallery_checkpoint: str | Path | None = None,
@@ -250,8 +245,6 @@ FLOAT_CONV_STEPS = (0, 2, 4, 6, 8)
 
 def _int8_search(out: Path, fmt: str, fp32: Path, path: Path, nchw: np.ndarray, spec: PreprocessSpec,
                  quantize: Callable[[int], object]) -> dict:
-    from export.runtimes import open_runner
-
     def embed(p: Path) -> np.ndarray:
         return open_runner(out, ModelFile(path=p.name, format=fmt), spec, threads=None).embed(nchw)
 
@@ -260,7 +253,7 @@ def _int8_search(out: Path, fmt: str, fp32: Path, path: Path, nchw: np.ndarray, 
     best = None
     for k in FLOAT_CONV_STEPS:
         quantize(k)
-        tried[k] = _min_cos_and_diff(embed(path), ref)[1]
+        tried[k] = compare_embeddings(embed(path), ref)[1]
         if best is None or tried[k] > tried[best] + 1e-4:
             best = k
         if tried[k] >= INT8_TARGET_MIN_COSINE:
@@ -302,11 +295,9 @@ def _parity(model, out: Path, name: str, fmt: str, prec: str, spec: PreprocessSp
             with torch.no_grad():
                 got = cm.proxy_model(model, prec)(torch.from_numpy(x)).float().numpy()
             note = f"{prec} torch proxy; Core ML prediction needs macOS"
-        diff, cos = _min_cos_and_diff(got, ref)
+        diff, cos = compare_embeddings(got, ref)
         return {"images": len(x), "max_abs_diff": diff, "min_cosine": cos, "note": note}
-    from export.runtimes import open_runner
-
     mf = ModelFile(path=name, format=fmt, precision=prec)
     got = open_runner(out, mf, spec, threads=None).embed(x)
-    diff, cos = _min_cos_and_diff(got, ref)
+    diff, cos = compare_embeddings(got, ref)
     return {"images": len(x), "max_abs_diff": diff, "min_cosine": cos}

@@ -15,6 +15,15 @@ from sdk.bundle import ModelFile
 from sdk.preprocess import PreprocessSpec
 
 
+def l2_normalize(a: np.ndarray) -> np.ndarray:
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def compare_embeddings(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(max abs diff, min cosine) between two (N, D) embedding arrays."""
+    return float(np.abs(a - b).max()), float((l2_normalize(a) * l2_normalize(b)).sum(1).min())
+
+
 @dataclass
 class Runner:
     """embed(x): (N,3,H,W) float32 normalised batch -> (N, D) float32 embeddings."""

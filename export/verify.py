@@ -19,7 +19,7 @@ import numpy as np
 
 from export.errors import ExportError
 from export.images import ImageSet, load_image_set
-from export.runtimes import latency_ms, open_runner
+from export.runtimes import compare_embeddings, l2_normalize, latency_ms, open_runner
 from sdk.bundle import Manifest, ModelEntry, ModelFile, read_manifest
 from sdk.preprocess import PreprocessSpec, normalize
 
@@ -95,19 +95,10 @@ class VerifyReport:
         return asdict(self)
 
 
-def _normed(a: np.ndarray) -> np.ndarray:
-    return a / np.linalg.norm(a, axis=1, keepdims=True)
-
-
-def _compare(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """(max abs diff, min cosine) between two (N, D) embedding arrays."""
-    return float(np.abs(a - b).max()), float((_normed(a) * _normed(b)).sum(1).min())
-
-
 def _map(query: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> float:
     from training.evaluate import labelled_eval
 
-    return labelled_eval(_normed(query), labels, _normed(gallery), labels, ks=(1,), exclude_self=True).map
+    return labelled_eval(l2_normalize(query), labels, l2_normalize(gallery), labels, ks=(1,), exclude_self=True).map
 
 
 def _torch_model(entry: ModelEntry, override: str | Path | None, bundle: Path, notes: list[str]):
@@ -126,11 +117,10 @@ def _torch_model(entry: ModelEntry, override: str | Path | None, bundle: Path, n
 
 
 def is_procedural(s: ImageSet) -> bool:
-    """A set written by training.data.make_instance_set (object_NNN/view_NN.jpg): synthetic, not photos."""
-    import re
+    """A set written by training.data.make_instance_set: synthetic views, not photos."""
+    from training.data import is_instance_set_image
 
-    pattern = re.compile(r"object_\d+[/\\]view_\d+\.jpg$")
-    return bool(s.paths) and all(pattern.search(str(p)) for p in s.paths)
+    return bool(s.paths) and all(is_instance_set_image(p) for p in s.paths)
 
 
 def _default_images(tmp: Path, log) -> list[Path]:
@@ -229,11 +219,11 @@ def _verify_file(bundle: Path, entry: ModelEntry, f: ModelFile, spec: Preprocess
     if f.precision == "fp32":
         fp32_embs[f.format] = embs
     if refs:
-        diffs = [_compare(embs[n], refs[n]) for n in embs]
+        diffs = [compare_embeddings(embs[n], refs[n]) for n in embs]
         result.max_abs_diff = max(d for d, _ in diffs)
         result.min_cos_torch = min(c for _, c in diffs)
     if f.precision != "fp32" and f.format in fp32_embs:
-        result.min_cos_fp32_by_set = {n: _compare(embs[n], fp32_embs[f.format][n])[1] for n in embs}
+        result.min_cos_fp32_by_set = {n: compare_embeddings(embs[n], fp32_embs[f.format][n])[1] for n in embs}
         result.min_cos_fp32 = min(result.min_cos_fp32_by_set.values())
     for name, s in sets.items():
         if s.labels is not None:
@@ -263,7 +253,7 @@ def _verify_coreml_here(bundle, entry, f, spec, xs, refs, result, model, why) ->
         with torch.no_grad():
             proxy = proxy_model(model, f.precision)
             embs = {n: proxy(torch.from_numpy(x)).float().numpy() for n, x in xs.items()}
-        result.min_cos_fp32 = min(_compare(embs[n], refs[n])[1] for n in embs)
+        result.min_cos_fp32 = min(compare_embeddings(embs[n], refs[n])[1] for n in embs)
         result.note += f"; min cosine of the {f.precision} torch proxy to fp32: {result.min_cos_fp32:.5f}"
     return result
 
@@ -288,7 +278,7 @@ def _verify_sizes(f: ModelFile, runner, spec: PreprocessSpec, sets: dict[str, Im
         x = np.stack([preprocess_image(p, sized) for p in s.paths[:8]])
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()
-        diff, cos = _compare(runner.embed(x), ref)
+        diff, cos = compare_embeddings(runner.embed(x), ref)
         report.sizes.append(SizeResult(f.path, tuple(size), diff, cos))
 
 
@@ -320,7 +310,7 @@ def _verify_task_library(bundle: Path, manifest: Manifest, sets: dict, threads: 
                 return run(interp, x[None].transpose(0, 2, 3, 1))
 
             ours = np.concatenate([ours_one(p) for p in pixels])
-            res.max_abs_diff, res.min_cos = _compare(theirs, ours)
+            res.max_abs_diff, res.min_cos = compare_embeddings(theirs, ours)
             res.ms_ours = latency_ms(lambda: ours_one(pixels[0]), runs=runs)
 
 

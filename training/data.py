@@ -13,6 +13,7 @@ import csv
 import gzip
 import pickle
 import random
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -476,6 +477,11 @@ def _render_view(obj: Image.Image, rng: np.random.Generator, out_size: int) -> I
     light = 1.0 + rng.uniform(0.1, 0.3) * (np.cos(angle) * xx + np.sin(angle) * yy) * 2
     pixels = np.asarray(img, np.float32) * light[..., None] + rng.normal(0, 4.0, (out_size, out_size, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def is_instance_set_image(path: str | Path) -> bool:
+    """Whether `path` has the layout make_instance_set writes (object_NNN/view_NN.jpg): a synthetic view."""
+    return re.search(r"object_\d+[/\\]view_\d+\.jpg$", str(path)) is not None
 
 
 def make_instance_set(
