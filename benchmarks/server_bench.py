@@ -46,10 +46,10 @@ def make_bundle(out: Path, dim: int) -> Path:
     return out / "bundle"
 
 
-def build_index(path: Path, n: int, d: int, config: str) -> np.ndarray:
+def build_index(path: Path, n: int, config: str, centres: np.ndarray, basis: np.ndarray) -> None:
     from sdk.index import GalleryIndex, IndexConfig
 
-    centres, basis = generator(d, max(100, n // 100), 64)
+    d = basis.shape[1]
     x = sample(n, centres, basis, 1.0, 0.3, np.random.default_rng(1))
     t0 = time.perf_counter()
     with GalleryIndex.create(path, d, SPACE, IndexConfig(config, checkpoint_every=0)) as idx:
@@ -57,7 +57,6 @@ def build_index(path: Path, n: int, d: int, config: str) -> np.ndarray:
             idx.add([f"item-{i}" for i in range(s, min(s + 50_000, n))], x[s:s + 50_000], space=SPACE,
                     metadata=[{"n": i} for i in range(s, min(s + 50_000, n))])
     print(f"index: {n} x {d} {config} built in {time.perf_counter() - t0:.0f} s", flush=True)
-    return sample(2000, centres, basis, 1.0, 0.3, np.random.default_rng(2))
 
 
 def client(url: str, queries: np.ndarray, k: int, encoding: str, start: float, stop: float, seed: int, out) -> None:
@@ -109,13 +108,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="server_bench_"))
     bundle = make_bundle(work, args.d)
     index = args.index or work / "index"
-    if (index / "index.sqlite").exists():
-        from index_bench import generator as g
-
-        centres, basis = g(args.d, max(100, args.n // 100), 64)
-        queries = sample(2000, centres, basis, 1.0, 0.3, np.random.default_rng(2))
-    else:
-        queries = build_index(index, args.n, args.d, args.config)
+    centres, basis = generator(args.d, max(100, args.n // 100), 64)
+    if not (index / "index.sqlite").exists():
+        build_index(index, args.n, args.config, centres, basis)
+    queries = sample(2000, centres, basis, 1.0, 0.3, np.random.default_rng(2))  # not in the gallery
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
