@@ -25,19 +25,20 @@ def save_atomic(payload: dict, path: str | Path) -> Path:
 
 
 def read_torch_file(path: str | Path, error: type[Exception], what: str, hint: str = "") -> object:
-    """torch.load (weights only, CPU) with `error` for a missing or unreadable file."""
+    """torch.load (weights only, CPU) with `error` for a missing or unreadable file; `hint` (what to do)
+    ends both messages."""
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} not found: {path}{hint}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise error(f"cannot read {what} {path}: {e.__class__.__name__}: {e}") from None
+        raise error(f"cannot read {what} {path}: {e.__class__.__name__}: {e}{hint}") from None
 
 
 def read_tagged(path: str | Path, error: type[Exception], what: str, fmt: str, fix: str) -> dict:
     """A checkpoint written by this project: the payload dict after checking its "format" header."""
-    payload = read_torch_file(path, error, what)
+    payload = read_torch_file(path, error, what, f"; {fix}")
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise error(f"{path} is not a {what} (no '{fmt}' header); {fix}")
     return payload
