@@ -231,6 +231,10 @@ class Embedder:
         return self._embed(images, batch_size, progress, desc, skip_errors=True)
 
     def _embed(self, images, batch_size, progress, desc, skip_errors):
+        if isinstance(images, (str, Path, bytes, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim < 4):
+            # iterating one image would embed its characters / bytes / rows as "images"
+            raise TypeError(f"embed() takes a list of images, got one {type(images).__name__}; "
+                            "use embed_one(image) for a single image")
         images = list(images)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -73,6 +73,11 @@ def test_bad_images_give_one_line_errors(tiny_bundle, tmp_path, photos):
         emb.embed_one(np.zeros((8, 8, 3), np.float32))
     vectors, ok, errors = emb.embed_valid([photos[0], bad, photos[1]])
     assert vectors.shape == (2, 32) and ok == [0, 2] and errors[0][0] == 1
+    # one image where a list is expected: an error naming embed_one, not its characters/rows as "images"
+    for one in (str(photos[0]), photos[0], np.zeros((8, 8, 3), np.uint8)):
+        with pytest.raises(TypeError, match="embed_one"):
+            emb.embed(one)
+    assert emb.embed(np.zeros((2, 8, 8, 3), np.uint8)).shape == (2, 32)  # an (N, H, W, 3) batch is a list
 
 
 def test_missing_backend_file_and_bad_backend(tiny_bundle):
