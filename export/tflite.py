@@ -97,10 +97,41 @@ def _recipe(kind: str, float_scopes: list[str] = ()):
     return rm.get_quantization_recipe()
 
 
+# Activation ranges: the 5th / 95th percentile over the calibration images of each image's own min / max.
+# The plain min / max over all images lets one unusual photo set the range for everyone: on the
+# quickstart model one PhotoTourism photo (of 69) widens the residual stream of MobileNetV2's 160-channel
+# stage 7x, and min cosine to fp32 drops to 0.983 on the real photos (0.995 with these ranges).
+# ai-edge-quantizer's own Calibrator.calibrate() default is a moving average (smoothing 0.95) of the
+# per-image ranges, which clips typical images too (min cosine 0.89).
+RANGE_QUANTILE = 0.95
+
+
+def _keep_each_image(qsv: dict, new: dict) -> dict:
+    """Calibrator update: the running min/max plus every image's own (the first image's QSV is stored
+    without a call)."""
+    if not qsv:
+        return new
+    return {"min": np.minimum(qsv["min"], new["min"]), "max": np.maximum(qsv["max"], new["max"]),
+            "mins": qsv.get("mins", [qsv["min"]]) + [new["min"]],
+            "maxs": qsv.get("maxs", [qsv["max"]]) + [new["max"]]}
+
+
+def robust_ranges(qsvs: dict) -> dict:
+    """Per-image ranges (from `_keep_each_image`) -> one range per tensor at RANGE_QUANTILE, holding 0."""
+    out = {}
+    for name, q in qsvs.items():
+        if "mins" in q:
+            lo = np.minimum(np.quantile(np.stack(q["mins"]), 1 - RANGE_QUANTILE, axis=0), 0.0)
+            hi = np.maximum(np.quantile(np.stack(q["maxs"]), RANGE_QUANTILE, axis=0), 0.0)
+            q = {"min": lo.astype(np.asarray(q["min"]).dtype), "max": hi.astype(np.asarray(q["max"]).dtype)}
+        out[name] = q
+    return out
+
+
 def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, progress: bool = False,
                   float_convs: int = 0) -> Path:
-    """Static int8 (per-channel int8 weights, int8 activations, min/max calibrated on `calibration`, a
-    float32 NHWC batch of preprocessed real images) with ai-edge-quantizer; float32 I/O kept.
+    """Static int8 (per-channel int8 weights, int8 activations with ranges from `calibration`, a float32
+    NHWC batch of preprocessed real images, see RANGE_QUANTILE) with ai-edge-quantizer; float32 I/O kept.
     float_convs: keep the first N conv ops float (see export.onnx.quantize_int8)."""
     require("ai_edge_quantizer")
     from ai_edge_quantizer import quantizer
@@ -114,17 +145,13 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, pro
                              leave=False)]
     with _quiet():
         qt = quantizer.Quantizer(str(src), _recipe("int8", leading_conv_scopes(src, float_convs)))
-        # Quantizer.calibrate() merges per-sample ranges with a moving average (smoothing 0.95), so
-        # activations of the images seen early are clipped: min cosine 0.89 vs 0.98 with the true
-        # min/max over all calibration images (what onnxruntime's MinMax calibration does too).
         from ai_edge_quantizer import calibrator
-        from ai_edge_quantizer.utils import qsv_utils
 
         calib = calibrator.Calibrator(Path(src).read_bytes(), num_threads=max(1, min(4, os.cpu_count() or 1)),
-                                      qsv_update_func=qsv_utils.min_max_update)
+                                      qsv_update_func=_keep_each_image)
         calib.calibrate({SIGNATURE: samples}, qt._recipe_manager)
-        result = calib.get_model_qsvs()
-        qt.quantize(result, enable_progress_report=False).export_model(str(dst), overwrite=True)
+        qt.quantize(robust_ranges(calib.get_model_qsvs()), enable_progress_report=False).export_model(
+            str(dst), overwrite=True)
     inline_buffers(dst, short_names=True)
     return Path(dst)
 

@@ -46,6 +46,5 @@ def test_int8_tflite(report):
     assert r.size_ratio <= 0.30, r
     for name, m in fp32.maps.items():
         assert abs(r.maps[name] - m) <= 1.0, (name, r.maps[name], m)
-    # ai-edge-quantizer int8 reaches ~0.985 min cosine on these ImageNet MobileNetV2 weights (ONNX QDQ
-    # reaches 0.99): the floor asserted here is what it achieves, the 0.99 target is reported by verify.
-    assert r.min_cos_fp32 >= 0.98, r
+    # with min/max activation ranges (one outlier photo sets them) this was 0.983; see RANGE_QUANTILE
+    assert r.min_cos_fp32 >= 0.99, r

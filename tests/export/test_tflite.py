@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from export.errors import ExportError
-from export.tflite import check_tflite, interpreter, leading_conv_scopes, run
+from export.tflite import _keep_each_image, check_tflite, interpreter, leading_conv_scopes, robust_ranges, run
 
 from .conftest import DIM, min_cosine, torch_embed
 
@@ -79,3 +79,18 @@ def test_int8_needs_nhwc_calibration(tmp_path, bundle):
 
     with pytest.raises(ExportError, match="non-empty \\(N,H,W,3\\)"):
         quantize_int8(bundle / "query.tflite", tmp_path / "q.tflite", np.zeros((4, 3, 64, 64), np.float32))
+
+
+def test_activation_ranges_are_not_set_by_one_outlier_image():
+    # the Calibrator stores the first image's QSV as is, then calls the update for each further image
+    per_image = [{"min": np.array([-1.0 - i / 100]), "max": np.array([2.0 + i / 100])} for i in range(39)]
+    per_image.append({"min": np.array([-50.0]), "max": np.array([80.0])})  # one unusual photo
+    qsv = per_image[0]
+    for new in per_image[1:]:
+        qsv = _keep_each_image(qsv, new)
+    assert qsv["min"][0] == -50.0 and qsv["max"][0] == 80.0 and len(qsv["maxs"]) == 40
+    ranges = robust_ranges({"t": qsv, "input": {"min": np.array([0.5]), "max": np.array([1.0])}})
+    lo, hi = float(ranges["t"]["min"][0]), float(ranges["t"]["max"][0])
+    assert -1.40 < lo < -1.30 and 2.30 < hi < 2.40  # the 5th / 95th percentile of the per-image ranges
+    assert set(ranges["t"]) == {"min", "max"}  # per-image lists are not passed on to the quantizer
+    assert float(ranges["input"]["min"][0]) == 0.5  # a tensor seen once keeps its min/max
