@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from export.images import load_image_set
     from export.onnx import session
     from export.tflite import interpreter, run
-    from sdk.bundle import BundleError, read_manifest
+    from sdk.bundle import read_manifest
     from sdk.preprocess import normalize
     from training.models import load_checkpoint
 
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                       calibration=args.calibration or args.images)
     if bundle is None:
         ap.error("give a BUNDLE folder or --export-from CHECKPOINT")
-    try:
-        entry = read_manifest(bundle).model("query")
-    except BundleError as e:
-        ap.error(str(e))
+    entry = read_manifest(bundle).model("query")
     spec = entry.preprocess
     model, _ = load_checkpoint(args.checkpoint or entry.source_checkpoint)
     images = load_image_set(args.images, spec, max_images=16)
@@ -147,4 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except (ValueError, FileNotFoundError) as e:  # as the CLI (sdk.cli.user_errors): a bad bundle, checkpoint
+        raise SystemExit(f"error: {e}")           # or image folder is one line, not a traceback

@@ -99,3 +99,16 @@ def test_missing_coremltools_names_the_extra(tmp_path, ckpts, monkeypatch):
     result = invoke("export", ckpts["query"], "--out", tmp_path / "o", "--format", "coreml", "--no-progress")
     assert result.exit_code == 2
     assert "pip install 'retrieval-sdk[export]'" in result.output and "coremltools" in result.output
+
+
+
+def test_latency_benchmark_bad_input_is_one_line(tmp_path, bundle):
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "export_latency.py"
+    for args, message in (([str(tmp_path / "no-bundle")], "is not a model bundle"),
+                          ([str(bundle), "--images", str(tmp_path / "no-photos")], "does not exist or is not a folder")):
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0, args
+        assert "Traceback" not in proc.stderr and message in proc.stderr.strip().splitlines()[-1], proc.stderr
