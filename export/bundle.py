@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from export.calibration import RANGE_RULE
 from export.errors import ExportError, require
 from export.images import ImageSet, load_image_set, random_images
 from export.runtimes import compare_embeddings, open_runner
@@ -151,7 +152,7 @@ def export_bundle(query_checkpoint: str | Path, out: str | Path, gallery_checkpo
                                            batch="1" if fmt in ("tflite", "coreml") else "dynamic"))
         if calib is not None and role == "query":
             record["calibration"] = {"folder": str(Path(calibration)), "images": len(calib.paths),
-                                     "max_images": max_calibration_images}
+                                     "max_images": max_calibration_images, "activation_ranges": RANGE_RULE}
         models[role] = ModelEntry(name=metadata["model_name"], role=role, embedding_dim=model.embedding_dim,
                                   preprocess=spec, files=files, source_checkpoint=str(ckpt.resolve()))
     if "coreml" in formats:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.calibration import percentile_range
 from export.errors import ExportError, require
 
 OPSET = 17
@@ -183,10 +184,12 @@ def _toposort(graph) -> None:
 
 def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, per_channel: bool = True,
                   batch_size: int = 8, progress: bool = False, float_convs: int = 0) -> Path:
-    """Static int8 QDQ quantization (int8 per-channel weights, uint8 activations, MinMax calibration on
-    `calibration`, a float32 NCHW batch of preprocessed real images). The model goes through
-    `quant_pre_process` (shape inference + graph optimization) first; the pooling and L2-norm head
-    stays float so the output is exactly unit-norm.
+    """Static int8 QDQ quantization (int8 per-channel weights, uint8 activations) calibrated on
+    `calibration`, a float32 NCHW batch of preprocessed real images: each activation's range comes from
+    the images' own ranges (`per_image_ranges`, export.calibration's rule, as for TFLite) and is handed
+    to onnxruntime as a TensorQuantOverrides rmin/rmax. The model goes through `quant_pre_process`
+    (shape inference + graph optimization) first; the pooling and L2-norm head stays float so the
+    output is exactly unit-norm.
 
     float_convs: keep the first N Conv nodes (in execution order) float. ImageNet MobileNetV2 weights
     with BatchNorm folded in have early layers whose per-channel weight ranges span 1e-5..1e2: a
@@ -196,29 +199,11 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, per
     1.32's graph optimizer mis-handles a float Conv fed by a quantized one (min cosine < 0)."""
     onnx = require("onnx")
     require("onnxruntime")
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
-    from tqdm.auto import tqdm
 
     if calibration.ndim != 4 or len(calibration) == 0:
         raise ExportError(f"int8 calibration needs a non-empty (N,3,H,W) batch, got shape {calibration.shape}")
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.bar = tqdm(total=len(calibration), desc="calibrating int8 ONNX", unit="img",
-                            disable=not progress, leave=False)
-            self.it = iter(range(0, len(calibration), batch_size))
-
-        def get_next(self):
-            start = next(self.it, None)
-            if start is None:
-                self.bar.close()
-                return None
-            chunk = calibration[start:start + batch_size]
-            self.bar.update(len(chunk))
-            return {INPUT_NAME: np.ascontiguousarray(chunk, dtype=np.float32)}
-
     src, dst = Path(src).resolve(), Path(dst).resolve()
     with tempfile.TemporaryDirectory(prefix="retrieval-sdk-quant-") as tmp, working_directory(tmp):
         pre = Path(tmp) / "pre.onnx"
@@ -228,19 +213,58 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, per
                 quant_pre_process(str(src), str(pre))
             except Exception:  # noqa: BLE001  symbolic shape inference gives up on some graphs; ONNX's own suffices
                 quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        ranges = per_image_ranges(pre, calibration, Path(tmp) / "augmented.onnx", progress=progress)
         graph = onnx.load(str(pre)).graph
         exclude = head_nodes(graph) + [n.name for n in graph.node if n.op_type == "Conv"][:float_convs]
+        # onnxruntime still runs its own MinMax pass; every tensor it calibrates gets our range instead.
+        # Not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it drops each full buffer without
+        # computing its ranges (microsoft/onnxruntime#18893), so only the last partial batch counts.
         quantize_static(
-            str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(pre), str(dst), _Batches(calibration, batch_size), quant_format=QuantFormat.QDQ,
+            per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude,
-            extra_options={"CalibMaxIntermediateOutputs": 4},
+            extra_options={"TensorQuantOverrides": {name: [{"rmin": lo, "rmax": hi}]
+                                                    for name, (lo, hi) in ranges.items()}},
         )
     # quant_pre_process drops metadata_props: carry them over
     meta = read_metadata(src)
     if meta:
         add_metadata(dst, meta)
     return Path(dst)
+
+
+class _Batches:
+    """A calibration data reader for onnxruntime (it takes any object with get_next, see
+    CalibrationDataReader.__subclasshook__): a float32 NCHW array, `batch_size` images at a time."""
+
+    def __init__(self, images: np.ndarray, batch_size: int):
+        self.images, self.batch_size, self.start = images, batch_size, 0
+
+    def get_next(self):
+        chunk = self.images[self.start:self.start + self.batch_size]
+        self.start += self.batch_size
+        return {INPUT_NAME: np.ascontiguousarray(chunk, dtype=np.float32)} if len(chunk) else None
+
+
+def per_image_ranges(model: str | Path, calibration: np.ndarray, augmented: str | Path,
+                     progress: bool = False) -> dict[str, tuple[np.float32, np.float32]]:
+    """Every float tensor of `model` -> its int8 range over `calibration` by export.calibration's rule,
+    from each image's own min/max (onnxruntime's MinMax calibrator run one image at a time)."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+    from tqdm.auto import tqdm
+
+    calibrator = create_calibrator(str(model), augmented_model_path=str(augmented),
+                                   calibrate_method=CalibrationMethod.MinMax)
+    mins: dict[str, list] = {}
+    maxs: dict[str, list] = {}
+    for image in tqdm(calibration, desc="calibrating int8 ONNX", unit="img", disable=not progress, leave=False):
+        calibrator.calibrate_tensors_range = None  # forget the previous image
+        calibrator.collect_data(_Batches(image[None], 1))
+        for name, data in calibrator.compute_data().items():
+            mins.setdefault(name, []).append(data.range_value[0])
+            maxs.setdefault(name, []).append(data.range_value[1])
+    return {name: tuple(np.float32(v) for v in percentile_range(mins[name], maxs[name])) for name in mins}
 
 
 @contextlib.contextmanager

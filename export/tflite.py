@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.calibration import percentile_range
 from export.errors import ExportError, require
 from export.quiet import quiet as _quiet, quiet_fds as _quiet_fds
 
@@ -97,18 +98,9 @@ def _recipe(kind: str, float_scopes: list[str] = ()):
     return rm.get_quantization_recipe()
 
 
-# Activation ranges: the 5th / 95th percentile over the calibration images of each image's own min / max.
-# The plain min / max over all images lets one unusual photo set the range for everyone: on the
-# quickstart model one PhotoTourism photo (of 69) widens the residual stream of MobileNetV2's 160-channel
-# stage 7x, and min cosine to fp32 drops to 0.983 on the real photos (0.995 with these ranges).
-# ai-edge-quantizer's own Calibrator.calibrate() default is a moving average (smoothing 0.95) of the
-# per-image ranges, which clips typical images too (min cosine 0.89).
-RANGE_QUANTILE = 0.95
-
-
 def _keep_each_image(qsv: dict, new: dict) -> dict:
-    """Calibrator update: the running min/max plus every image's own (the first image's QSV is stored
-    without a call)."""
+    """ai-edge-quantizer Calibrator update: the running min/max plus every image's own (the first
+    image's QSV is stored without a call)."""
     if not qsv:
         return new
     return {"min": np.minimum(qsv["min"], new["min"]), "max": np.maximum(qsv["max"], new["max"]),
@@ -117,13 +109,12 @@ def _keep_each_image(qsv: dict, new: dict) -> dict:
 
 
 def robust_ranges(qsvs: dict) -> dict:
-    """Per-image ranges (from `_keep_each_image`) -> one range per tensor at RANGE_QUANTILE, holding 0."""
+    """Per-image ranges (from `_keep_each_image`) -> one range per tensor (export.calibration)."""
     out = {}
     for name, q in qsvs.items():
         if "mins" in q:
-            lo = np.minimum(np.quantile(np.stack(q["mins"]), 1 - RANGE_QUANTILE, axis=0), 0.0)
-            hi = np.maximum(np.quantile(np.stack(q["maxs"]), RANGE_QUANTILE, axis=0), 0.0)
-            q = {"min": lo.astype(np.asarray(q["min"]).dtype), "max": hi.astype(np.asarray(q["max"]).dtype)}
+            lo, hi = percentile_range(q["mins"], q["maxs"])
+            q = {"min": lo, "max": hi}
         out[name] = q
     return out
 
@@ -131,7 +122,7 @@ def robust_ranges(qsvs: dict) -> dict:
 def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, progress: bool = False,
                   float_convs: int = 0) -> Path:
     """Static int8 (per-channel int8 weights, int8 activations with ranges from `calibration`, a float32
-    NHWC batch of preprocessed real images, see RANGE_QUANTILE) with ai-edge-quantizer; float32 I/O kept.
+    NHWC batch of preprocessed real images, see export.calibration) with ai-edge-quantizer; float32 I/O kept.
     float_convs: keep the first N conv ops float (see export.onnx.quantize_int8)."""
     require("ai_edge_quantizer")
     from ai_edge_quantizer import quantizer

@@ -101,6 +101,7 @@ def test_int8_close_to_fp32_on_real_photos_and_calibration_recorded(bundle, phot
     assert min_cosine(q, fp32) >= 0.99
     record = read_manifest(bundle).extra["export"]
     assert record["calibration"]["images"] == len(photos_nchw) == 69
+    assert record["calibration"]["activation_ranges"].startswith("per tensor: 5% percentile")
     search = record["checks"]["query.int8.onnx"]["int8"]
     assert search["calibration_min_cosine"] >= 0.99 and search["float_leading_convs"] in (0, 2, 4, 6, 8)
 
@@ -114,6 +115,40 @@ def test_int8_float_convs_keeps_leading_convs_float(tmp_path, bundle, photos_nch
     quantized_weight = [c.input[1] not in init and producers[c.input[1]].op_type == "DequantizeLinear"
                         for c in convs]
     assert quantized_weight[:2] == [False, False] and all(quantized_weight[2:])
+
+
+def _identity_conv(path):
+    """image (N,3,H,W) -> 1x1 Conv with identity weights -> Relu -> embedding: the output is relu(input)."""
+    from onnx import TensorProto, helper
+
+    w = numpy_helper.from_array(np.eye(3, dtype=np.float32).reshape(3, 3, 1, 1), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["image", "w"], ["conv"], name="conv"),
+         helper.make_node("Relu", ["conv"], ["embedding"], name="relu")],
+        "identity", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "h", "w"])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 3, "h", "w"])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)]), str(path))
+    return path
+
+
+def test_int8_ranges_from_every_image_not_one_outlier_or_the_last_batch(tmp_path):
+    # 40 images whose values span [-(1+i/100), 2+i/100] and one unusual image spanning [-50, 80]; with
+    # onnxruntime's own MinMax the outlier sets the range, and with CalibMaxIntermediateOutputs only the
+    # last partial batch would count (onnxruntime 1.32 drops full buffers uncomputed)
+    from export.onnx import per_image_ranges
+
+    images = np.stack([np.linspace(-(1 + i / 100), 2 + i / 100, 48, dtype=np.float32).reshape(3, 4, 4)
+                       for i in range(40)] + [np.linspace(-50, 80, 48, dtype=np.float32).reshape(3, 4, 4)])
+    model = _identity_conv(tmp_path / "identity.onnx")
+    lo, hi = per_image_ranges(model, images, tmp_path / "augmented.onnx")["image"]
+    assert -1.40 < lo < -1.30 and 2.30 < hi < 2.40  # 5th / 95th percentile of the per-image ranges
+    quantize_int8(model, tmp_path / "q.onnx", images, batch_size=8)
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    q = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "image")
+    assert float(init[q.input[1]]) == pytest.approx((hi - lo) / 255, rel=1e-3)  # uint8 scale of that range
+    out = session(tmp_path / "q.onnx").run(None, {"image": images[:40]})[0]
+    assert np.abs(out - np.maximum(images[:40], 0)).max() < 0.02  # typical images keep 8-bit precision
 
 
 def test_int8_needs_a_calibration_batch(tmp_path, bundle):
