@@ -70,6 +70,9 @@ def test_verify_report_on_real_photos(bundle, real_photos):
     assert rows["query.int8.onnx"].min_cos_fp32 >= 0.99
     assert 0 < rows["query.int8.onnx"].size_ratio < 0.6 and rows["query.onnx"].ms > 0
     assert set(rows["query.onnx"].maps) == {"ukbench-56", "phototourism-13"}
+    # a bundle with a gallery model: query files are also ranked against it (printed, not checked)
+    assert set(rows["query.int8.onnx"].asym_maps) == {"ukbench-56", "phototourism-13"}
+    assert not rows["gallery.onnx"].asym_maps and not any("asymmetric" in c.name for c in report.checks)
     assert {s.size for s in report.sizes if s.path == "query.onnx"} >= {(64, 64), (48, 48), (80, 64)}
     assert all(s.max_abs_diff <= 1e-4 for s in report.sizes if s.path in ("query.onnx", "gallery.onnx"))
     names = {c.name: c.passed for c in report.checks}
@@ -77,6 +80,7 @@ def test_verify_report_on_real_photos(bundle, real_photos):
     assert names["query.onnx: max abs diff to torch <= 0.0001"] and names["query.tflite: max abs diff to torch <= 0.0001"]
     text = format_report(report)
     assert "ONNX at other input sizes" in text and "checks:" in text and "[PASS]" in text
+    assert "asymmetric mAP: query file against the gallery model's embeddings" in text
 
 
 def test_export_leaves_the_working_directory_clean(tmp_path, ckpts, real_photos, monkeypatch):

