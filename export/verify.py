@@ -95,6 +95,11 @@ class VerifyReport:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def synthetic_sets(self) -> set[str]:
+        """Names of the procedural image sets (the cosine targets are about photos)."""
+        return {s["name"] for s in self.image_sets if s.get("synthetic")}
+
+    @property
     def ok(self) -> bool:
         return all(c.passed for c in self.checks)
 
@@ -226,7 +231,8 @@ def _verify_file(bundle: Path, entry: ModelEntry, f: ModelFile, spec: Preprocess
         runner = open_runner(bundle, f, spec, threads)
     except ExportError as e:
         if f.format == "coreml":
-            return _verify_coreml_here(bundle, entry, f, spec, xs, refs, result, model, str(e), sets)
+            return _verify_coreml_here(bundle, entry, f, spec, xs, refs, result, model, str(e),
+                                       report.synthetic_sets)
         result.note = f"not run: {e}"
         return result
     embs = {name: runner.embed(x) for name, x in xs.items()}
@@ -235,10 +241,10 @@ def _verify_file(bundle: Path, entry: ModelEntry, f: ModelFile, spec: Preprocess
     if refs:
         diffs = {n: compare_embeddings(embs[n], refs[n]) for n in embs}
         result.max_abs_diff = max(d for d, _ in diffs.values())  # every set: the fp32 parity check is strict
-        result.min_cos_torch = _min_on_photos({n: c for n, (_, c) in diffs.items()}, sets)
+        result.min_cos_torch = _min_on_photos({n: c for n, (_, c) in diffs.items()}, report.synthetic_sets)
     if f.precision != "fp32" and f.format in fp32_embs:
         result.min_cos_fp32_by_set = {n: compare_embeddings(embs[n], fp32_embs[f.format][n])[1] for n in embs}
-        result.min_cos_fp32 = _min_on_photos(result.min_cos_fp32_by_set, sets)
+        result.min_cos_fp32 = _min_on_photos(result.min_cos_fp32_by_set, report.synthetic_sets)
     own = refs or fp32_embs.get("onnx") or fp32_embs.get(f.format) or embs
     _retrieval(result, embs, own, gallery_index, sets)
     first = next(iter(xs.values()))[:1]
@@ -248,14 +254,14 @@ def _verify_file(bundle: Path, entry: ModelEntry, f: ModelFile, spec: Preprocess
     return result
 
 
-def _min_on_photos(values: dict[str, float], sets: dict[str, ImageSet]) -> float:
+def _min_on_photos(values: dict[str, float], synthetic: set[str]) -> float:
     """The minimum over the photo sets (the acceptance asks cosine on real photos; procedural images are
     reported in a note), over all sets when only procedural ones were given."""
-    photos = [v for name, v in values.items() if not is_procedural(sets[name])]
+    photos = [v for name, v in values.items() if name not in synthetic]
     return min(photos or values.values())
 
 
-def _verify_coreml_here(bundle, entry, f, spec, xs, refs, result, model, why, sets) -> FileResult:
+def _verify_coreml_here(bundle, entry, f, spec, xs, refs, result, model, why, synthetic) -> FileResult:
     """Linux: structural validation plus the torch proxy of the file's precision."""
     import torch
 
@@ -272,7 +278,7 @@ def _verify_coreml_here(bundle, entry, f, spec, xs, refs, result, model, why, se
         with torch.no_grad():
             proxy = proxy_model(model, f.precision)
             embs = {n: proxy(torch.from_numpy(x)).float().numpy() for n, x in xs.items()}
-        result.min_cos_fp32 = _min_on_photos({n: compare_embeddings(embs[n], refs[n])[1] for n in embs}, sets)
+        result.min_cos_fp32 = _min_on_photos({n: compare_embeddings(embs[n], refs[n])[1] for n in embs}, synthetic)
         result.note += f"; min cosine of the {f.precision} torch proxy to fp32: {result.min_cos_fp32:.5f}"
     return result
 
@@ -335,7 +341,7 @@ def _verify_task_library(bundle: Path, manifest: Manifest, sets: dict, threads: 
 
 def _acceptance(report: VerifyReport) -> None:
     rows = {(r.role, r.path): r for r in report.files}
-    synthetic = {s["name"] for s in report.image_sets if s.get("synthetic")}
+    synthetic = report.synthetic_sets
     for r in report.files:
         if r.format not in ("onnx", "tflite"):
             if r.format == "coreml":
