@@ -225,30 +225,35 @@ def _ap(ranks: np.ndarray, n_positives: int) -> float:
 
 
 def compute_map(ranks: np.ndarray, gnd: Sequence[QueryGT | Mapping],
-                kappas: Sequence[int] = (1, 5, 10)) -> MapResult:
+                kappas: Sequence[int] = (1, 5, 10), n_db: int | None = None) -> MapResult:
     """mAP and mP@k of rankings, exactly as revisitop's `compute_map`.
 
-    `ranks` is (n_queries, n_db): row i lists every database index once, best first for query i.
-    revisitop uses the transposed (n_db, n_queries) layout: pass its ranks as `ranks.T`.
+    `ranks` is (n_queries, k): row i lists database indices best first for query i, each at most once.
+    k may be less than the database size `n_db` (default: k, a full ranking): a top-k list from an ANN
+    index scores as revisitop scores it, positives absent from the list count as never retrieved.
+    revisitop uses the transposed (k, n_queries) layout: pass its ranks as `ranks.T`.
     Junk images are removed from each ranking; queries without positives get NaN and are not averaged.
+    A query with positives none of which is in its list gets AP 0 and mP@k 0 (revisitop's reference
+    fails on `max` of an empty array there).
     """
-    ranks = _check_ranks(ranks, n_queries=len(gnd))
-    n_q, n_db = ranks.shape
+    ranks = _check_ranks(ranks, n_queries=len(gnd), n_db=n_db)
+    n_q, k_list = ranks.shape
+    n_db = k_list if n_db is None else n_db
     queries = [_as_query_gt(g, i, n_db) for i, g in enumerate(gnd)]
     kappas = _check_ks(kappas, "kappas", allow_empty=True)
-
-    positions = np.empty_like(ranks)  # positions[i, image] = where `image` sits in query i's ranking
-    np.put_along_axis(positions, ranks, np.broadcast_to(np.arange(n_db), ranks.shape), axis=1)
 
     aps = np.full(n_q, np.nan)
     p_at_k = np.full((n_q, len(kappas)), np.nan)
     for i, q in enumerate(queries):
         if q.ok.size == 0:
             continue
-        pos = np.sort(positions[i, np.unique(q.ok)])
-        junk = np.sort(positions[i, np.unique(q.junk)])
+        pos = np.flatnonzero(np.isin(ranks[i], q.ok))  # where the listed positives sit, ascending
+        junk = np.flatnonzero(np.isin(ranks[i], q.junk))
         pos = pos - np.searchsorted(junk, pos, side="left")  # minus the junk ranked before each positive
-        aps[i] = _ap(pos, q.ok.size)
+        aps[i] = _ap(pos, q.ok.size)  # revisitop divides by len(ok), duplicates included
+        if pos.size == 0:
+            p_at_k[i] = 0.0
+            continue
         pos1 = pos + 1
         for j, kappa in enumerate(kappas):
             kq = min(int(pos1.max()), kappa)
@@ -262,31 +267,48 @@ def compute_map(ranks: np.ndarray, gnd: Sequence[QueryGT | Mapping],
 
 
 def revisited_eval(ranks: np.ndarray, gt: RevisitedGT, kappas: Sequence[int] = (1, 5, 10)) -> RevisitedResult:
-    """Easy, Medium and Hard mAP / mP@k of rankings (n_queries, n_db) on a revisited dataset."""
-    ranks = _check_ranks(ranks, n_queries=gt.n_queries)
-    if ranks.shape[1] != gt.n_db:
-        raise ValueError(f"ranks cover {ranks.shape[1]} database images but {gt.name or 'the dataset'} "
-                         f"has {gt.n_db}; rank the whole database")
-    results = {d: compute_map(ranks, gt.setup(d), kappas) for d in DIFFICULTIES}
+    """Easy, Medium and Hard mAP / mP@k of rankings (n_queries, k) on a revisited dataset, k <= n_db.
+
+    A full ranking (k = n_db) or a top-k list; see `compute_map` for how a top-k list is scored.
+    """
+    ranks = _check_ranks(ranks, n_queries=gt.n_queries, n_db=gt.n_db, what=gt.name or "the dataset")
+    results = {d: compute_map(ranks, gt.setup(d), kappas, n_db=gt.n_db) for d in DIFFICULTIES}
     return RevisitedResult(dataset=gt.name, **results)
 
 
-def _check_ranks(ranks: np.ndarray, n_queries: int) -> np.ndarray:
+def _check_ranks(ranks: np.ndarray, n_queries: int, n_db: int | None = None,
+                 what: str = "the database") -> np.ndarray:
+    """Rankings (n_queries, k) of distinct database ids in range(n_db); n_db None means a full ranking."""
     ranks = np.asarray(ranks)
     if ranks.dtype.kind not in "iu":
         raise ValueError(f"ranks must be an integer array of database indices, got {ranks.dtype}; "
                          "for similarity scores use ranks_from_scores(scores)")
     if ranks.ndim != 2:
-        raise ValueError(f"ranks must be 2-D (n_queries, n_db), got shape {ranks.shape}")
+        raise ValueError(f"ranks must be 2-D (n_queries, k), got shape {ranks.shape}")
     if ranks.shape[0] != n_queries:
-        hint = " (revisitop's layout is (n_db, n_queries): pass ranks.T)" if ranks.shape[1] == n_queries else ""
+        hint = " (revisitop's layout is (k, n_queries): pass ranks.T)" if ranks.shape[1] == n_queries else ""
         raise ValueError(f"ranks has shape {ranks.shape} but there are {n_queries} queries; "
-                         f"expected (n_queries, n_db), one row per query{hint}")
-    n_db = ranks.shape[1]
-    bad = np.flatnonzero(np.any(np.sort(ranks, axis=1) != np.arange(n_db), axis=1))
-    if bad.size:
-        raise ValueError(f"ranks row {bad[0]} is not a permutation of range({n_db}): each row must list "
-                         "every database index exactly once, best first")
+                         f"expected (n_queries, k), one row per query{hint}")
+    k = ranks.shape[1]
+    n_db = k if n_db is None else n_db
+    if k == 0:
+        raise ValueError("ranks has no columns: each query needs at least one ranked database index")
+    if k > n_db:
+        raise ValueError(f"ranks list {k} ids per query but {what} has {n_db} images; "
+                         "k must be <= the database size")
+    out = np.flatnonzero((ranks < 0).any(axis=1) | (ranks >= n_db).any(axis=1))
+    if out.size:
+        row = ranks[out[0]]
+        bad = row[(row < 0) | (row >= n_db)][0]
+        raise ValueError(f"ranks row {out[0]} holds id {bad}, out of range for {what} of {n_db} images; "
+                         "ids are 0-based database indices")
+    sorted_rows = np.sort(ranks, axis=1)
+    dup = np.flatnonzero((sorted_rows[:, 1:] == sorted_rows[:, :-1]).any(axis=1))
+    if dup.size:
+        row = sorted_rows[dup[0]]
+        bad = row[1:][row[1:] == row[:-1]][0]
+        raise ValueError(f"ranks row {dup[0]} lists id {bad} more than once; each database index may "
+                         "appear at most once per query, best first")
     return ranks.astype(np.int64, copy=False)
 
 

@@ -61,6 +61,9 @@ def reference_compute_map(ranks_db_by_q, gnd, kappas):
         one_based = [r + 1 for r in positive_ranks]
         row = []
         for kappa in kappas:
+            if not one_based:  # a top-k list holding none of the positives (revisitop's max() fails here)
+                row.append(0.0)
+                continue
             kq = min(max(one_based), kappa)
             row.append(sum(1 for r in one_based if r <= kq) / kq)
         prs.append(row)
@@ -241,8 +244,18 @@ def test_compute_map_errors():
     good = np.array([[0, 1, 2], [2, 1, 0]])
     with pytest.raises(ValueError, match=r"pass ranks\.T"):
         compute_map(good.T[:, :2], gnd)  # (n_db, n_queries) = (3, 2)
-    with pytest.raises(ValueError, match="ranks row 1 is not a permutation of range"):
+    with pytest.raises(ValueError, match="ranks row 1 lists id 2 more than once"):
         compute_map(np.array([[0, 1, 2], [2, 2, 0]]), gnd)
+    with pytest.raises(ValueError, match="ranks row 0 lists id 1 more than once"):
+        compute_map(np.array([[1, 1], [2, 0]]), gnd, n_db=3)
+    with pytest.raises(ValueError, match="ranks row 1 holds id 3, out of range for the database of 3"):
+        compute_map(np.array([[0, 1], [3, 0]]), gnd, n_db=3)
+    with pytest.raises(ValueError, match="ranks row 0 holds id -1"):
+        compute_map(np.array([[-1, 1], [2, 0]]), gnd, n_db=3)
+    with pytest.raises(ValueError, match="ranks list 4 ids per query but the database has 3 images"):
+        compute_map(np.array([[0, 1, 2, 0], [2, 1, 0, 0]]), gnd, n_db=3)
+    with pytest.raises(ValueError, match="no columns"):
+        compute_map(np.zeros((2, 0), dtype=np.int64), gnd, n_db=3)
     with pytest.raises(ValueError, match="integer array.*ranks_from_scores"):
         compute_map(good.astype(np.float32), gnd)
     with pytest.raises(ValueError, match="out of range for a database of 3"):
@@ -348,13 +361,54 @@ def test_matches_independent_reference(dataset):
             assert res.medium.map < 0.05
 
 
+def test_top_k_scores_as_the_full_ranking_when_every_positive_is_inside(dataset):
+    """A top-k list whose k covers every positive and junk of every query gives the full ranking's figures."""
+    _, gt, raw = dataset
+    rng = np.random.default_rng(5)
+    heads = [rng.permutation(list(dict.fromkeys([*q["easy"], *q["hard"], *q["junk"]]))).tolist()
+             for q in raw["gnd"]]
+    full = np.stack([ranking_starting_with(h, gt.n_db) for h in heads])
+    k = max(len(h) for h in heads) + 7
+    top_k = full[:, :k]
+    assert k < gt.n_db
+    a, b = revisited_eval(full, gt, KAPPAS), revisited_eval(top_k, gt, KAPPAS)
+    for difficulty in ("easy", "medium", "hard"):
+        x, y = getattr(a, difficulty), getattr(b, difficulty)
+        assert x.map == y.map
+        np.testing.assert_array_equal(x.aps, y.aps)
+        np.testing.assert_array_equal(x.p_at_k, y.p_at_k)
+
+
+@pytest.mark.parametrize("k", [1, 10, 100, 1000])
+def test_top_k_with_positives_outside_matches_the_reference(dataset, k):
+    """Positives that fall outside the top k count as not retrieved, as revisitop scores a short list."""
+    _, gt, raw = dataset
+    setups = raw_setups(raw)
+    for case, ranks in _ranking_cases(gt, raw):
+        top_k = ranks[:, :k]
+        res = revisited_eval(top_k, gt, KAPPAS)
+        full = revisited_eval(ranks, gt, KAPPAS)
+        for difficulty in ("easy", "medium", "hard"):
+            ours = getattr(res, difficulty)
+            ref_map, ref_aps, ref_mpr, ref_prs = reference_compute_map(top_k.T, setups[difficulty], KAPPAS)
+            where = f"k={k}/{case}/{difficulty}"
+            assert abs(ours.map - ref_map) < 1e-12, where
+            np.testing.assert_allclose(ours.aps, ref_aps, atol=1e-12, rtol=0, err_msg=where)
+            np.testing.assert_allclose(ours.p_at_k, ref_prs, atol=1e-12, rtol=0, err_msg=where)
+            assert ours.map <= getattr(full, difficulty).map + 1e-12, where  # truncation never helps
+
+
 def test_revisited_eval_errors_and_summary(dataset):
     name, gt, _ = dataset
     ranks = ranks_from_scores(np.random.default_rng(3).random((gt.n_queries, gt.n_db)))
     with pytest.raises(ValueError, match=r"pass ranks\.T"):
         revisited_eval(ranks.T, gt)
-    with pytest.raises(ValueError, match=f"ranks cover 100 database images but {name} has {gt.n_db}"):
-        revisited_eval(ranks_from_scores(np.zeros((gt.n_queries, 100))), gt)
+    with pytest.raises(ValueError, match=f"ranks list {gt.n_db + 1} ids per query but {name} has {gt.n_db}"):
+        revisited_eval(np.zeros((gt.n_queries, gt.n_db + 1), dtype=np.int64), gt)
+    with pytest.raises(ValueError, match=f"holds id {gt.n_db}, out of range for {name}"):
+        revisited_eval(np.full((gt.n_queries, 3), gt.n_db), gt)
+    with pytest.raises(ValueError, match="more than once"):
+        revisited_eval(np.zeros((gt.n_queries, 3), dtype=np.int64), gt)
     res = revisited_eval(ranks, gt)
     text = res.summary()
     pct = lambda x: np.around(x * 100, decimals=2)  # noqa: E731
