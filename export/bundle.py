@@ -204,8 +204,8 @@ def _export_one(model, out: Path, fmt: str, prec: str, spec: PreprocessSpec, cal
             ox.add_metadata(path, onnx_meta)
         else:
             nchw = calib.batch(spec)
-            search = _int8_search(out, "onnx", fp32, path, nchw, spec,
-                                  lambda k: ox.quantize_int8(fp32, path, nchw, progress=progress, float_convs=k))
+            search = _int8_search(out, "onnx", fp32, path, nchw, spec, progress,
+                                  lambda k, bar: ox.quantize_int8(fp32, path, nchw, progress=bar, float_convs=k))
             ox.add_metadata(path, onnx_meta)
         vit = getattr(getattr(model.backbone, "config", None), "kind", "cnn") == "vit"
         facts = ox.check_onnx(path, model.embedding_dim, dynamic_hw=not vit)
@@ -221,9 +221,9 @@ def _export_one(model, out: Path, fmt: str, prec: str, spec: PreprocessSpec, cal
             tf.convert_fp16(fp32, path)
         else:
             nchw = calib.batch(spec)
-            search = _int8_search(out, "tflite", fp32, path, nchw, spec,
-                                  lambda k: tf.quantize_int8(fp32, path, nchw.transpose(0, 2, 3, 1),
-                                                             progress=progress, float_convs=k))
+            search = _int8_search(out, "tflite", fp32, path, nchw, spec, progress,
+                                  lambda k, bar: tf.quantize_int8(fp32, path, nchw.transpose(0, 2, 3, 1),
+                                                                  progress=bar, float_convs=k))
         facts = tf.check_tflite(path, model.embedding_dim, spec.input_size)
         facts.pop("signatures", None)
         if prec == "int8":
@@ -245,7 +245,9 @@ FLOAT_CONV_STEPS = (0, 2, 4, 6, 8)
 
 
 def _int8_search(out: Path, fmt: str, fp32: Path, path: Path, nchw: np.ndarray, spec: PreprocessSpec,
-                 quantize: Callable[[int], object]) -> dict:
+                 progress: bool, quantize: Callable[[int, str | None], object]) -> dict:
+    """`quantize(k, bar)` writes the int8 file with k leading convs float, showing a bar labelled `bar`
+    (None: no bar): one bar per candidate, each saying which candidate it calibrates."""
     def embed(p: Path) -> np.ndarray:
         return open_runner(out, ModelFile(path=p.name, format=fmt), spec, threads=None).embed(nchw)
 
@@ -253,14 +255,14 @@ def _int8_search(out: Path, fmt: str, fp32: Path, path: Path, nchw: np.ndarray, 
     tried: dict[int, float] = {}
     best = None
     for k in FLOAT_CONV_STEPS:
-        quantize(k)
+        quantize(k, f"int8 {fmt} search, {k} float convs" if progress else None)
         tried[k] = compare_embeddings(embed(path), ref)[1]
         if best is None or tried[k] > tried[best] + 1e-4:
             best = k
         if tried[k] >= INT8_TARGET_MIN_COSINE:
             break
     if k != best:
-        quantize(best)
+        quantize(best, f"int8 {fmt}, best of the search: {best} float convs" if progress else None)
     return {"float_leading_convs": best, "calibration_min_cosine": round(tried[best], 6),
             "target_min_cosine": INT8_TARGET_MIN_COSINE, "tried": {str(k): round(c, 6) for k, c in tried.items()}}
 

@@ -183,9 +183,10 @@ def _toposort(graph) -> None:
 
 
 def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, per_channel: bool = True,
-                  batch_size: int = 8, progress: bool = False, float_convs: int = 0) -> Path:
+                  batch_size: int = 8, progress: str | None = None, float_convs: int = 0) -> Path:
     """Static int8 QDQ quantization (int8 per-channel weights, uint8 activations) calibrated on
-    `calibration`, a float32 NCHW batch of preprocessed real images: each activation's range comes from
+    `calibration`, a float32 NCHW batch of preprocessed real images (`progress`: the calibration bar's
+    label, None for no bar): each activation's range comes from
     the images' own ranges (`per_image_ranges`, export.calibration's rule, as for TFLite) and is handed
     to onnxruntime as a TensorQuantOverrides rmin/rmax. The model goes through `quant_pre_process`
     (shape inference + graph optimization) first; the pooling and L2-norm head stays float so the
@@ -247,7 +248,7 @@ class _Batches:
 
 
 def per_image_ranges(model: str | Path, calibration: np.ndarray, augmented: str | Path,
-                     progress: bool = False) -> dict[str, tuple[np.float32, np.float32]]:
+                     progress: str | None = None) -> dict[str, tuple[np.float32, np.float32]]:
     """Every float tensor of `model` -> its int8 range over `calibration` by export.calibration's rule,
     from each image's own min/max (onnxruntime's MinMax calibrator run one image at a time)."""
     from onnxruntime.quantization import CalibrationMethod
@@ -258,7 +259,7 @@ def per_image_ranges(model: str | Path, calibration: np.ndarray, augmented: str 
                                    calibrate_method=CalibrationMethod.MinMax)
     mins: dict[str, list] = {}
     maxs: dict[str, list] = {}
-    for image in tqdm(calibration, desc="calibrating int8 ONNX", unit="img", disable=not progress, leave=False):
+    for image in tqdm(calibration, desc=progress, unit="img", disable=progress is None, leave=True):
         calibrator.calibrate_tensors_range = None  # forget the previous image
         calibrator.collect_data(_Batches(image[None], 1))
         for name, data in calibrator.compute_data().items():

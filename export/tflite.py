@@ -6,6 +6,7 @@ a structural check with ai-edge-litert. Standard TFLite metadata is written by e
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -119,11 +120,13 @@ def robust_ranges(qsvs: dict) -> dict:
     return out
 
 
-def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, progress: bool = False,
+def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, progress: str | None = None,
                   float_convs: int = 0) -> Path:
     """Static int8 (per-channel int8 weights, int8 activations with ranges from `calibration`, a float32
     NHWC batch of preprocessed real images, see export.calibration) with ai-edge-quantizer; float32 I/O kept.
-    float_convs: keep the first N conv ops float (see export.onnx.quantize_int8)."""
+    float_convs: keep the first N conv ops float (see export.onnx.quantize_int8). progress: the label of
+    a bar that counts calibrated images (None: no bar); it writes to the terminal's stderr even though
+    the quantizer's own output is muted."""
     require("ai_edge_quantizer")
     from ai_edge_quantizer import quantizer
 
@@ -131,16 +134,18 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, pro
         raise ExportError(f"TFLite int8 calibration needs a non-empty (N,H,W,3) batch, got {calibration.shape}")
     from tqdm.auto import tqdm
 
-    samples = [{INPUT_NAME: np.ascontiguousarray(x[None], dtype=np.float32)}
-               for x in tqdm(calibration, desc="calibrating int8 TFLite", unit="img", disable=not progress,
-                             leave=False)]
-    with _quiet():
+    samples = [{INPUT_NAME: np.ascontiguousarray(x[None], dtype=np.float32)} for x in calibration]
+    sys.stderr.flush()
+    terminal = os.fdopen(os.dup(2), "w")  # still the terminal while _quiet() points fd 2 at /dev/null
+    with terminal, _quiet(), tqdm(samples, desc=progress, unit="img", disable=progress is None, leave=True,
+                                  file=terminal) as bar:
         qt = quantizer.Quantizer(str(src), _recipe("int8", leading_conv_scopes(src, float_convs)))
         from ai_edge_quantizer import calibrator
 
         calib = calibrator.Calibrator(Path(src).read_bytes(), num_threads=max(1, min(4, os.cpu_count() or 1)),
                                       qsv_update_func=_keep_each_image)
-        calib.calibrate({SIGNATURE: samples}, qt._recipe_manager)
+        for sample in bar:  # one image per call, so the bar moves as images are calibrated
+            calib.calibrate({SIGNATURE: [sample]}, qt._recipe_manager)
         qt.quantize(robust_ranges(calib.get_model_qsvs()), enable_progress_report=False).export_model(
             str(dst), overwrite=True)
     inline_buffers(dst, short_names=True)

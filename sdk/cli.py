@@ -97,6 +97,17 @@ def backbones() -> None:
 
 
 @app.command()
+def doctor() -> None:
+    """Check every part this install needs (packages, runtimes, system libraries, browser, data) and
+    print the exact fix for each one that is missing; exit 1 if a part of an installed extra is missing."""
+    from sdk.doctor import report, run_checks
+
+    text, code = report(run_checks())
+    typer.echo(text)
+    raise typer.Exit(code)
+
+
+@app.command()
 def version() -> None:
     """Print the installed version."""
     from sdk import __version__

@@ -3,6 +3,8 @@ fp32 parity with torch, fp16 weights and calibrated int8 (ai-edge-quantizer)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -94,3 +96,23 @@ def test_activation_ranges_are_not_set_by_one_outlier_image():
     assert -1.40 < lo < -1.30 and 2.30 < hi < 2.40  # the 5th / 95th percentile of the per-image ranges
     assert set(ranges["t"]) == {"min", "max"}  # per-image lists are not passed on to the quantizer
     assert float(ranges["input"]["min"][0]) == 0.5  # a tensor seen once keeps its min/max
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_int8_search_shows_one_counting_bar_per_candidate(tmp_path, ckpts, real_photos, capfd, fmt):
+    """Each candidate of the accuracy-aware search gets its own bar, labelled with what it calibrates,
+    that counts the calibration images to the end (the TFLite one used to print an empty 0/N bar)."""
+    import re
+
+    from export.bundle import export_bundle
+
+    export_bundle(ckpts["query"], tmp_path / "b", formats=fmt, precisions=("fp32", "int8"),
+                  calibration=real_photos, max_calibration_images=8, tflite_metadata=False, progress=True)
+    err = capfd.readouterr().err
+    record = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    checks = record["extra"]["export"]["checks"]
+    tried = next(facts["int8"]["tried"] for name, facts in checks.items() if "int8" in facts)
+    for k in tried:
+        label = f"int8 {fmt} search, {k} float convs"
+        assert re.search(re.escape(label) + r":\s+100%.*\b8/8\b", err), f"no finished bar for {label!r}:\n{err[-2000:]}"
+    assert "calibrating int8" not in err
