@@ -1,5 +1,6 @@
 """Training losses for retrieval embeddings: ArcFace, label-smoothed cross-entropy, batch-hard triplet,
-and the KL divergence between embedding distributions (MABNet master/assistant).
+the KL divergence between embedding distributions (MABNet master/assistant), and the listwise AP loss
+with soft binning (rank distillation).
 
 Losses are plain functions; `ArcFace` is a module only because it owns the class-centre weights (and
 optionally a learnable scale/margin). `arcface_logits` takes any weight, e.g. a momentum-updated copy.
@@ -19,6 +20,8 @@ __all__ = [
     "label_smoothing_cross_entropy",
     "batch_hard_triplet_loss",
     "embedding_kl",
+    "soft_binned_ap",
+    "listwise_ap_loss",
 ]
 
 _COS_CLAMP = 1e-6  # keeps sqrt(1 - cos^2) away from 0, where its gradient is infinite
@@ -225,3 +228,46 @@ def embedding_kl(
     log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+
+
+# ------------------------------------------------------------------------------------ listwise AP
+
+
+def soft_binned_ap(scores: Tensor, labels: Tensor, n_bins: int = 20, mask: Tensor | None = None) -> Tensor:
+    """Per-query average precision of the ranking by `scores` (Q, N) in [-1, 1], made differentiable by
+    triangular soft binning (Revaud et al., ICCV 2019, as used by Laskar & Kannala's rank distillation).
+
+    Bin centres run from 1 down to -1 in `n_bins` steps of width d = 2 / (n_bins - 1); each score adds
+    max(0, 1 - |s - c| / d) to the bins beside it. Precision at a bin is (positives so far) / (items so
+    far), and AP = sum over bins of precision x (that bin's positives / all positives). `labels` (Q, N)
+    marks positives; `mask` (Q, N) says which items take part (e.g. not the query itself). Queries
+    without a positive get NaN. As the bins get finer this tends to the exact AP of the hard ranking.
+    """
+    if scores.dim() != 2 or labels.shape != scores.shape:
+        raise ValueError(f"scores and labels must both be (Q, N), got {tuple(scores.shape)} and {tuple(labels.shape)}")
+    if mask is not None and mask.shape != scores.shape:
+        raise ValueError(f"mask must be (Q, N) like scores, got {tuple(mask.shape)}")
+    if n_bins < 2:
+        raise ValueError(f"n_bins must be >= 2, got {n_bins}")
+    scores = scores.float()
+    keep = torch.ones_like(scores) if mask is None else mask.to(scores.dtype)
+    positive = labels.to(scores.dtype) * keep
+    centres = torch.linspace(1.0, -1.0, n_bins, device=scores.device, dtype=scores.dtype)
+    width = 2.0 / (n_bins - 1)
+    weight = (1.0 - (scores.clamp(-1.0, 1.0)[..., None] - centres).abs() / width).clamp(min=0.0)  # (Q, N, M)
+    per_bin_pos = torch.einsum("qnm,qn->qm", weight, positive)
+    per_bin_all = torch.einsum("qnm,qn->qm", weight, keep)
+    precision = per_bin_pos.cumsum(-1) / per_bin_all.cumsum(-1).clamp(min=1e-12)
+    n_pos = positive.sum(-1)
+    ap = (precision * per_bin_pos).sum(-1) / n_pos.clamp(min=1.0)
+    return torch.where(n_pos > 0, ap, torch.full_like(ap, float("nan")))
+
+
+def listwise_ap_loss(scores: Tensor, labels: Tensor, n_bins: int = 20, mask: Tensor | None = None) -> Tensor:
+    """1 - mean soft-binned AP over the queries that have a positive; 0 (with a zero gradient that still
+    reaches `scores`) when none has one, so a batch of lone images does not stop training."""
+    ap = soft_binned_ap(scores, labels, n_bins, mask)
+    valid = ~torch.isnan(ap)
+    if not bool(valid.any()):
+        return scores.sum() * 0.0
+    return 1.0 - ap[valid].mean()
