@@ -40,8 +40,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdk.bundle import BundleError, Manifest, read_manifest
-from sdk.index import (DimensionError, GalleryIndex, GalleryIndexError, IndexConfig, SpaceMismatchError,
-                       UnknownIdError, check_vectors)
+from sdk.errors import GalleryIndexError, SdkError, SpaceMismatchError, UnknownIdError
+from sdk.index import GalleryIndex, IndexConfig, check_vectors
+from sdk.index_store import DB_NAME
 from sdk.preprocess import ImageError
 from sdk.rerank import RERANK_METHODS, DiffusionCache, RerankConfig, rerank_search
 
@@ -85,7 +86,7 @@ def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
             raw = json.loads(text)
             entries = [(k, v if isinstance(v, list) else str(v).split(",")) for k, v in raw.items()]
         except (json.JSONDecodeError, AttributeError) as e:
-            raise ValueError(f"API keys JSON is invalid ({e}); expected {{\"KEY\": [\"read\", \"write\"]}}") from None
+            raise SdkError(f"API keys JSON is invalid ({e}); expected {{\"KEY\": [\"read\", \"write\"]}}") from None
     else:
         entries = []
         for line in text.replace(";", "\n").splitlines():
@@ -94,16 +95,16 @@ def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
                 continue
             parts = line.split(None, 1)
             if len(parts) != 2:
-                raise ValueError(f"API key line {line[:12]!r}... needs scopes: 'KEY read' or 'KEY read,write'")
+                raise SdkError(f"API key line {line[:12]!r}... needs scopes: 'KEY read' or 'KEY read,write'")
             entries.append((parts[0], parts[1].replace(" ", "").split(",")))
     keys = {}
     for key, scopes in entries:
         scopes = frozenset(s.strip() for s in scopes if s.strip())
         bad = scopes - set(SCOPES)
         if bad or not scopes:
-            raise ValueError(f"API key scopes must be among {SCOPES}, got {sorted(bad) or 'none'}")
+            raise SdkError(f"API key scopes must be among {SCOPES}, got {sorted(bad) or 'none'}")
         if len(key) < 8:
-            raise ValueError("API keys must be at least 8 characters long")
+            raise SdkError("API keys must be at least 8 characters long")
         keys[key] = scopes
     return keys
 
@@ -115,7 +116,7 @@ def load_api_keys(path: Path | None) -> dict[str, frozenset[str]]:
         try:
             keys.update(parse_api_keys(Path(path).read_text()))
         except OSError as e:
-            raise ValueError(f"cannot read API keys file {path}: {e.strerror}") from None
+            raise SdkError(f"cannot read API keys file {path}: {e.strerror}") from None
     return keys
 
 
@@ -348,7 +349,7 @@ class ServerState:
         self.dim = self.manifest.model(self.gallery_role).embedding_dim
         if "query" in self.manifest.models and self.manifest.model("query").embedding_dim != self.dim:
             raise BundleError("bundle's query and gallery models have different embedding dims; re-export it")
-        if (Path(config.index) / "index.sqlite").exists():
+        if (Path(config.index) / DB_NAME).exists():
             self.index = GalleryIndex.open(config.index)
             if self.index.config.checkpoint_every != config.checkpoint_every:
                 self.index.config = replace(self.index.config, checkpoint_every=config.checkpoint_every)
@@ -476,7 +477,7 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
             hits = rerank_search(state.index, q, k, rerank, space=space, config=config.rerank,
                                  cache=state.diffusion)[0]
         except (ValueError, ImportError) as e:
-            if isinstance(e, GalleryIndexError):
+            if isinstance(e, (GalleryIndexError, SpaceMismatchError)):
                 raise
             raise HTTPException(400, str(e)) from None
         if with_metadata:
@@ -625,7 +626,7 @@ def mount_static(app: FastAPI, folder: str | Path, prefix: str = "/demo") -> Non
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"static folder {folder} does not exist")
+        raise SdkError(f"static folder {folder} does not exist")
     app.mount(prefix.rstrip("/") or "/", StaticFiles(directory=str(folder), html=True), name=f"static:{prefix}")
 
 
