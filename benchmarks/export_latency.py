@@ -140,5 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         raise SystemExit(main())
-    except (ValueError, FileNotFoundError) as e:  # as the CLI (sdk.cli.user_errors): a bad bundle, checkpoint
-        raise SystemExit(f"error: {e}")           # or image folder is one line, not a traceback
+    except Exception as e:  # as the CLI (sdk.cli_errors): a bad bundle, checkpoint or image folder is one
+        from sdk.cli_errors import user_error_types  # line; a bug keeps its traceback
+
+        if not isinstance(e, user_error_types()):
+            raise
+        raise SystemExit(f"error: {e}") from None

@@ -17,6 +17,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,7 +88,7 @@ class AddResult:
     ids: list[str] = field(default_factory=list)
 
 
-class Client:
+class Client(AbstractContextManager):  # `with` returns the object and closes it
     """A connection to a `retrieval-sdk serve` endpoint.
 
     bundle / embedder: the on-device model (the bundle's query model by default) used by
@@ -239,9 +240,6 @@ class Client:
     # -------------------------------------------------------------------------------------------- misc
     def close(self) -> None:
         self._http.close()
-
-    def __enter__(self) -> "Client":
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -18,7 +18,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -164,7 +164,7 @@ def _dump_metadata(meta) -> str | None:
     return text
 
 
-class GalleryIndex:
+class GalleryIndex(AbstractContextManager):  # `with` returns the object and closes it
     """String ids -> L2-normalised float32 vectors of one embedding space, searchable by inner product.
 
     Create with `GalleryIndex.create(path, dim, space, config)`, open with `GalleryIndex.open(path)`;
@@ -517,9 +517,6 @@ class GalleryIndex:
             self._closed = True
             if self._store is not None:
                 self._store.close()
-
-    def __enter__(self) -> "GalleryIndex":
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()

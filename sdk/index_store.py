@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdk.bundle import sha256_path
 from sdk.errors import GalleryIndexError, IndexCorruptError, IndexLockedError, UnknownIdError
 
 INDEX_FORMAT = "retrieval-sdk/index"
@@ -49,14 +49,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_info(path: Path) -> dict:
@@ -148,7 +140,7 @@ class IndexStore:
         _fsync_dir(self.path)
         self.snapshot_gen += 1
         size = (self.path / name).stat().st_size
-        return name, size, (_sha256(self.path / name) if size <= _HASH_LIMIT else "")
+        return name, size, (sha256_path(self.path / name) if size <= _HASH_LIMIT else "")
 
     @staticmethod
     def snapshot_rows(name: str, ntotal: int, size: int, digest: str) -> list[tuple[str, str]]:
@@ -178,7 +170,7 @@ class IndexStore:
         if size != int(info.get("snapshot_size", "-1")):
             raise IndexCorruptError(f"index snapshot {snap_path} has {size} bytes, expected "
                                     f"{info.get('snapshot_size')} (truncated or replaced); restore or rebuild")
-        if size <= _HASH_LIMIT and info.get("snapshot_sha256") and _sha256(snap_path) != info["snapshot_sha256"]:
+        if size <= _HASH_LIMIT and info.get("snapshot_sha256") and sha256_path(snap_path) != info["snapshot_sha256"]:
             raise IndexCorruptError(f"index snapshot {snap_path} does not match its checksum (corrupt); "
                                     "restore it from a backup or rebuild the index")
         flags = (faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY) if mmap else 0
