@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from export.images import load_image_set
-    from export.onnx import session
-    from export.tflite import interpreter, run
+    from sdk.backends import open_runner
     from sdk.bundle import read_manifest
     from sdk.preprocess import normalize
     from training.models import load_checkpoint
@@ -82,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     images = load_image_set(args.images, spec, max_images=16)
     x = images.batch(spec)[:1]
     pixels = images.pixels[:1]
-    files = {f"{f.format} {f.precision}": bundle / f.path for f in entry.files
+    files = {f"{f.format} {f.precision}": f for f in entry.files
              if f.format in ("onnx", "tflite") and f.precision in ("fp32", "int8")}
     import platform
 
@@ -94,13 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(n)
         tx = torch.from_numpy(x)
         fns = {"torch eager": lambda: model(tx)}
-        for name, path in sorted(files.items()):
-            if name.startswith("onnx"):
-                sess = session(path, n)
-                fns[name] = (lambda s: lambda: s.run(None, {"image": x}))(sess)
-            else:
-                interp = interpreter(path, n)
-                fns[name] = (lambda i: lambda: run(i, x.transpose(0, 2, 3, 1)))(interp)
+        for name, f in sorted(files.items()):
+            fns[name] = (lambda embed: lambda: embed(x))(open_runner(bundle / f.path, f, n, spec).embed_nchw)
         with torch.no_grad():
             ms = _timed_rounds(fns, args.rounds, args.calls)
         results["threads"][n] = {k: {"ms": v, "speedup_vs_torch": ms["torch eager"] / v} for k, v in ms.items()}
@@ -122,17 +116,17 @@ def main(argv: list[str] | None = None) -> int:
               "same uint8 pixels, batch 1:")
         results["image_embedder"] = {}
         for n in args.threads:
-            for name, path in sorted(files.items()):
+            for name, f in sorted(files.items()):
                 if not name.startswith("tflite"):
                     continue
                 try:
-                    _, theirs = tfs.image_embedder(path, np.repeat(pixels, 4, axis=0), threads=n,
+                    _, theirs = tfs.image_embedder(bundle / f.path, np.repeat(pixels, 4, axis=0), threads=n,
                                                    repeats=args.rounds * args.calls)
                 except ExportError as e:
                     print(f"  {name}: ImageEmbedder not run: {e}")
                     continue
-                interp = interpreter(path, n)
-                ours = _timed_rounds({"ours": lambda: run(interp, normalize(pixels[0], spec)[None].transpose(0, 2, 3, 1))},
+                runner = open_runner(bundle / f.path, f, n, spec)
+                ours = _timed_rounds({"ours": lambda: runner.embed_nchw(normalize(pixels[0], spec)[None])},
                                      args.rounds, args.calls)["ours"]
                 results["image_embedder"][f"{name} {n}t"] = {"image_embedder_ms": theirs, "ours_ms": ours}
                 print(f"  {name:12} {n} thread(s): ImageEmbedder {theirs:7.2f} ms, ours {ours:7.2f} ms "
@@ -146,5 +140,9 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         raise SystemExit(main())
-    except (ValueError, FileNotFoundError) as e:  # as the CLI (sdk.cli.user_errors): a bad bundle, checkpoint
-        raise SystemExit(f"error: {e}")           # or image folder is one line, not a traceback
+    except Exception as e:  # as the CLI (sdk.cli_errors): a bad bundle, checkpoint or image folder is one
+        from sdk.cli_errors import user_error_types  # line; a bug keeps its traceback
+
+        if not isinstance(e, user_error_types()):
+            raise
+        raise SystemExit(f"error: {e}") from None

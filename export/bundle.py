@@ -21,10 +21,11 @@ import numpy as np
 from export.calibration import RANGE_RULE
 from export.errors import ExportError, require
 from export.images import ImageSet, load_image_set, random_images
-from export.runtimes import compare_embeddings, open_runner
+from sdk.backends import coreml_can_predict, open_runner
 from sdk.bundle import (FORMATS, MANIFEST, PRECISIONS, BundleError, Manifest, ModelEntry, ModelFile, describe_file,
                         read_manifest, write_manifest)
 from sdk.preprocess import PreprocessSpec
+from sdk.vectors import compare_embeddings
 
 EXTENSIONS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage"}
 LAYOUTS = {"onnx": "NCHW", "tflite": "NHWC", "coreml": "NCHW"}
@@ -148,8 +149,7 @@ def export_bundle(query_checkpoint: str | Path, out: str | Path, gallery_checkpo
                     _write_tflite_metadata(out / name, spec, metadata, space, record, log)
                 record["parity"][name] = _parity(model, out, name, fmt, prec, spec, parity)
                 log("  " + describe_parity(name, record["parity"][name]) + f" [{time.perf_counter() - t0:.1f} s]")
-                files.append(describe_file(out, name, format=fmt, precision=prec, layout=LAYOUTS[fmt],
-                                           batch="1" if fmt in ("tflite", "coreml") else "dynamic"))
+                files.append(describe_file(out, name, **_file_fields(fmt, prec)))
         if calib is not None and role == "query":
             record["calibration"] = {"folder": str(Path(calibration)), "images": len(calib.paths),
                                      "max_images": max_calibration_images, "activation_ranges": RANGE_RULE}
@@ -160,6 +160,17 @@ def export_bundle(query_checkpoint: str | Path, out: str | Path, gallery_checkpo
     manifest = Manifest(embedding_space=space, models=models, extra={"export": record})
     write_manifest(out, manifest)
     return manifest
+
+
+def _file_fields(fmt: str, prec: str) -> dict:
+    """What a bundle file of this format records besides its name and hash: layout and batch."""
+    return {"format": fmt, "precision": prec, "layout": LAYOUTS[fmt],
+            "batch": "1" if fmt in ("tflite", "coreml") else "dynamic"}
+
+
+def _embed_file(path: Path, fmt: str, prec: str, spec: PreprocessSpec, nchw: np.ndarray) -> np.ndarray:
+    """Embed a normalised NCHW batch with a just-written file, through the SDK's runtime layer."""
+    return open_runner(path, ModelFile(path=path.name, **_file_fields(fmt, prec)), spec=spec).embed_nchw(nchw)
 
 
 def describe_parity(name: str, p: dict) -> str:
@@ -204,7 +215,7 @@ def _export_one(model, out: Path, fmt: str, prec: str, spec: PreprocessSpec, cal
             ox.add_metadata(path, onnx_meta)
         else:
             nchw = calib.batch(spec)
-            search = _int8_search(out, "onnx", fp32, path, nchw, spec, progress,
+            search = _int8_search("onnx", fp32, path, nchw, spec, progress,
                                   lambda k, bar: ox.quantize_int8(fp32, path, nchw, progress=bar, float_convs=k))
             ox.add_metadata(path, onnx_meta)
         vit = getattr(getattr(model.backbone, "config", None), "kind", "cnn") == "vit"
@@ -221,7 +232,7 @@ def _export_one(model, out: Path, fmt: str, prec: str, spec: PreprocessSpec, cal
             tf.convert_fp16(fp32, path)
         else:
             nchw = calib.batch(spec)
-            search = _int8_search(out, "tflite", fp32, path, nchw, spec, progress,
+            search = _int8_search("tflite", fp32, path, nchw, spec, progress,
                                   lambda k, bar: tf.quantize_int8(fp32, path, nchw.transpose(0, 2, 3, 1),
                                                                   progress=bar, float_convs=k))
         facts = tf.check_tflite(path, model.embedding_dim, spec.input_size)
@@ -244,12 +255,12 @@ INT8_TARGET_MIN_COSINE = 0.995
 FLOAT_CONV_STEPS = (0, 2, 4, 6, 8)
 
 
-def _int8_search(out: Path, fmt: str, fp32: Path, path: Path, nchw: np.ndarray, spec: PreprocessSpec,
+def _int8_search(fmt: str, fp32: Path, path: Path, nchw: np.ndarray, spec: PreprocessSpec,
                  progress: bool, quantize: Callable[[int, str | None], object]) -> dict:
     """`quantize(k, bar)` writes the int8 file with k leading convs float, showing a bar labelled `bar`
     (None: no bar): one bar per candidate, each saying which candidate it calibrates."""
     def embed(p: Path) -> np.ndarray:
-        return open_runner(out, ModelFile(path=p.name, format=fmt), spec, threads=None).embed(nchw)
+        return _embed_file(p, fmt, "fp32" if p == fp32 else "int8", spec, nchw)
 
     ref = embed(fp32)
     tried: dict[int, float] = {}
@@ -287,20 +298,16 @@ def _parity(model, out: Path, name: str, fmt: str, prec: str, spec: PreprocessSp
     x = images.batch(spec)
     with torch.no_grad():
         ref = model(torch.from_numpy(x)).numpy()
-    if fmt == "coreml":
+    if fmt == "coreml" and not coreml_can_predict():
+        if prec == "fp32":
+            return {"images": 0, "note": "structural check only: Core ML prediction needs macOS"}
         from export import coreml as cm
 
-        if cm.can_predict():
-            got, note = cm.predict(out / name, x, spec), "Core ML prediction"
-        elif prec == "fp32":
-            return {"images": 0, "note": "structural check only: Core ML prediction needs macOS"}
-        else:
-            with torch.no_grad():
-                got = cm.proxy_model(model, prec)(torch.from_numpy(x)).float().numpy()
-            note = f"{prec} torch proxy; Core ML prediction needs macOS"
+        with torch.no_grad():
+            got = cm.proxy_model(model, prec)(torch.from_numpy(x)).float().numpy()
         diff, cos = compare_embeddings(got, ref)
-        return {"images": len(x), "max_abs_diff": diff, "min_cosine": cos, "note": note}
-    mf = ModelFile(path=name, format=fmt, precision=prec)
-    got = open_runner(out, mf, spec, threads=None).embed(x)
-    diff, cos = compare_embeddings(got, ref)
-    return {"images": len(x), "max_abs_diff": diff, "min_cosine": cos}
+        return {"images": len(x), "max_abs_diff": diff, "min_cosine": cos,
+                "note": f"{prec} torch proxy; Core ML prediction needs macOS"}
+    diff, cos = compare_embeddings(_embed_file(out / name, fmt, prec, spec, x), ref)
+    return {"images": len(x), "max_abs_diff": diff, "min_cosine": cos,
+            **({"note": "Core ML prediction"} if fmt == "coreml" else {})}

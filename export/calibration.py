@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from export.errors import ExportError
+
 RANGE_QUANTILE = 0.95
 RANGE_RULE = (f"per tensor: {1 - RANGE_QUANTILE:.0%} percentile of the images' minima to "
               f"{RANGE_QUANTILE:.0%} percentile of their maxima")  # recorded in manifest.json
@@ -24,7 +26,7 @@ def percentile_range(mins: Sequence, maxs: Sequence) -> tuple[np.ndarray, np.nda
     (low, high) at RANGE_QUANTILE, low <= 0 <= high, in the inputs' dtype."""
     mins, maxs = np.stack([np.asarray(m) for m in mins]), np.stack([np.asarray(m) for m in maxs])
     if len(mins) == 0 or len(mins) != len(maxs):
-        raise ValueError(f"need one min and one max per calibration image, got {len(mins)} and {len(maxs)}")
+        raise ExportError(f"need one min and one max per calibration image, got {len(mins)} and {len(maxs)}")
     lo = np.minimum(np.quantile(mins, 1 - RANGE_QUANTILE, axis=0), 0.0)
     hi = np.maximum(np.quantile(maxs, RANGE_QUANTILE, axis=0), 0.0)
     return lo.astype(mins.dtype), hi.astype(maxs.dtype)

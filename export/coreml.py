@@ -9,15 +9,15 @@
 - Precision: fp32 (float32 compute), fp16 (float16 weights and compute; the head's pow/mean/norm ops
   stay float32), int8 (int8 per-channel symmetric weights, fp16 compute).
 - User metadata: embedding dim, embedding-space id, preprocessing spec (JSON), precision.
-Prediction needs macOS (Core ML framework); on Linux the file is validated structurally and an fp16
-torch proxy (`proxy_model`) estimates the numerical effect of the precision.
+Prediction needs macOS (Core ML framework) and runs through sdk.backends like every other file; on Linux
+the file is validated structurally and an fp16 torch proxy (`proxy_model`) estimates the numerical
+effect of the precision.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -197,35 +197,6 @@ def check_coreml(path: str | Path, embedding_dim: int | None = None, spec: Prepr
         raise ExportError(f"{path} breaks the bundle's CoreML contract: " + "; ".join(problems) +
                           "; re-export it with `retrieval-sdk export --format coreml`")
     return facts
-
-
-def can_predict() -> bool:
-    """CoreML prediction needs macOS (the Core ML framework)."""
-    return sys.platform == "darwin"
-
-
-def predict(path: str | Path, batch_nchw: np.ndarray, spec: PreprocessSpec, threads: int | None = None
-            ) -> np.ndarray:
-    """Run the .mlpackage on macOS, one image at a time, CPU only (deterministic, comparable to torch).
-    `batch_nchw` is the normalised float32 model input; image-input packages get the pixels back."""
-    ct = require("coremltools")
-    if not can_predict():
-        raise ExportError("CoreML prediction needs macOS (the Core ML framework); on Linux the package is "
-                          "validated structurally (check_coreml) and with the fp16 torch proxy")
-    model = ct.models.MLModel(str(path), compute_units=ct.ComputeUnit.CPU_ONLY)
-    is_image = model.get_spec().description.input[0].type.WhichOneof("Type") == "imageType"
-    outs = []
-    for x in batch_nchw:
-        if is_image:
-            from PIL import Image
-
-            mean, std = np.asarray(spec.mean)[:, None, None], np.asarray(spec.std)[:, None, None]
-            pixels = np.clip(np.rint((x * std + mean) * spec.value_range), 0, 255).astype(np.uint8)
-            feed = Image.fromarray(pixels.transpose(1, 2, 0))
-        else:
-            feed = x[None].astype(np.float32)
-        outs.append(np.asarray(model.predict({INPUT_NAME: feed})[OUTPUT_NAME], np.float32).reshape(1, -1))
-    return np.concatenate(outs)
 
 
 def proxy_model(model, precision: str):

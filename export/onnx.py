@@ -11,7 +11,6 @@ embedding for the spec's grid is computed in torch and baked in (H, W fixed; bat
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import sys
 import tempfile
@@ -130,18 +129,6 @@ def add_metadata(path: str | Path, metadata: dict) -> None:
 def read_metadata(path: str | Path) -> dict[str, str]:
     onnx = require("onnx")
     return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-
-
-def session(path: str | Path, threads: int | None = 1):
-    """An onnxruntime CPU session with all graph optimizations, `threads` intra-op threads."""
-    ort = require("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def convert_fp16(src: str | Path, dst: str | Path) -> Path:

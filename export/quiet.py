@@ -7,28 +7,9 @@ import contextlib
 import io
 import logging
 import os
-import sys
 import warnings
 
-
-@contextlib.contextmanager
-def quiet_fds():
-    """Silence C++ logging written straight to file descriptors 1 and 2 (MLIR converter, XNNPACK)."""
-    try:
-        sys.stdout.flush(), sys.stderr.flush()
-        saved = [os.dup(1), os.dup(2)]
-    except (OSError, ValueError):  # no real descriptors (embedded interpreters)
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1), os.dup2(devnull, 2)
-        yield
-    finally:
-        sys.stdout.flush(), sys.stderr.flush()
-        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
+from sdk.backends import quiet_fds
 
 
 @contextlib.contextmanager

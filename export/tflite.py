@@ -13,7 +13,8 @@ import numpy as np
 
 from export.calibration import percentile_range
 from export.errors import ExportError, require
-from export.quiet import quiet as _quiet, quiet_fds as _quiet_fds
+from export.quiet import quiet as _quiet
+from sdk.backends import litert_interpreter
 
 INPUT_NAME, OUTPUT_NAME = "image", "embedding"
 SIGNATURE = "serving_default"
@@ -194,22 +195,11 @@ def shorten_tensor_names(model) -> None:
                 t.name = f"t{i}"
 
 
-def interpreter(path: str | Path, threads: int | None = 1):
-    """An ai-edge-litert interpreter (XNNPACK) with `threads` threads."""
-    require("ai_edge_litert")
-    from ai_edge_litert.interpreter import Interpreter
-
-    with _quiet_fds():  # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
-        interp = Interpreter(model_path=str(path), num_threads=threads or None)
-        interp.allocate_tensors()
-    return interp
-
-
 def check_tflite(path: str | Path, embedding_dim: int | None = None,
                  input_size: tuple[int, int] | None = None) -> dict:
     """Structural check of the bundle contract: signature `serving_default` with float32 input `image`
     (1, H, W, 3) and float32 output `embedding` (1, D). Returns the facts."""
-    interp = interpreter(path)
+    interp = litert_interpreter(path, threads=1)
     sigs = interp.get_signature_list()
     problems = []
     if SIGNATURE not in sigs or sigs[SIGNATURE].get("inputs") != [INPUT_NAME] or \
@@ -234,9 +224,3 @@ def check_tflite(path: str | Path, embedding_dim: int | None = None,
                           "; re-export it with `retrieval-sdk export --format tflite`")
     return facts
 
-
-def run(interp, batch_nhwc: np.ndarray) -> np.ndarray:
-    """Embed a float32 NHWC batch one image at a time (the file has batch 1)."""
-    runner = interp.get_signature_runner(SIGNATURE)
-    return np.concatenate([runner(**{INPUT_NAME: np.ascontiguousarray(x[None], dtype=np.float32)})[OUTPUT_NAME]
-                           for x in batch_nhwc]).astype(np.float32)

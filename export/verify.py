@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -25,9 +26,10 @@ import numpy as np
 
 from export.errors import ExportError
 from export.images import ImageSet, load_image_set
-from export.runtimes import compare_embeddings, l2_normalize, latency_ms, open_runner
+from sdk.backends import BackendError, Runner, open_runner
 from sdk.bundle import Manifest, ModelEntry, ModelFile, read_manifest
 from sdk.preprocess import PreprocessSpec, normalize
+from sdk.vectors import compare_embeddings, l2_normalize
 
 FP32_MAX_ABS_DIFF = 1e-4
 INT8_MIN_COSINE = 0.99
@@ -105,6 +107,21 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def latency_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3, max_seconds: float = 20.0) -> float:
+    """Median wall time of fn() in milliseconds (stops early after max_seconds)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > max_seconds and len(times) >= 3:
+            break
+    return 1000.0 * float(np.median(times))
 
 
 def _map(query: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> float:
@@ -228,14 +245,14 @@ def _verify_file(bundle: Path, entry: ModelEntry, f: ModelFile, spec: Preprocess
     if fp32 is not None and f.precision != "fp32" and fp32.size_bytes:
         result.size_ratio = f.size_bytes / fp32.size_bytes
     try:
-        runner = open_runner(bundle, f, spec, threads)
-    except ExportError as e:
+        runner = open_runner(bundle / f.path, f, threads, spec)
+    except BackendError as e:
         if f.format == "coreml":
             return _verify_coreml_here(bundle, entry, f, spec, xs, refs, result, model, str(e),
                                        report.synthetic_sets)
         result.note = f"not run: {e}"
         return result
-    embs = {name: runner.embed(x) for name, x in xs.items()}
+    embs = {name: runner.embed_nchw(x) for name, x in xs.items()}
     if f.precision == "fp32":
         fp32_embs[f.format] = embs
     if refs:
@@ -248,7 +265,7 @@ def _verify_file(bundle: Path, entry: ModelEntry, f: ModelFile, spec: Preprocess
     own = refs or fp32_embs.get("onnx") or fp32_embs.get(f.format) or embs
     _retrieval(result, embs, own, gallery_index, sets)
     first = next(iter(xs.values()))[:1]
-    result.ms = latency_ms(lambda: runner.embed(first), runs=runs)
+    result.ms = latency_ms(lambda: runner.embed_nchw(first), runs=runs)
     if f.format == "onnx" and runner.dynamic_hw and model is not None:
         _verify_sizes(f, runner, spec, sets, model, report)
     return result
@@ -290,7 +307,7 @@ def onnx_check_sizes(spec: PreprocessSpec) -> list[tuple[int, int]]:
     return [(h, w), (r8(h * 0.75), r8(w * 0.75)), (r8(h * 1.25), r8(w))]
 
 
-def _verify_sizes(f: ModelFile, runner, spec: PreprocessSpec, sets: dict[str, ImageSet], model, report) -> None:
+def _verify_sizes(f: ModelFile, runner: Runner, spec: PreprocessSpec, sets: dict[str, ImageSet], model, report) -> None:
     import torch
 
     from sdk.preprocess import preprocess_image
@@ -303,7 +320,7 @@ def _verify_sizes(f: ModelFile, runner, spec: PreprocessSpec, sets: dict[str, Im
         x = np.stack([preprocess_image(p, sized) for p in s.paths[:8]])
         with torch.no_grad():
             ref = model(torch.from_numpy(x)).numpy()
-        diff, cos = compare_embeddings(runner.embed(x), ref)
+        diff, cos = compare_embeddings(runner.embed_nchw(x), ref)
         report.sizes.append(SizeResult(f.path, tuple(size), diff, cos))
 
 
@@ -312,7 +329,6 @@ def _verify_task_library(bundle: Path, manifest: Manifest, sets: dict, threads: 
     """tflite-support's ImageEmbedder (isolated env, normalisation from the file's metadata) against our
     LiteRT path (sdk preprocessing + ai-edge-litert) on the same .tflite and the same resized pixels."""
     from export import tflite_support_env as tfs
-    from export.tflite import interpreter, run
 
     for role, entry in manifest.models.items():
         spec = entry.preprocess
@@ -328,11 +344,10 @@ def _verify_task_library(bundle: Path, manifest: Manifest, sets: dict, threads: 
             except ExportError as e:
                 res.note = f"not run: {e}"
                 continue
-            interp = interpreter(bundle / f.path, threads)
+            runner = open_runner(bundle / f.path, f, threads, spec)
 
             def ours_one(p):
-                x = normalize(p, spec)  # NCHW per the spec
-                return run(interp, x[None].transpose(0, 2, 3, 1))
+                return runner.embed_nchw(normalize(p, spec)[None])  # NCHW per the spec
 
             ours = np.concatenate([ours_one(p) for p in pixels])
             res.max_abs_diff, res.min_cos = compare_embeddings(theirs, ours)

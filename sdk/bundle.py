@@ -13,6 +13,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sdk.errors import SdkError
 from sdk.preprocess import PreprocessSpec
 
 MANIFEST = "manifest.json"
@@ -22,7 +23,7 @@ FORMATS = ("onnx", "tflite", "coreml")
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
-class BundleError(ValueError):
+class BundleError(SdkError):
     """A bundle folder is missing, malformed, or its files do not match the manifest."""
 
 

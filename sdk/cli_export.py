@@ -1,5 +1,5 @@
-"""CLI commands: `retrieval-sdk export` and `verify` (issue P2). Registered on sdk.cli.app; heavy imports
-(torch, onnx, litert-torch, coremltools) stay inside the commands so `import sdk.cli` stays torch-free."""
+"""CLI commands `retrieval-sdk export` and `verify`. torch, onnx, litert-torch and coremltools load inside
+the commands, so `import sdk.cli` stays torch-free."""
 
 from __future__ import annotations
 
@@ -8,10 +8,9 @@ from typing import List, Optional
 
 import typer
 
-from sdk.cli import app, fail, user_errors
+from sdk.cli_errors import fail, user_errors
 
 
-@app.command("export")
 def export_command(
     checkpoint: Path = typer.Argument(..., help="Query model checkpoint (.pt written by training/quickstart)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (files + manifest.json)."),
@@ -67,7 +66,6 @@ def _print_summary(out: Path, manifest) -> None:
     typer.echo(f"manifest: {out / 'manifest.json'}; check it with: retrieval-sdk verify {out} --images DIR")
 
 
-@app.command("verify")
 def verify_command(
     bundle: Path = typer.Argument(..., help="Bundle folder written by `retrieval-sdk export`."),
     images: List[Path] = typer.Option([], "--images", "-i",
@@ -99,3 +97,8 @@ def verify_command(
             write_json(report, json_out)
     if not report.ok:
         raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_command)
+    app.command("verify")(verify_command)

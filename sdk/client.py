@@ -17,26 +17,24 @@ import json
 import random
 import time
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from sdk.embedder import Embedder, ImageInput
+from sdk.errors import SdkError, SpaceMismatchError
 
 RETRY_STATUS = (500, 502, 503, 504)
 
 
-class ClientError(RuntimeError):
+class ClientError(SdkError, RuntimeError):
     """The server refused a request (4xx), or could not be reached after the retries."""
 
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
-
-
-class SpaceMismatchError(ClientError):
-    """The server's embedding space is not the client bundle's."""
 
 
 class NotFoundError(ClientError, KeyError):
@@ -90,7 +88,7 @@ class AddResult:
     ids: list[str] = field(default_factory=list)
 
 
-class Client:
+class Client(AbstractContextManager):  # `with` returns the object and closes it
     """A connection to a `retrieval-sdk serve` endpoint.
 
     bundle / embedder: the on-device model (the bundle's query model by default) used by
@@ -105,7 +103,7 @@ class Client:
         import httpx
 
         if retries < 0 or timeout <= 0:
-            raise ValueError("retries must be >= 0 and timeout > 0")
+            raise SdkError("retries must be >= 0 and timeout > 0")
         self.url = url.rstrip("/")
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
         headers = {"User-Agent": f"retrieval-sdk-client/{_version()}"}
@@ -166,7 +164,7 @@ class Client:
         """Search with an embedding of the server's space (sent as base64 float32)."""
         x = np.asarray(vector, dtype=np.float32).reshape(-1)
         if self.dim is not None and x.shape[0] != self.dim:
-            raise ValueError(f"embedding has {x.shape[0]} dims; the server's space has {self.dim}")
+            raise SdkError(f"embedding has {x.shape[0]} dims; the server's space has {self.dim}")
         body = {"space": self.space, "embedding_b64": base64.b64encode(x.astype("<f4").tobytes()).decode(),
                 "dtype": "float32", "k": int(k), "rerank": rerank, "with_metadata": with_metadata}
         return _result(self._request("POST", "/v1/search", json=body).json())
@@ -177,7 +175,7 @@ class Client:
         upload the image and let the server embed it)."""
         if on_device:
             if self.embedder is None:
-                raise ValueError("search_image needs the on-device model: Client(url, bundle=PATH), "
+                raise SdkError("search_image needs the on-device model: Client(url, bundle=PATH), "
                                  "or pass on_device=False to let the server embed the image")
             return self.search_vector(self.embedder.embed_one(image), k, rerank, with_metadata)
         data, name = _image_bytes(image)
@@ -192,15 +190,15 @@ class Client:
         with its gallery model. Sent in batches; each acknowledged batch is durable."""
         ids = [ids] if isinstance(ids, str) else list(ids)
         if (vectors is None) == (images is None):
-            raise ValueError("give exactly one of vectors or images")
+            raise SdkError("give exactly one of vectors or images")
         if metadata is not None and len(metadata) != len(ids):
-            raise ValueError(f"{len(metadata)} metadata entries for {len(ids)} ids")
+            raise SdkError(f"{len(metadata)} metadata entries for {len(ids)} ids")
         added = updated = 0
         if vectors is not None:
             x = np.asarray(vectors, dtype=np.float32)
             x = x[None] if x.ndim == 1 else x
             if x.shape[0] != len(ids):
-                raise ValueError(f"{len(ids)} ids but {x.shape[0]} vectors")
+                raise SdkError(f"{len(ids)} ids but {x.shape[0]} vectors")
             for s in range(0, len(ids), batch_size):
                 items = [{"id": ids[j], "embedding_b64": base64.b64encode(x[j].astype("<f4").tobytes()).decode(),
                           **({"metadata": metadata[j]} if metadata is not None and metadata[j] is not None else {})}
@@ -210,7 +208,7 @@ class Client:
         else:
             images = list(images)
             if len(images) != len(ids):
-                raise ValueError(f"{len(ids)} ids but {len(images)} images")
+                raise SdkError(f"{len(ids)} ids but {len(images)} images")
             step = min(batch_size, 32)
             for s in range(0, len(ids), step):
                 chunk = range(s, min(s + step, len(ids)))
@@ -243,9 +241,6 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "Client":
-        return self
-
     def __exit__(self, *exc) -> None:
         self.close()
 
@@ -269,10 +264,12 @@ def _detail(response) -> str:
     return str(detail or response.text[:200] or response.reason_phrase)
 
 
-def _error(response) -> ClientError:
+def _error(response) -> SdkError:
     status, detail = response.status_code, _detail(response)
-    cls = {401: AuthError, 403: AuthError, 404: NotFoundError, 409: SpaceMismatchError}.get(status, ClientError)
-    return cls(f"{response.request.method} {response.request.url.path} -> {status}: {detail}", status=status)
+    message = f"{response.request.method} {response.request.url.path} -> {status}: {detail}"
+    if status == 409:
+        return SpaceMismatchError(message)
+    return {401: AuthError, 403: AuthError, 404: NotFoundError}.get(status, ClientError)(message, status=status)
 
 
 def _result(payload: dict) -> SearchResult:
@@ -289,7 +286,7 @@ def _image_bytes(image: ImageInput) -> tuple[bytes, str]:
         try:
             return p.read_bytes(), p.name
         except OSError as e:
-            raise ValueError(f"cannot read image {p}: {e.strerror}") from None
+            raise SdkError(f"cannot read image {p}: {e.strerror}") from None
     if isinstance(image, bytes):
         return image, "image"
     if isinstance(image, np.ndarray):
@@ -298,7 +295,7 @@ def _image_bytes(image: ImageInput) -> tuple[bytes, str]:
         buf = io.BytesIO()
         image.convert("RGB").save(buf, "PNG")
         return buf.getvalue(), "image.png"
-    raise ValueError(f"unsupported image type {type(image).__name__}")
+    raise SdkError(f"unsupported image type {type(image).__name__}")
 
 
 def _version() -> str:

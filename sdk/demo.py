@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdk.bundle import BundleError, read_manifest
+from sdk.errors import SdkError
 
 DEMO_DIR_ENV = "RETRIEVAL_SDK_DEMO_DIR"
 DEFAULT_DEMO_DIR = Path(__file__).resolve().parents[1] / "mobile_demo"
@@ -39,7 +40,7 @@ CSP = ("default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; worker-src 'se
        "style-src 'self'; object-src 'none'; base-uri 'self'; frame-ancestors 'none'")
 
 
-class DemoError(ValueError):
+class DemoError(SdkError):
     """The demo cannot be served: app files, onnxruntime-web or a usable query model are missing."""
 
 

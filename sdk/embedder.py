@@ -1,4 +1,5 @@
-"""On-device embedding: a bundle's query (or gallery) model run by ONNX Runtime or LiteRT, never torch.
+"""On-device embedding: a bundle's query (or gallery) model run through sdk.backends (ONNX Runtime or
+LiteRT), never torch.
 
 `Embedder.from_bundle(path)` reads the manifest, preprocesses with the one spec it carries
 (sdk/preprocess.py, identical to training's eval transform) and returns float32 L2-normalised rows
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -19,21 +20,19 @@ from typing import Literal, Union
 import numpy as np
 from PIL import Image
 
-from sdk.bundle import BundleError, Manifest, ModelEntry, ModelFile, read_manifest
+from sdk.backends import BACKENDS, BackendError, Runner, open_runner
+from sdk.bundle import BundleError, Manifest, ModelEntry, read_manifest
+from sdk.errors import SdkError
 from sdk.preprocess import _RESAMPLE, ImageError, PreprocessSpec, load_image, normalize, resize_image
+from sdk.vectors import l2_normalize
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
-Backend = Literal["onnx", "tflite"]
+Backend = Literal["onnx", "tflite", "coreml"]
 Crops = Literal["center", "five", "ten"]
 
 MULTI_SCALES = (1.0, 1.0 / math.sqrt(2.0), 0.5)  # the scales of the issue and of cnnimageretrieval
 MIN_SIDE = 32  # multi-scale never shrinks an input below this many pixels
 CROP_FRACTION = 0.875  # multi-crop: the crops cover this fraction of the (enlarged) shorter side
-LITERT_HINT = "pip install ai-edge-litert"
-
-
-class BackendError(RuntimeError):
-    """A backend is missing or cannot run the model file."""
 
 
 def to_pil(image: ImageInput) -> Image.Image:
@@ -51,95 +50,19 @@ def to_pil(image: ImageInput) -> Image.Image:
         raise ImageError(f"image is too large to decode safely ({e})") from None
 
 
-class _OnnxRunner:
-    """ONNX Runtime session; dynamic batch and spatial size (export/onnx.py)."""
-
-    def __init__(self, path: Path, mfile: ModelFile, threads: int | None):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or 0  # 0: ORT's default (all physical cores)
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # noqa: BLE001  (ORT raises its own exception types)
-            raise BackendError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]} (re-export the bundle)") from None
-        inputs = self.session.get_inputs()
-        self.input_name = mfile.input_name if mfile.input_name in {i.name for i in inputs} else inputs[0].name
-        self.fixed_batch = None if mfile.batch == "dynamic" else int(mfile.batch)
-        self.dynamic_size = True
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
-
-
-class _LiteRTRunner:
-    """LiteRT (TFLite) interpreter: NHWC, usually batch 1; resized on the fly for other input sizes."""
-
-    def __init__(self, path: Path, mfile: ModelFile, threads: int | None):
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-        except ImportError:
-            raise BackendError(f"the tflite backend needs LiteRT, which is not installed: {LITERT_HINT} "
-                               "(or use backend='onnx')") from None
-        try:
-            self.interp = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
-            self.interp.allocate_tensors()
-        except Exception as e:  # noqa: BLE001
-            raise BackendError(f"LiteRT cannot load {path}: {str(e).splitlines()[0]} (re-export the bundle)") from None
-        self.input = self.interp.get_input_details()[0]
-        self.output = self.interp.get_output_details()[0]
-        self.fixed_batch = None if mfile.batch == "dynamic" else int(mfile.batch)
-        self.dynamic_size = False
-        self._shape = tuple(self.input["shape"])
-
-    def _quant(self, detail: dict) -> tuple[float, int]:
-        scale, zero = detail.get("quantization", (0.0, 0))
-        return float(scale), int(zero)
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if tuple(x.shape) != self._shape:
-            try:
-                self.interp.resize_tensor_input(self.input["index"], list(x.shape))
-                self.interp.allocate_tensors()
-            except Exception as e:  # noqa: BLE001
-                raise BackendError(f"this TFLite model cannot take input shape {x.shape} ({e}); use backend='onnx' "
-                                   "for multi-scale or batched embedding") from None
-            self.input = self.interp.get_input_details()[0]
-            self.output = self.interp.get_output_details()[0]
-            self._shape = tuple(x.shape)
-        dtype = np.dtype(self.input["dtype"])
-        if dtype.kind in "iu":  # full-integer model: quantise the float input
-            scale, zero = self._quant(self.input)
-            info = np.iinfo(dtype)
-            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
-        self.interp.set_tensor(self.input["index"], x.astype(dtype, copy=False))
-        self.interp.invoke()
-        y = self.interp.get_tensor(self.output["index"])
-        if np.dtype(self.output["dtype"]).kind in "iu":
-            scale, zero = self._quant(self.output)
-            y = (y.astype(np.float32) - zero) * scale
-        return y
-
-
-_RUNNERS: dict[str, Callable] = {"onnx": _OnnxRunner, "tflite": _LiteRTRunner}
-
-
 class Embedder:
     """images -> float32 (N, D) L2-normalised embeddings in the bundle's embedding space."""
 
-    def __init__(self, runner, spec: PreprocessSpec, entry: ModelEntry, space: str, backend: str,
+    def __init__(self, runner: Runner, spec: PreprocessSpec, entry: ModelEntry, space: str, backend: str,
                  scales: Sequence[float] = (1.0,), crops: Crops = "center", scale_power: float = 1.0,
                  workers: int | None = None):
         if not scales or any(not (0.0 < s <= 4.0) for s in scales):
-            raise ValueError(f"scales must be a non-empty list of numbers in (0, 4], got {list(scales)}")
+            raise SdkError(f"scales must be a non-empty list of numbers in (0, 4], got {list(scales)}")
         if crops not in ("center", "five", "ten"):
-            raise ValueError(f"crops must be 'center', 'five' or 'ten', got {crops!r}")
+            raise SdkError(f"crops must be 'center', 'five' or 'ten', got {crops!r}")
         if scale_power <= 0:
-            raise ValueError(f"scale_power must be > 0, got {scale_power}")
-        self._run = runner
+            raise SdkError(f"scale_power must be > 0, got {scale_power}")
+        self.runner = runner
         self.spec = spec
         self.entry = entry
         self.space = space
@@ -160,15 +83,15 @@ class Embedder:
         of the input size and combine by a generalised mean with `scale_power` (1: average; 3: GeM-style,
         for non-negative descriptors). crops: 'five' or 'ten' (with flips) crops averaged.
         """
-        if backend not in _RUNNERS:
-            raise ValueError(f"backend must be one of {sorted(_RUNNERS)}, got {backend!r}")
+        if backend not in BACKENDS:
+            raise SdkError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         bundle = Path(bundle)
         manifest: Manifest = read_manifest(bundle, verify=verify)
         entry = manifest.model(role)
         mfile = entry.file(backend, precision)
-        runner = _RUNNERS[backend](bundle / mfile.path, mfile, threads)
-        # The file says how it wants its input laid out (TFLite: NHWC); everything else is the spec.
-        spec = replace(entry.preprocess, layout=mfile.layout) if mfile.layout in ("NCHW", "NHWC") else entry.preprocess
+        runner = open_runner(bundle / mfile.path, mfile, threads, entry.preprocess)
+        # The runtime says how the file wants its input laid out (TFLite: NHWC); everything else is the spec.
+        spec = replace(entry.preprocess, layout=runner.layout)
         if scales is None:
             scales = MULTI_SCALES if multiscale else (1.0,)
         return cls(runner, spec, entry, manifest.embedding_space, backend, scales=scales, crops=crops,
@@ -204,13 +127,7 @@ class Embedder:
         return self._views(to_pil(image))
 
     def _infer(self, batch: np.ndarray) -> np.ndarray:
-        if self._run.fixed_batch is not None and batch.shape[0] != self._run.fixed_batch:
-            if self._run.fixed_batch != 1:
-                raise BackendError(f"model file has fixed batch {self._run.fixed_batch}")
-            y = np.concatenate([self._run(batch[i:i + 1]) for i in range(batch.shape[0])])
-        else:
-            y = self._run(batch)
-        y = np.asarray(y, dtype=np.float32).reshape(batch.shape[0], -1)
+        y = self.runner.embed(batch)
         if y.shape[1] != self.dim:
             raise BackendError(f"model returned {y.shape[1]}-d embeddings, manifest says {self.dim}; re-export the bundle")
         return y
@@ -237,7 +154,7 @@ class Embedder:
                             "use embed_one(image) for a single image")
         images = list(images)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise SdkError(f"batch_size must be >= 1, got {batch_size}")
         chunks, ok, errors = [], [], []
         bar = None
         if progress:
@@ -288,18 +205,14 @@ class Embedder:
             per_scale = np.zeros((n, self.dim), np.float64)
             for ci in range(n_crops):
                 y = self._infer(np.stack([v[si][ci] for v in views]))
-                per_scale += _l2(y)
-            per_scale = _l2(per_scale / n_crops)
+                per_scale += l2_normalize(y)
+            per_scale = l2_normalize(per_scale / n_crops)
             acc += np.sign(per_scale) * np.abs(per_scale) ** p
         acc /= len(self.scales)
         out = np.sign(acc) * np.abs(acc) ** (1.0 / p)
         if not np.isfinite(out).all():
             raise BackendError("the model produced NaN/inf embeddings; check the model file and its precision")
-        return _l2(out).astype(np.float32)
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        return l2_normalize(out).astype(np.float32)
 
 
 def _multi_crops(img: Image.Image, spec: PreprocessSpec, flips: bool) -> list[Image.Image]:

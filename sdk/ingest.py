@@ -16,6 +16,7 @@ from pathlib import Path
 
 from sdk.bundle import read_manifest
 from sdk.index import GalleryIndex, GalleryIndexError, IndexConfig
+from sdk.vector_index import build_faiss_index
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -81,7 +82,7 @@ def ingest(bundle: str | Path, images_dir: str | Path, index_path: str | Path, *
     report = IngestReport(total=len(images))
     if exists:
         index = GalleryIndex.open(index_path)
-        if config and IndexConfig(config).normalized_factory() != index.stats().factory:
+        if config and build_faiss_index(index.dim, config, 0)[1] != index.stats().factory:
             index.close()
             raise GalleryIndexError(f"index {index_path} exists as '{index.config.factory}', not '{config}'; "
                                     "use another --index path to build a different index")

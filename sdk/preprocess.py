@@ -15,13 +15,15 @@ from typing import Literal
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sdk.errors import SdkError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
-class ImageError(ValueError):
+class ImageError(SdkError):
     """An image file is missing, unreadable or not an image."""
 
 
@@ -46,15 +48,15 @@ class PreprocessSpec:
     def __post_init__(self) -> None:
         h, w = self.input_size
         if h <= 0 or w <= 0:
-            raise ValueError(f"input_size must be positive, got {self.input_size}")
+            raise SdkError(f"input_size must be positive, got {self.input_size}")
         if self.resize not in ("shorter", "exact"):
-            raise ValueError(f"resize must be 'shorter' or 'exact', got {self.resize!r}")
+            raise SdkError(f"resize must be 'shorter' or 'exact', got {self.resize!r}")
         if not 0.0 < self.crop_pct <= 1.0:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise SdkError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.interpolation not in _RESAMPLE:
-            raise ValueError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
+            raise SdkError(f"interpolation must be one of {sorted(_RESAMPLE)}, got {self.interpolation!r}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError("mean and std need 3 values each, std > 0")
+            raise SdkError("mean and std need 3 values each, std > 0")
 
     def with_size(self, size: int | tuple[int, int]) -> "PreprocessSpec":
         """The same spec at another input size (an int means square)."""
@@ -72,7 +74,7 @@ class PreprocessSpec:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(d) - known
         if unknown:
-            raise ValueError(f"unknown preprocessing keys {sorted(unknown)}; expected a subset of {sorted(known)}")
+            raise SdkError(f"unknown preprocessing keys {sorted(unknown)}; expected a subset of {sorted(known)}")
         d = dict(d)
         for key in ("input_size", "mean", "std"):
             if key in d:

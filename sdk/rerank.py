@@ -20,12 +20,11 @@ from typing import Literal
 
 import numpy as np
 
+from sdk.errors import SdkError
+from sdk.vectors import l2_normalize
+
 RERANK_METHODS = ("none", "aqe", "alpha_qe", "diffusion")
 Method = Literal["none", "aqe", "alpha_qe", "diffusion"]
-
-
-def _l2(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def _as_rows(x, what: str) -> np.ndarray:
@@ -33,7 +32,7 @@ def _as_rows(x, what: str) -> np.ndarray:
     if x.ndim == 1:
         x = x[None]
     if x.ndim != 2 or not np.isfinite(x).all():
-        raise ValueError(f"{what} must be a finite (n, d) float array, got shape {x.shape}")
+        raise SdkError(f"{what} must be a finite (n, d) float array, got shape {x.shape}")
     return x
 
 
@@ -55,16 +54,16 @@ def expand(queries: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, alpha:
     """
     q = _as_rows(queries, "queries")
     if neighbours.ndim != 3 or neighbours.shape[:2] != sims.shape or neighbours.shape[0] != q.shape[0]:
-        raise ValueError(f"neighbours must be (n, k, d) and sims (n, k); got {neighbours.shape} and {sims.shape}")
+        raise SdkError(f"neighbours must be (n, k, d) and sims (n, k); got {neighbours.shape} and {sims.shape}")
     w = np.ones_like(sims, dtype=np.float32) if alpha == 0 else np.clip(sims, 0, None).astype(np.float32) ** alpha
-    return _l2(q + np.einsum("nk,nkd->nd", w, neighbours.astype(np.float32)))
+    return l2_normalize(q + np.einsum("nk,nkd->nd", w, neighbours.astype(np.float32)))
 
 
 def query_expansion(queries, gallery, k: int = 2, alpha: float = 0.0, exclude_self: bool = False) -> np.ndarray:
     """Expanded queries against a gallery matrix (exact search). exclude_self: queries are the gallery
     itself, leave-one-out (a query is not expanded with itself)."""
     if k < 1:
-        raise ValueError(f"query expansion needs k >= 1, got {k}")
+        raise SdkError(f"query expansion needs k >= 1, got {k}")
     q, g = _as_rows(queries, "queries"), _as_rows(gallery, "gallery")
     s = q @ g.T
     if exclude_self:
@@ -105,8 +104,8 @@ class Diffusion:
     def __init__(self, gallery, config: DiffusionConfig = DiffusionConfig()):
         g = _as_rows(gallery, "gallery")
         if g.shape[0] < 2:
-            raise ValueError("diffusion needs a gallery of at least 2 items")
-        self.gallery = _l2(g)
+            raise SdkError("diffusion needs a gallery of at least 2 items")
+        self.gallery = l2_normalize(g)
         self.config = config
         self.n = g.shape[0]
         self._fit()
@@ -165,7 +164,7 @@ class Diffusion:
     def scores(self, queries, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(diffusion scores (n_q, n), cosine scores (n_q, n)) for queries. exclude_self: the queries are
         the gallery itself (leave-one-out evaluation); a query's own item is not among its kq neighbours."""
-        q = _l2(_as_rows(queries, "queries"))
+        q = l2_normalize(_as_rows(queries, "queries"))
         cos = q @ self.gallery.T
         kq = min(self.config.kq, self.n - 1 if exclude_self else self.n)
         knn = cos.copy()
@@ -219,10 +218,10 @@ class DiffusionCache:
             if self._key != key or self._model is None:
                 n = len(index)
                 if n > config.diffusion_max_items:
-                    raise ValueError(f"diffusion re-ranking is limited to galleries of {config.diffusion_max_items} "
+                    raise SdkError(f"diffusion re-ranking is limited to galleries of {config.diffusion_max_items} "
                                      f"items (this one has {n}); use rerank 'aqe' or 'alpha_qe'")
                 if n < 2:
-                    raise ValueError("diffusion re-ranking needs at least 2 gallery items")
+                    raise SdkError("diffusion re-ranking needs at least 2 gallery items")
                 ids, vectors = index.live_vectors()
                 self._model = Diffusion(vectors, config.diffusion)
                 self._ids, self._key = ids, key
@@ -235,14 +234,14 @@ def rerank_search(index, queries, k: int, method: Method = "none", *, space: str
     from sdk.index import Hit
 
     if method not in RERANK_METHODS:
-        raise ValueError(f"rerank must be one of {', '.join(RERANK_METHODS)}, got {method!r}")
+        raise SdkError(f"rerank must be one of {', '.join(RERANK_METHODS)}, got {method!r}")
     if method == "none":
         return index.search(queries, k, space=space, **params)
     if method in ("aqe", "alpha_qe"):
         n_exp = config.qe_k if method == "aqe" else config.alpha_qe_k
         alpha = 0.0 if method == "aqe" else config.alpha
         first, vecs = index.search_with_vectors(queries, n_exp, space=space, **params)
-        q = _l2(_as_rows(queries, "queries"))
+        q = l2_normalize(_as_rows(queries, "queries"))
         new_q = []
         for r, (row, v) in enumerate(zip(first, vecs)):
             if not row:

@@ -27,21 +27,24 @@ import os
 import threading
 import time
 from collections import defaultdict
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import numpy as np
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from sdk.bundle import BundleError, Manifest, read_manifest
-from sdk.index import (DimensionError, GalleryIndex, GalleryIndexError, IndexConfig, SpaceMismatchError,
-                       UnknownIdError, check_vectors)
+from sdk.errors import GalleryIndexError, SdkError, SpaceMismatchError, UnknownIdError
+from sdk.index import GalleryIndex, IndexConfig, check_vectors
+from sdk.index_store import DB_NAME
 from sdk.preprocess import ImageError
 from sdk.rerank import RERANK_METHODS, DiffusionCache, RerankConfig, rerank_search
 
@@ -85,7 +88,7 @@ def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
             raw = json.loads(text)
             entries = [(k, v if isinstance(v, list) else str(v).split(",")) for k, v in raw.items()]
         except (json.JSONDecodeError, AttributeError) as e:
-            raise ValueError(f"API keys JSON is invalid ({e}); expected {{\"KEY\": [\"read\", \"write\"]}}") from None
+            raise SdkError(f"API keys JSON is invalid ({e}); expected {{\"KEY\": [\"read\", \"write\"]}}") from None
     else:
         entries = []
         for line in text.replace(";", "\n").splitlines():
@@ -94,16 +97,16 @@ def parse_api_keys(text: str) -> dict[str, frozenset[str]]:
                 continue
             parts = line.split(None, 1)
             if len(parts) != 2:
-                raise ValueError(f"API key line {line[:12]!r}... needs scopes: 'KEY read' or 'KEY read,write'")
+                raise SdkError(f"API key line {line[:12]!r}... needs scopes: 'KEY read' or 'KEY read,write'")
             entries.append((parts[0], parts[1].replace(" ", "").split(",")))
     keys = {}
     for key, scopes in entries:
         scopes = frozenset(s.strip() for s in scopes if s.strip())
         bad = scopes - set(SCOPES)
         if bad or not scopes:
-            raise ValueError(f"API key scopes must be among {SCOPES}, got {sorted(bad) or 'none'}")
+            raise SdkError(f"API key scopes must be among {SCOPES}, got {sorted(bad) or 'none'}")
         if len(key) < 8:
-            raise ValueError("API keys must be at least 8 characters long")
+            raise SdkError("API keys must be at least 8 characters long")
         keys[key] = scopes
     return keys
 
@@ -115,7 +118,7 @@ def load_api_keys(path: Path | None) -> dict[str, frozenset[str]]:
         try:
             keys.update(parse_api_keys(Path(path).read_text()))
         except OSError as e:
-            raise ValueError(f"cannot read API keys file {path}: {e.strerror}") from None
+            raise SdkError(f"cannot read API keys file {path}: {e.strerror}") from None
     return keys
 
 
@@ -348,7 +351,7 @@ class ServerState:
         self.dim = self.manifest.model(self.gallery_role).embedding_dim
         if "query" in self.manifest.models and self.manifest.model("query").embedding_dim != self.dim:
             raise BundleError("bundle's query and gallery models have different embedding dims; re-export it")
-        if (Path(config.index) / "index.sqlite").exists():
+        if (Path(config.index) / DB_NAME).exists():
             self.index = GalleryIndex.open(config.index)
             if self.index.config.checkpoint_every != config.checkpoint_every:
                 self.index.config = replace(self.index.config, checkpoint_every=config.checkpoint_every)
@@ -411,11 +414,228 @@ def _embed_images(state: ServerState, role: str, blobs: list[bytes]) -> np.ndarr
         raise HTTPException(400, str(e)) from None
 
 
+# ------------------------------------------------------------------------------------------------ routes
+# The endpoints are plain functions over the ServerState the app carries (app.state.retrieval); the
+# API-key check is a dependency per scope. create_app only wires them together.
+router = APIRouter()
+_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+_bearer = HTTPBearer(auto_error=False)
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.retrieval
+
+
+def require(scope: str):
+    """A dependency that lets a request through when its API key carries `scope` (or no keys are set)."""
+
+    def check(state: ServerState = Depends(get_state), api_key: Optional[str] = Depends(_key_header),
+              creds: Optional[HTTPAuthorizationCredentials] = Depends(_bearer)) -> None:
+        keys = state.config.api_keys
+        if not keys:
+            return
+        given = api_key or (creds.credentials if creds else None)
+        if not given:
+            raise HTTPException(401, "missing API key: send 'X-API-Key: KEY' or 'Authorization: Bearer KEY'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        scopes = next((s for k, s in keys.items() if hmac.compare_digest(k.encode(), given.encode())), None)
+        if scopes is None:
+            raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        if scope not in scopes:
+            raise HTTPException(403, f"this API key lacks the '{scope}' scope")
+
+    return check
+
+
+READ, WRITE = Depends(require("read")), Depends(require("write"))
+State = Annotated[ServerState, Depends(get_state)]
+
+
+def _check_space(state: ServerState, space: str, fix: str) -> None:
+    if space != state.space:
+        raise SpaceMismatchError(f"embedding space {space!r} does not match this server's {state.space!r}: {fix}")
+
+
+def run_search(state: ServerState, q: np.ndarray, k: int, rerank: str, with_metadata: bool) -> SearchResponse:
+    if k > state.config.max_k:
+        raise HTTPException(400, f"k={k} is above this server's limit of {state.config.max_k}")
+    t0 = time.perf_counter()
+    try:
+        hits = rerank_search(state.index, q, k, rerank, space=state.space, config=state.config.rerank,
+                             cache=state.diffusion)[0]
+    except (ValueError, ImportError) as e:
+        if isinstance(e, (GalleryIndexError, SpaceMismatchError)):
+            raise
+        raise HTTPException(400, str(e)) from None
+    if with_metadata:
+        hits = state.index.with_metadata([hits])[0]
+    took = (time.perf_counter() - t0) * 1000
+    return SearchResponse(results=[SearchHit(id=h.id, score=h.score, metadata=h.metadata) for h in hits],
+                          took_ms=round(took, 3), space=state.space, rerank=rerank)
+
+
+@router.post("/v1/search", response_model=SearchResponse, dependencies=[READ], tags=["search"],
+             responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR})
+def search(req: SearchRequest, state: State) -> SearchResponse:
+    """Search with a query embedding computed on the device (same embedding space)."""
+    _check_space(state, req.space, "embed the query with the bundle the server uses")
+    q = decode_embedding(req.embedding, req.embedding_b64, req.dtype, state.dim)
+    return run_search(state, q, req.k, req.rerank, req.with_metadata)
+
+
+@router.post("/v1/search/image", response_model=SearchResponse, dependencies=[READ], tags=["search"],
+             responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 413: _ERROR})
+async def search_image(request: Request, state: State) -> SearchResponse:
+    """Search with an image; the server embeds it with the query model (for thin clients)."""
+    config = state.config
+    form = await _form(request)
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise HTTPException(400, "send the image as a multipart file field named 'image'")
+    data = _read_image_bytes(await upload.read(config.max_image_bytes + 1), config, upload.filename or "image")
+    k = _int_field(form, "k", 10, 1, 100000)
+    rerank = str(form.get("rerank", "none"))
+    if rerank not in RERANK_METHODS:
+        raise HTTPException(400, f"rerank must be one of {', '.join(RERANK_METHODS)}")
+    with_metadata = str(form.get("with_metadata", "true")).lower() not in ("false", "0", "no")
+
+    def work():
+        q = _embed_images(state, "query" if "query" in state.manifest.models else state.gallery_role, [data])[0]
+        return run_search(state, q, k, rerank, with_metadata)
+
+    return await run_in_threadpool(work)
+
+
+async def _add_embeddings(request: Request, state: ServerState) -> AddItemsResponse:
+    """POST /v1/items with JSON: precomputed gallery embeddings."""
+    try:
+        raw = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        raise HTTPException(400, "request body is not valid JSON") from None
+    try:
+        req = AddItemsRequest.model_validate(raw)
+    except Exception as e:  # noqa: BLE001  (pydantic.ValidationError)
+        errors = getattr(e, "errors", lambda: [])()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise HTTPException(422, f"invalid items: {where}: {first.get('msg', str(e))}") from None
+    if len(req.items) > state.config.max_items_per_request:
+        raise HTTPException(413, f"at most {state.config.max_items_per_request} items per request")
+    _check_space(state, req.space, "embed the gallery with the server's bundle")
+    vectors = np.stack([decode_embedding(it.embedding, it.embedding_b64, it.dtype, state.dim) for it in req.items])
+    ids = [it.id for it in req.items]
+    metas = [it.metadata for it in req.items]
+    result = await run_in_threadpool(state.index.add, ids, vectors, space=state.space, metadata=metas)
+    return AddItemsResponse(ids=ids, **result)
+
+
+async def _add_images(request: Request, state: ServerState) -> AddItemsResponse:
+    """POST /v1/items with multipart images: the gallery model embeds them; a thumbnail is kept."""
+    config = state.config
+    form = await _form(request)
+    uploads = [u for u in form.getlist("images") if not isinstance(u, str)]
+    if not uploads:
+        raise HTTPException(400, "send one or more multipart file fields named 'images'")
+    if len(uploads) > config.max_images_per_request:
+        raise HTTPException(413, f"at most {config.max_images_per_request} images per request")
+    ids = [str(i) for i in form.getlist("ids")]
+    if ids and len(ids) != len(uploads):
+        raise HTTPException(400, f"{len(ids)} ids for {len(uploads)} images; send one 'ids' field per image")
+    ids = ids or [u.filename or "" for u in uploads]
+    metas = _form_metadata(form.get("metadata"), ids)
+    blobs = [_read_image_bytes(await u.read(config.max_image_bytes + 1), config, u.filename or "image")
+             for u in uploads]
+
+    def work():
+        vectors = _embed_images(state, state.gallery_role, blobs)
+        thumbs = [_thumbnail(b, config.thumbnail_size) for b in blobs]
+        return state.index.add(ids, vectors, space=state.space, metadata=metas, thumbnails=thumbs)
+
+    return AddItemsResponse(ids=ids, **await run_in_threadpool(work))
+
+
+@router.post("/v1/items", response_model=AddItemsResponse, dependencies=[WRITE], tags=["items"],
+             responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR, 415: _ERROR},
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"$ref": "#/components/schemas/AddItemsRequest"}},
+                 "multipart/form-data": {"schema": {"$ref": "#/components/schemas/AddImagesForm"}}}}})
+async def add_items(request: Request, state: State) -> AddItemsResponse:
+    """Add or replace items: precomputed gallery embeddings (JSON) or images (multipart; the server
+    embeds them with the gallery model and keeps a thumbnail)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        return await _add_embeddings(request, state)
+    if ctype == "multipart/form-data":
+        return await _add_images(request, state)
+    raise HTTPException(415, "send application/json (embeddings) or multipart/form-data (images)")
+
+
+@router.get("/v1/items/{item_id:path}/thumbnail", dependencies=[READ], tags=["items"],
+            response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: _ERROR})
+def thumbnail(item_id: str, state: State) -> Response:
+    """The JPEG thumbnail kept for an item added as an image."""
+    data, mime = state.index.thumbnail(item_id)
+    return Response(data, media_type=mime)
+
+
+@router.get("/v1/items/{item_id:path}", response_model=ItemResponse, dependencies=[READ], tags=["items"],
+            responses={404: _ERROR})
+def get_item(item_id: str, state: State) -> ItemResponse:
+    return ItemResponse(**state.index.get(item_id))
+
+
+@router.delete("/v1/items/{item_id:path}", response_model=DeleteResponse, dependencies=[WRITE], tags=["items"],
+               responses={404: _ERROR})
+def delete_item(item_id: str, state: State) -> DeleteResponse:
+    """Delete an item (durable when this returns)."""
+    state.index.remove([item_id])
+    return DeleteResponse(deleted=item_id)
+
+
+@router.get("/v1/model", response_model=ModelResponse, dependencies=[READ], tags=["service"])
+def model(state: State) -> ModelResponse:
+    """The bundle manifest and embedding-space id: clients check theirs against it on connect."""
+    st = state.index.stats()
+    return ModelResponse(embedding_space=state.space, embedding_dim=state.dim, manifest=state.manifest.to_dict(),
+                         gallery_model=state.gallery_role,
+                         index={"items": st.count, "factory": st.factory, "tombstones": st.tombstones,
+                                "trained": st.trained})
+
+
+@router.get("/healthz", response_model=Health, tags=["service"])
+def healthz(state: State) -> Health:
+    return Health(status="ok", items=len(state.index))
+
+
+@router.get("/metrics", response_class=PlainTextResponse, tags=["service"])
+def metrics(state: State) -> PlainTextResponse:
+    return PlainTextResponse(state.metrics.render(state.index), media_type="text/plain; version=0.0.4")
+
+
+async def _invalid_request(request, exc):
+    # One line, and never echo the input (it may hold NaN, which JSON cannot carry).
+    parts = []
+    for e in exc.errors()[:3]:
+        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
+    return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
+
+
+def _status_handler(status: int):
+    async def handle(request, exc):
+        return JSONResponse({"detail": str(exc)}, status_code=status)
+
+    return handle
+
+
+# The runtime's errors as HTTP answers (a more specific class first); anything else is a 500.
+ERROR_STATUS = {SpaceMismatchError: 409, UnknownIdError: 404, GalleryIndexError: 400}
+
+
 # ------------------------------------------------------------------------------------------------ the app
 def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI:
     """The FastAPI app; opens (or creates) the index now, so a bad bundle or index fails here."""
     state = state or ServerState(config)
-    from contextlib import asynccontextmanager
 
     @asynccontextmanager
     async def lifespan(app):
@@ -425,195 +645,12 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
     app = FastAPI(title="retrieval-sdk gallery service", version=_version(), lifespan=lifespan,
                   description="Asymmetric image retrieval: query embeddings from the phone, gallery in the cloud.")
     app.state.retrieval = state
-    key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
-    bearer = HTTPBearer(auto_error=False)
-
-    def require(scope: str):
-        def check(api_key: Optional[str] = Depends(key_header),
-                  creds: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
-            keys = config.api_keys
-            if not keys:
-                return
-            given = api_key or (creds.credentials if creds else None)
-            if not given:
-                raise HTTPException(401, "missing API key: send 'X-API-Key: KEY' or 'Authorization: Bearer KEY'",
-                                    headers={"WWW-Authenticate": "Bearer"})
-            scopes = next((s for k, s in keys.items() if hmac.compare_digest(k.encode(), given.encode())), None)
-            if scopes is None:
-                raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-            if scope not in scopes:
-                raise HTTPException(403, f"this API key lacks the '{scope}' scope")
-        return check
-
-    read, write = Depends(require("read")), Depends(require("write"))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc):
-        # One line, and never echo the input (it may hold NaN, which JSON cannot carry).
-        parts = []
-        for e in exc.errors()[:3]:
-            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-            parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
-        return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
-
-    @app.exception_handler(SpaceMismatchError)
-    async def _space(request, exc):
-        return JSONResponse({"detail": str(exc)}, status_code=409)
-
-    @app.exception_handler(UnknownIdError)
-    async def _unknown(request, exc):
-        return JSONResponse({"detail": str(exc)}, status_code=404)
-
-    @app.exception_handler(GalleryIndexError)
-    async def _bad(request, exc):
-        return JSONResponse({"detail": str(exc)}, status_code=400)
-
-    def run_search(q: np.ndarray, k: int, rerank: str, with_metadata: bool, space: str) -> SearchResponse:
-        if k > config.max_k:
-            raise HTTPException(400, f"k={k} is above this server's limit of {config.max_k}")
-        t0 = time.perf_counter()
-        try:
-            hits = rerank_search(state.index, q, k, rerank, space=space, config=config.rerank,
-                                 cache=state.diffusion)[0]
-        except (ValueError, ImportError) as e:
-            if isinstance(e, GalleryIndexError):
-                raise
-            raise HTTPException(400, str(e)) from None
-        if with_metadata:
-            hits = state.index.with_metadata([hits])[0]
-        took = (time.perf_counter() - t0) * 1000
-        return SearchResponse(results=[SearchHit(id=h.id, score=h.score, metadata=h.metadata) for h in hits],
-                              took_ms=round(took, 3), space=state.space, rerank=rerank)
-
-    @app.post("/v1/search", response_model=SearchResponse, dependencies=[read], tags=["search"],
-              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR})
-    def search(req: SearchRequest) -> SearchResponse:
-        """Search with a query embedding computed on the device (same embedding space)."""
-        if req.space != state.space:
-            raise SpaceMismatchError(f"embedding space {req.space!r} does not match this server's {state.space!r}: "
-                                     "embed the query with the bundle the server uses")
-        q = decode_embedding(req.embedding, req.embedding_b64, req.dtype, state.dim)
-        return run_search(q, req.k, req.rerank, req.with_metadata, req.space)
-
-    @app.post("/v1/search/image", response_model=SearchResponse, dependencies=[read], tags=["search"],
-              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 413: _ERROR})
-    async def search_image(request: Request) -> SearchResponse:
-        """Search with an image; the server embeds it with the query model (for thin clients)."""
-        form = await _form(request)
-        upload = form.get("image")
-        if upload is None or isinstance(upload, str):
-            raise HTTPException(400, "send the image as a multipart file field named 'image'")
-        data = _read_image_bytes(await upload.read(config.max_image_bytes + 1), config, upload.filename or "image")
-        k = _int_field(form, "k", 10, 1, 100000)
-        rerank = str(form.get("rerank", "none"))
-        if rerank not in RERANK_METHODS:
-            raise HTTPException(400, f"rerank must be one of {', '.join(RERANK_METHODS)}")
-        with_metadata = str(form.get("with_metadata", "true")).lower() not in ("false", "0", "no")
-        from starlette.concurrency import run_in_threadpool
-
-        def work():
-            q = _embed_images(state, "query" if "query" in state.manifest.models else state.gallery_role, [data])[0]
-            return run_search(q, k, rerank, with_metadata, state.space)
-
-        return await run_in_threadpool(work)
-
-    @app.post("/v1/items", response_model=AddItemsResponse, dependencies=[write], tags=["items"],
-              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR, 415: _ERROR},
-              openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": {"$ref": "#/components/schemas/AddItemsRequest"}},
-                  "multipart/form-data": {"schema": {"$ref": "#/components/schemas/AddImagesForm"}}}}})
-    async def add_items(request: Request) -> AddItemsResponse:
-        """Add or replace items: precomputed gallery embeddings (JSON) or images (multipart; the server
-        embeds them with the gallery model and keeps a thumbnail)."""
-        from starlette.concurrency import run_in_threadpool
-
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype == "application/json":
-            try:
-                raw = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-                raise HTTPException(400, "request body is not valid JSON") from None
-            try:
-                req = AddItemsRequest.model_validate(raw)
-            except Exception as e:  # noqa: BLE001  (pydantic.ValidationError)
-                errors = getattr(e, "errors", lambda: [])()
-                first = errors[0] if errors else {}
-                where = ".".join(str(p) for p in first.get("loc", ()))
-                raise HTTPException(422, f"invalid items: {where}: {first.get('msg', str(e))}") from None
-            if len(req.items) > config.max_items_per_request:
-                raise HTTPException(413, f"at most {config.max_items_per_request} items per request")
-            if req.space != state.space:
-                raise SpaceMismatchError(f"embedding space {req.space!r} does not match this server's "
-                                         f"{state.space!r}: embed the gallery with the server's bundle")
-            vectors = np.stack([decode_embedding(it.embedding, it.embedding_b64, it.dtype, state.dim)
-                                for it in req.items])
-            ids = [it.id for it in req.items]
-            metas = [it.metadata for it in req.items]
-            result = await run_in_threadpool(state.index.add, ids, vectors, space=state.space, metadata=metas)
-            return AddItemsResponse(ids=ids, **result)
-        if ctype == "multipart/form-data":
-            form = await _form(request)
-            uploads = [u for u in form.getlist("images") if not isinstance(u, str)]
-            if not uploads:
-                raise HTTPException(400, "send one or more multipart file fields named 'images'")
-            if len(uploads) > config.max_images_per_request:
-                raise HTTPException(413, f"at most {config.max_images_per_request} images per request")
-            ids = [str(i) for i in form.getlist("ids")]
-            if ids and len(ids) != len(uploads):
-                raise HTTPException(400, f"{len(ids)} ids for {len(uploads)} images; send one 'ids' field per image")
-            ids = ids or [u.filename or "" for u in uploads]
-            metas = _form_metadata(form.get("metadata"), ids)
-            blobs = [_read_image_bytes(await u.read(config.max_image_bytes + 1), config, u.filename or "image")
-                     for u in uploads]
-
-            def work():
-                vectors = _embed_images(state, state.gallery_role, blobs)
-                thumbs = [_thumbnail(b, config.thumbnail_size) for b in blobs]
-                return state.index.add(ids, vectors, space=state.space, metadata=metas, thumbnails=thumbs)
-
-            result = await run_in_threadpool(work)
-            return AddItemsResponse(ids=ids, **result)
-        raise HTTPException(415, "send application/json (embeddings) or multipart/form-data (images)")
-
-    @app.get("/v1/items/{item_id:path}/thumbnail", dependencies=[read], tags=["items"],
-             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: _ERROR})
-    def thumbnail(item_id: str) -> Response:
-        """The JPEG thumbnail kept for an item added as an image."""
-        data, mime = state.index.thumbnail(item_id)
-        return Response(data, media_type=mime)
-
-    @app.get("/v1/items/{item_id:path}", response_model=ItemResponse, dependencies=[read], tags=["items"],
-             responses={404: _ERROR})
-    def get_item(item_id: str) -> ItemResponse:
-        return ItemResponse(**state.index.get(item_id))
-
-    @app.delete("/v1/items/{item_id:path}", response_model=DeleteResponse, dependencies=[write], tags=["items"],
-                responses={404: _ERROR})
-    def delete_item(item_id: str) -> DeleteResponse:
-        """Delete an item (durable when this returns)."""
-        state.index.remove([item_id])
-        return DeleteResponse(deleted=item_id)
-
-    @app.get("/v1/model", response_model=ModelResponse, dependencies=[read], tags=["service"])
-    def model() -> ModelResponse:
-        """The bundle manifest and embedding-space id: clients check theirs against it on connect."""
-        st = state.index.stats()
-        return ModelResponse(embedding_space=state.space, embedding_dim=state.dim, manifest=state.manifest.to_dict(),
-                             gallery_model=state.gallery_role,
-                             index={"items": st.count, "factory": st.factory, "tombstones": st.tombstones,
-                                    "trained": st.trained})
-
-    @app.get("/healthz", response_model=Health, tags=["service"])
-    def healthz() -> Health:
-        return Health(status="ok", items=len(state.index))
-
-    @app.get("/metrics", response_class=PlainTextResponse, tags=["service"])
-    def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(state.index), media_type="text/plain; version=0.0.4")
-
+    app.add_exception_handler(RequestValidationError, _invalid_request)
+    for error, status in ERROR_STATUS.items():
+        app.add_exception_handler(error, _status_handler(status))
+    app.include_router(router)
     for prefix, folder in config.static.items():
         mount_static(app, folder, prefix)
-
     _add_form_schema(app)
     app.add_middleware(LimitsAndMetrics, max_body=config.max_body_bytes, metrics=state.metrics)
     return app
@@ -625,7 +662,7 @@ def mount_static(app: FastAPI, folder: str | Path, prefix: str = "/demo") -> Non
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"static folder {folder} does not exist")
+        raise SdkError(f"static folder {folder} does not exist")
     app.mount(prefix.rstrip("/") or "/", StaticFiles(directory=str(folder), html=True), name=f"static:{prefix}")
 
 

@@ -1,7 +1,6 @@
 """Model definitions and learning: backbones, pooling, heads, losses, datasets, evaluation.
 
-Importing `training` first installs the torchvision compatibility shim so that timm imports on
-CPU-only torch (see training/_torchvision_compat.py).
+Importing `training` has no side effects (the numpy-only `training.evaluate` imports without torch).
+The torchvision compatibility shim that lets timm import on CPU-only torch is installed by
+`training.backbones`, the one module that imports timm (see training/_torchvision_compat.py).
 """
-
-from training import _torchvision_compat  # noqa: F401  (must precede any timm/torchvision import)

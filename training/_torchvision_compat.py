@@ -5,7 +5,7 @@ ops fail to load here. Its pure-Python import still registers fake kernels for `
 and `torchvision::qnms`, which raises "operator torchvision::nms does not exist" unless their
 schemas exist. We define those two schemas (as torchvision's C++ does) before the first import.
 Nothing in this project calls these ops; if torchvision's own _C loads, this module does nothing.
-Import `training` (which imports this first) rather than timm/torchvision directly.
+Import timm through `training.backbones` (which imports this first), never directly.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ like timm's pretrained configs. Every backbone returns a feature map (B, C, h, w
 
 from __future__ import annotations
 
-import training  # noqa: F401  (installs the torchvision shim before timm)
+from training import _torchvision_compat  # noqa: F401  (installs the torchvision shim before timm)
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ from torch import nn
 from sdk.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from training import shufflenet as _shufflenet  # noqa: F401,E402  (registers ShuffleNetV2 with timm)
 from training.weights import load_pretrained
+from training.errors import TrainingError
 
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 
@@ -93,7 +94,7 @@ class Backbone(nn.Module):
         return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)
 
 
-class UnknownBackboneError(ValueError):
+class UnknownBackboneError(TrainingError):
     pass
 
 

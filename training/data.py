@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from torch.utils.data import Dataset
 
 from sdk.preprocess import ImageError, load_image
+from training.errors import TrainingError
 
 __all__ = [
     "DatasetError", "ImageError", "LabelledImages", "ImageArrays", "RevisitedData", "ImageDataset",
@@ -41,7 +42,7 @@ FASHION_MNIST_CLASSES = (
 )
 
 
-class DatasetError(ValueError):
+class DatasetError(TrainingError):
     """A dataset folder, manifest or file is missing or not in the expected layout."""
 
 

@@ -19,13 +19,14 @@ from training.backbones import create_backbone
 from training.checkpoint_io import read_tagged, save_atomic
 from training.heads import CGDHead, L2Norm, Whitening
 from training.pooling import build_pooling
+from training.errors import TrainingError
 
 CHECKPOINT_FORMAT = "retrieval-sdk/checkpoint"
 CHECKPOINT_VERSION = 1
 POOLINGS = ("gem", "spoc", "mac", "cgd")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TrainingError):
     """A checkpoint file is not one of ours or describes an architecture we cannot build."""
 
 

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from training.checkpoint_io import read_state_dict_file
+from training.errors import TrainingError
 
 HUB_HOST = ("huggingface.co", 443)
 
 
-class WeightsError(ValueError):
+class WeightsError(TrainingError):
     """Pretrained weights are unavailable or do not fit the architecture."""
 
 

@@ -40,7 +40,7 @@ def torch_embed(model, x: np.ndarray) -> np.ndarray:
 
 
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    from export.runtimes import compare_embeddings
+    from sdk.vectors import compare_embeddings
 
     return compare_embeddings(a, b)[1]
 

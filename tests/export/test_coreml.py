@@ -60,7 +60,11 @@ def test_fp16_and_int8_torch_proxies_stay_close(ckpts, photos_nchw):
 @pytest.mark.skipif(sys.platform != "darwin", reason="CoreML prediction needs macOS (the Core ML framework); "
                                                       "on Linux the package is validated structurally above")
 def test_prediction_parity_on_macos(bundle, ckpts, photos_nchw):
-    from export.coreml import predict
+    from sdk.backends import open_runner
+    from sdk.bundle import ModelFile
+
+    def predict(path, x, spec):
+        return open_runner(path, ModelFile(path.name, "coreml", batch="1"), spec=spec).embed_nchw(x)
 
     model = load(ckpts["query"])
     ref = torch_embed(model, photos_nchw[:8])

@@ -60,13 +60,13 @@ def test_int8_query_file_is_ranked_against_the_fp32_gallery(report, real_photos)
     from pathlib import Path
 
     from export.images import load_image_set
-    from export.runtimes import open_runner
+    from sdk.backends import open_runner
     from export.verify import _map
     from sdk.bundle import read_manifest
 
     entry = read_manifest(report.bundle).models["query"]
     s = load_image_set(real_photos / "phototourism-13", entry.preprocess, progress=False)
     x = s.batch(entry.preprocess)
-    emb = {f.path: open_runner(Path(report.bundle), f, entry.preprocess).embed(x) for f in entry.files}
+    emb = {f.path: open_runner(Path(report.bundle) / f.path, f, spec=entry.preprocess).embed_nchw(x) for f in entry.files}
     row = {r.path: r for r in report.files}["query.int8.onnx"]
     assert row.maps[s.name] == pytest.approx(_map(emb["query.int8.onnx"], emb["query.onnx"], s.labels), abs=1e-9)

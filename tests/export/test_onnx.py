@@ -9,7 +9,8 @@ import pytest
 from onnx import numpy_helper
 
 from export.errors import ExportError
-from export.onnx import OPSET, check_onnx, export_onnx, quantize_int8, read_metadata, session
+from export.onnx import OPSET, check_onnx, export_onnx, quantize_int8, read_metadata
+from sdk.backends import onnx_session as session
 
 from .conftest import DIM, SPACE, load, make_checkpoint, min_cosine, torch_embed
 

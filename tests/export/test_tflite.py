@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 
 from export.errors import ExportError
-from export.tflite import _keep_each_image, check_tflite, interpreter, leading_conv_scopes, robust_ranges, run
+from export.tflite import _keep_each_image, check_tflite, leading_conv_scopes, robust_ranges
+from sdk.backends import open_runner
+from sdk.bundle import ModelFile
 
 from .conftest import DIM, min_cosine, torch_embed
 
 
 def _embed(path, nchw: np.ndarray) -> np.ndarray:
-    return run(interpreter(path), nchw.transpose(0, 2, 3, 1))
+    return open_runner(path, ModelFile(path.name, "tflite", layout="NHWC", batch="1")).embed_nchw(nchw)
 
 
 @pytest.mark.parametrize("name", ["query.tflite", "query.fp16.tflite", "query.int8.tflite"])

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from export import tflite_support_env as tfs
-from export.tflite import interpreter, run
+from sdk.backends import open_runner
+from sdk.bundle import ModelFile
 from sdk.preprocess import normalize
 
 from .conftest import DIM, SPACE
@@ -57,16 +58,20 @@ def test_metadata_describes_normalisation_and_output(tflite_bundle, query_model)
     assert graph["output_tensor_metadata"][0]["name"] == "embedding"
 
 
+def _ours(path, pixels, spec) -> np.ndarray:
+    """Our embedder's path: sdk normalisation, then the file through sdk.backends (one image per call)."""
+    runner = open_runner(path, ModelFile(path.name, "tflite", layout="NHWC", batch="1"))
+    return np.concatenate([runner.embed_nchw(normalize(p, spec)[None]) for p in pixels])
+
+
 def test_image_embedder_gives_our_embedding(tflite_bundle, photos, query_model):
     spec = query_model.spec
     pixels = photos.pixels[:12]
     theirs, ms = tfs.image_embedder(tflite_bundle / "query.tflite", pixels, repeats=3)
-    interp = interpreter(tflite_bundle / "query.tflite")
-    ours = np.concatenate([run(interp, normalize(p, spec)[None].transpose(0, 2, 3, 1)) for p in pixels])
+    ours = _ours(tflite_bundle / "query.tflite", pixels, spec)
     assert theirs.shape == (12, DIM) and ms > 0
     assert np.abs(theirs - ours).max() <= 1e-4
     q_theirs, _ = tfs.image_embedder(tflite_bundle / "query.int8.tflite", pixels)
-    interp8 = interpreter(tflite_bundle / "query.int8.tflite")
-    q_ours = np.concatenate([run(interp8, normalize(p, spec)[None].transpose(0, 2, 3, 1)) for p in pixels])
+    q_ours = _ours(tflite_bundle / "query.int8.tflite", pixels, spec)
     cos = (q_theirs / np.linalg.norm(q_theirs, axis=1, keepdims=True) * q_ours).sum(1)
     assert cos.min() >= 0.999  # int8 kernels of two runtime generations: close, not bit-identical

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from training.extractors.base import ExtractorConfig, ExtractorError, ExtractorTrainConfig
+from training.errors import TrainingError
 
 DATA_KINDS = ("fashion_mnist", "instances", "folder", "csv", "gldv2")
 SPLITS = ("test", "classes", "images")
 ABLATIONS = ("shared", "two_stage")
 
 
-class ConfigError(ValueError):
+class ConfigError(TrainingError):
     """A config file or override that cannot be used."""
 
 

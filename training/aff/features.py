@@ -30,16 +30,17 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from training.aff.mixer import FeatureSpec, local_key, mask_key
+from training.errors import TrainingError
 
 CACHE_FORMAT = "retrieval-sdk/feature-cache"
 CACHE_VERSION = 1
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(TrainingError):
     """A feature cache is missing, damaged, or belongs to other images or another extractor."""
 
 
-class LabelError(ValueError):
+class LabelError(TrainingError):
     """Labels missing or not fitting the features / classifier."""
 
 

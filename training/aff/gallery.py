@@ -23,12 +23,13 @@ from training.aff.features import weights_fingerprint
 from training.aff.mixer import MixerArch, build_mixer, local_key, mask_key
 from training.checkpoint_io import read_tagged, save_atomic
 from training.extractors.base import GalleryExtractor, load_extractor
+from training.errors import TrainingError
 
 GALLERY_FORMAT = "retrieval-sdk/aff-gallery"
 GALLERY_VERSION = 1
 
 
-class GalleryCheckpointError(ValueError):
+class GalleryCheckpointError(TrainingError):
     pass
 
 

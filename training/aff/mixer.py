@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from training.errors import TrainingError
 
 
-class MixerInputError(ValueError):
+class MixerInputError(TrainingError):
     """Features that do not fit the mixer: missing names, wrong dims, mismatched batch sizes."""
 
 

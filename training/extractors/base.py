@@ -23,13 +23,14 @@ from torch import Tensor, nn
 from sdk.preprocess import PreprocessSpec
 from training.backbones import Backbone, create_backbone
 from training.checkpoint_io import read_tagged, save_atomic
+from training.errors import TrainingError
 
 EXTRACTOR_FORMAT = "retrieval-sdk/gallery-extractor"
 EXTRACTOR_VERSION = 1
 KINDS = ("delg", "dolg", "cvnet")
 
 
-class ExtractorError(ValueError):
+class ExtractorError(TrainingError):
     """An extractor config, backbone or checkpoint that cannot be used."""
 
 
