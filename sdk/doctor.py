@@ -118,7 +118,7 @@ def _coremltools() -> str:
 
 
 def _timm() -> str:
-    import training  # noqa: F401  (installs the torchvision shim timm's import needs on CPU torch)
+    from training import _torchvision_compat  # noqa: F401  (the shim timm's import needs on CPU torch)
     import timm
 
     return "imports (with training's torchvision shim)"
