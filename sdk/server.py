@@ -38,7 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from sdk.bundle import BundleError, Manifest, read_manifest
@@ -514,11 +514,8 @@ async def _add_embeddings(request: Request, state: ServerState) -> AddItemsRespo
         raise HTTPException(400, "request body is not valid JSON") from None
     try:
         req = AddItemsRequest.model_validate(raw)
-    except Exception as e:  # noqa: BLE001  (pydantic.ValidationError)
-        errors = getattr(e, "errors", lambda: [])()
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise HTTPException(422, f"invalid items: {where}: {first.get('msg', str(e))}") from None
+    except ValidationError as e:  # answered like every other invalid body (_invalid_request)
+        raise RequestValidationError(e.errors()) from None
     if len(req.items) > state.config.max_items_per_request:
         raise HTTPException(413, f"at most {state.config.max_items_per_request} items per request")
     _check_space(state, req.space, "embed the gallery with the server's bundle")
