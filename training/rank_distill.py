@@ -135,4 +135,4 @@ def distill_loss(student: Tensor, teacher: Tensor, cfg: RankDistillConfig,
             loss = loss + cfg.pull_weight * (1.0 - (student * teacher).sum(-1)).mean()
         total = total + loss
         positives += float((labels & not_self).sum()) / n
-    return total / rounds, {"loss": float(total) / rounds, "positives_per_query": positives / rounds}
+    return total / rounds, {"loss": float(total.detach()) / rounds, "positives_per_query": positives / rounds}
