@@ -36,14 +36,18 @@ class L2Norm(nn.Module):
 
 
 def learn_pca_whitening(
-    features: np.ndarray, out_dim: int | None = None, eps: float = 1e-6
+    features: np.ndarray, out_dim: int | None = None, eps: float = 1e-6, power: float = 0.5
 ) -> tuple[np.ndarray, np.ndarray]:
     """Learn PCA whitening from descriptors (Radenović et al. 2018, "learned whitening" baseline).
 
     Centre the (N, D) features, eigen-decompose their covariance, keep the top `out_dim` components and
-    scale each by 1/sqrt(eigenvalue + eps). Returns (mean (D,), projection (out_dim, D)), float32, so
-    that whitened = (x - mean) @ projection.T has ~identity covariance on the training features.
+    scale each by (eigenvalue + eps) ** -power. Returns (mean (D,), projection (out_dim, D)), float32, so
+    that whitened = (x - mean) @ projection.T has ~identity covariance on the training features with
+    power 0.5 (full whitening). power 0.25 is square-rooted whitening (rank distillation's evaluation):
+    each component keeps the square root of its variance, so strong directions are damped, not erased.
     """
+    if not 0.0 <= power <= 0.5:
+        raise ValueError(f"power must be in [0, 0.5] (0: PCA rotation only, 0.5: full whitening), got {power}")
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
         raise ValueError(f"features must be a 2-D array (N, D), got shape {x.shape}")
@@ -66,7 +70,7 @@ def learn_pca_whitening(
     eigval, eigvec = np.linalg.eigh(cov)  # ascending
     order = np.argsort(eigval)[::-1][:out_dim]
     eigval = np.clip(eigval[order], 0.0, None)
-    projection = eigvec[:, order].T / np.sqrt(eigval + eps)[:, None]
+    projection = eigvec[:, order].T * ((eigval + eps) ** -power)[:, None]
     return mean.astype(np.float32), projection.astype(np.float32)
 
 

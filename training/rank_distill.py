@@ -22,6 +22,7 @@ be pulled onto them (1 - cos); the student then lives in the teacher's embedding
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,4 +136,25 @@ def distill_loss(student: Tensor, teacher: Tensor, cfg: RankDistillConfig,
             loss = loss + cfg.pull_weight * (1.0 - (student * teacher).sum(-1)).mean()
         total = total + loss
         positives += float((labels & not_self).sum()) / n
-    return total / rounds, {"loss": float(total) / rounds, "positives_per_query": positives / rounds}
+    return total / rounds, {"loss": float(total.detach()) / rounds, "positives_per_query": positives / rounds}
+
+
+def average_weights(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """The mean of several state dicts of one model (the paper averages the weights of its 20th and 30th
+    epochs); integer buffers such as BatchNorm's num_batches_tracked come from the last state."""
+    if not states:
+        raise ValueError("average_weights needs at least one state dict")
+    keys = list(states[-1])
+    for i, state in enumerate(states):
+        if set(state) != set(keys):
+            extra, missing = sorted(set(state) - set(keys)), sorted(set(keys) - set(state))
+            raise ValueError(f"state {i} does not match the last one (extra {extra[:3]}, missing {missing[:3]}): "
+                             "average checkpoints of the same model only")
+    out = {}
+    for key in keys:
+        values = [state[key] for state in states]
+        if values[-1].is_floating_point():
+            out[key] = torch.stack([v.float() for v in values]).mean(0).to(values[-1].dtype)
+        else:
+            out[key] = values[-1].clone()
+    return out

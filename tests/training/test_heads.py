@@ -216,3 +216,18 @@ def test_cgd_head_exports_to_onnx_with_dynamic_spatial_size():
         with torch.no_grad():
             want = head(x).numpy()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_square_rooted_whitening_keeps_the_root_of_each_variance(correlated_features):
+    """power 0.25: along each principal direction the whitened variance is sqrt(eigenvalue)."""
+    mean, full = learn_pca_whitening(correlated_features)
+    _, rooted = learn_pca_whitening(correlated_features, power=0.25)
+    x = correlated_features.astype(np.float64)
+    centred = x - x.mean(axis=0)
+    eigval = np.sort(np.linalg.eigvalsh(centred.T @ centred / len(x)))[::-1]
+    var = (apply_pca_whitening(correlated_features, mean, rooted).astype(np.float64) ** 2).mean(axis=0)
+    np.testing.assert_allclose(var, np.sqrt(eigval), rtol=1e-3)
+    full_var = (apply_pca_whitening(correlated_features, mean, full).astype(np.float64) ** 2).mean(axis=0)
+    np.testing.assert_allclose(full_var, 1.0, rtol=1e-3)
+    with pytest.raises(ValueError, match="power must be in"):
+        learn_pca_whitening(correlated_features, power=1.0)

@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from training.losses import listwise_ap_loss, soft_binned_ap
-from training.rank_distill import RankDistillConfig, distill_loss, mix, mixup_labels, similarity_labels
+from training.rank_distill import (
+    RankDistillConfig,
+    average_weights,
+    distill_loss,
+    mix,
+    mixup_labels,
+    similarity_labels,
+)
 
 
 def exact_ap(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -149,3 +156,15 @@ def test_asymmetric_mode_needs_equal_dims_and_config_errors():
                                RankDistillConfig(cross_weight=1.0, pull_weight=0.5, mix_iterations=2),
                                np.random.default_rng(0))
     assert torch.isfinite(loss) and stats["positives_per_query"] >= 0
+
+
+def test_weight_averaging_of_two_epochs():
+    a = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    b = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    b[1].num_batches_tracked += 7
+    avg = average_weights([a.state_dict(), b.state_dict()])
+    torch.testing.assert_close(avg["0.weight"], (a[0].weight + b[0].weight).detach() / 2)
+    assert avg["1.num_batches_tracked"] == 7 and avg["1.num_batches_tracked"].dtype == torch.int64
+    a.load_state_dict(avg)  # strict: every key accounted for
+    with pytest.raises(ValueError, match="does not match the last one"):
+        average_weights([a.state_dict(), torch.nn.Linear(3, 2).state_dict()])
