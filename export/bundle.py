@@ -73,7 +73,7 @@ def _versions() -> dict[str, str]:
 def _check_dependencies(formats: tuple[str, ...], precisions: tuple[str, ...]) -> None:
     """Fail before any slow conversion when a needed optional package is missing."""
     if "onnx" in formats:
-        require("onnx"), require("onnxruntime")
+        require("onnx"), require("onnxscript"), require("onnxruntime")
     if "tflite" in formats:
         require("litert_torch"), require("ai_edge_litert")
         if set(precisions) - {"fp32"}:

@@ -17,6 +17,7 @@ class MissingDependencyError(ExportError):
 # module name -> (pip requirement, what needs it)
 OPTIONAL = {
     "onnx": ("onnx", "ONNX export"),
+    "onnxscript": ("onnxscript", "ONNX export (torch's torch.export-based exporter)"),
     "onnxruntime": ("onnxruntime", "running ONNX files"),
     "coremltools": ("coremltools==9.0", "CoreML export"),
     "litert_torch": ("litert-torch==0.10.0", "TFLite export"),

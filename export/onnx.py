@@ -1,10 +1,11 @@
-"""torch embedding model -> ONNX: opset 17, input `image` (N,3,H,W) float32 with dynamic batch, height and
-width, output `embedding` (N,D) float32 L2-normalised; plus fp16 conversion, int8 static QDQ quantization
-calibrated on real images, and a structural check.
+"""torch embedding model -> ONNX with torch's torch.export-based exporter (onnxscript): opset 18, input
+`image` (N,3,H,W) float32 with dynamic batch, height and width, output `embedding` (N,D) float32
+L2-normalised; plus fp16 conversion, int8 static QDQ quantization calibrated on real images, and a
+structural check.
 
 CNN backbones keep H and W dynamic (the poolings reduce over the spatial dims, no kernel size is baked
 in). ViT backbones (gallery side) are exported at their spec size: timm resamples the positional
-embedding with antialiased bicubic interpolation, which has no ONNX opset-17 equivalent, so the
+embedding with antialiased bicubic interpolation, which has no ONNX opset-18 equivalent, so the
 embedding for the spec's grid is computed in torch and baked in (H, W fixed; batch stays dynamic).
 """
 
@@ -21,8 +22,9 @@ import numpy as np
 
 from export.calibration import percentile_range
 from export.errors import ExportError, require
+from export.quiet import quiet
 
-OPSET = 17
+OPSET = 18  # the torch.export-based exporter's opset (onnxscript's torchlib)
 INPUT_NAME, OUTPUT_NAME = "image", "embedding"
 # The pooling and normalisation ops of the embedding head (GeM's clamp/x**p/mean/x**(1/p), SPoC, MAC,
 # the L2 norms) stay float32 in fp16 files and unquantized in int8 files: they are a sliver of the
@@ -37,12 +39,26 @@ def head_nodes(graph) -> list[str]:
     return [n.name for n in graph.node if n.name.startswith(HEAD_SCOPES) and n.op_type not in HEAD_MATMULS]
 
 
+def _name_head_nodes(path: Path) -> None:
+    """Prefix the head's node names with their module scope ('/pool/', '/norm/', from the `namespace` the
+    exporter records per node, e.g. '.../pool: training.pooling.GeM/...'), then drop the per-node
+    metadata (module paths and stack traces: ~190 KB for MobileNetV2, debugging information)."""
+    onnx = require("onnx")
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
+        scope = next((s for s in HEAD_SCOPES if f"/{s.strip('/')}: " in namespace), "")
+        node.name = scope + node.name
+        del node.metadata_props[:]
+    onnx.save(model, str(path))
+
+
 def export_onnx(model, path: str | Path, input_size: tuple[int, int] = (224, 224), opset: int = OPSET,
                 metadata: dict | None = None) -> Path:
     """Write `model` as ONNX at `path`; the trace size only seeds shapes (H, W stay dynamic for CNNs)."""
     import torch
 
-    require("onnx")
+    require("onnx"), require("onnxscript")
     if opset < 17:
         raise ExportError(f"opset {opset} is too old: use opset >= 17")
     path = Path(path)
@@ -50,33 +66,17 @@ def export_onnx(model, path: str | Path, input_size: tuple[int, int] = (224, 224
     model = model.eval()
     example = torch.randn(1, 3, *input_size)
     vit = _is_vit(model)
-    axes = {INPUT_NAME: {0: "batch"} if vit else {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}}
-    with warnings.catch_warnings(), (_baked_vit_pos_embed(model, example) if vit else contextlib.nullcontext()):
-        # The TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript; it is
-        # still the one that keeps GeM's spatial mean dynamic without extra packages.
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            opset_version=opset, dynamo=False, dynamic_axes=axes,
-        )
-    with torch.no_grad():
-        dim = int(model(example).shape[1])
-    _pin_output_dim(path, dim)
+    dims = {0: torch.export.Dim("batch", max=4096)}
+    if not vit:
+        dims.update({2: torch.export.Dim("height", min=16, max=4096), 3: torch.export.Dim("width", min=16, max=4096)})
+    with (_baked_vit_pos_embed(model, example) if vit else contextlib.nullcontext()), quiet():
+        # torch.export-based exporter (onnxscript); `quiet` drops its progress lines and warnings
+        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          opset_version=opset, dynamo=True, dynamic_shapes=(dims,), verbose=False)
+    _name_head_nodes(path)
     if metadata:
         add_metadata(path, metadata)
     return path
-
-
-def _pin_output_dim(path: Path, dim: int) -> None:
-    """The tracer leaves the embedding dim symbolic (e.g. 'Divembedding_dim_1'): write the number."""
-    onnx = require("onnx")
-    model = onnx.load(str(path))
-    d = model.graph.output[0].type.tensor_type.shape.dim
-    if len(d) == 2:
-        d[1].Clear()
-        d[1].dim_value = dim
-        onnx.save(model, str(path))
 
 
 def _is_vit(model) -> bool:

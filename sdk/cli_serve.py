@@ -15,16 +15,11 @@ index_app = typer.Typer(help="Build and inspect gallery indexes (faiss + SQLite,
 INTERRUPTED = "interrupted; what was acknowledged is saved: run the same command again to resume"
 
 
-def runtime_errors():
-    """user_errors, with a Ctrl-C line saying that acknowledged work is kept."""
-    return user_errors(interrupted=INTERRUPTED)
-
-
 def _ingest(bundle: Path, images: Path, index: Path, create: bool, config: Optional[str], batch_size: int,
             threads: Optional[int], progress: bool) -> None:
     from sdk.ingest import ingest
 
-    with runtime_errors():
+    with user_errors(INTERRUPTED):
         report = ingest(bundle, images, index, create=create, config=config, batch_size=batch_size, threads=threads,
                         progress=progress, log=lambda m: typer.echo(m, err=True))
     typer.echo(report.summary())
@@ -68,7 +63,7 @@ def index_info(path: Path = typer.Argument(..., help="Index folder.")) -> None:
 
     from sdk.index import GalleryIndex
 
-    with runtime_errors(), GalleryIndex.open(path, read_only=True) as idx:
+    with user_errors(INTERRUPTED), GalleryIndex.open(path, read_only=True) as idx:
         typer.echo(json.dumps(asdict(idx.stats()), indent=2))
 
 
@@ -77,7 +72,7 @@ def index_compact(path: Path = typer.Argument(..., help="Index folder.")) -> Non
     """Drop deleted/replaced vectors (tombstones) and write a fresh snapshot."""
     from sdk.index import GalleryIndex
 
-    with runtime_errors(), GalleryIndex.open(path) as idx:
+    with user_errors(INTERRUPTED), GalleryIndex.open(path) as idx:
         dropped = idx.compact()
         idx.save()
         typer.echo(f"dropped {dropped} tombstones; {len(idx)} items")
@@ -96,7 +91,7 @@ def index_search(
     from sdk.index import GalleryIndex
     from sdk.rerank import rerank_search
 
-    with runtime_errors(), GalleryIndex.open(index, read_only=True) as idx:
+    with user_errors(INTERRUPTED), GalleryIndex.open(index, read_only=True) as idx:
         emb = Embedder.from_bundle(bundle, role="query")
         for hit in rerank_search(idx, emb.embed_one(image), k, rerank, space=emb.space)[0]:
             typer.echo(f"{hit.score:.4f}  {hit.id}")
@@ -125,7 +120,7 @@ def serve(
     from sdk.server import ServerConfig, load_api_keys
     from sdk.server import serve as run
 
-    with runtime_errors():
+    with user_errors(INTERRUPTED):
         if (ssl_certfile is None) != (ssl_keyfile is None):
             fail("HTTPS needs both --ssl-certfile and --ssl-keyfile (e.g. from `mkcert HOST`)")
         for f in (ssl_certfile, ssl_keyfile):

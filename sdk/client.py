@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdk import __version__
 from sdk.embedder import Embedder, ImageInput
 from sdk.errors import SdkError, SpaceMismatchError
 
@@ -106,7 +107,7 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
             raise SdkError("retries must be >= 0 and timeout > 0")
         self.url = url.rstrip("/")
         self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
-        headers = {"User-Agent": f"retrieval-sdk-client/{_version()}"}
+        headers = {"User-Agent": f"retrieval-sdk-client/{__version__}"}
         if api_key:
             headers["X-API-Key"] = api_key
         self._http = httpx.Client(base_url=self.url, timeout=timeout, headers=headers, transport=transport)
@@ -296,9 +297,3 @@ def _image_bytes(image: ImageInput) -> tuple[bytes, str]:
         image.convert("RGB").save(buf, "PNG")
         return buf.getvalue(), "image.png"
     raise SdkError(f"unsupported image type {type(image).__name__}")
-
-
-def _version() -> str:
-    from sdk import __version__
-
-    return __version__

@@ -77,7 +77,7 @@ class Embedder:
                     precision: str | None = None, threads: int | None = None, multiscale: bool = False,
                     scales: Sequence[float] | None = None, crops: Crops = "center", scale_power: float = 1.0,
                     workers: int | None = None, verify: bool = True) -> "Embedder":
-        """Load the `role` model of a bundle with `backend` ('onnx' or 'tflite').
+        """Load the `role` model of a bundle with `backend` ('onnx', 'tflite', or 'coreml' on macOS).
 
         threads: CPU threads of the runtime (None: its default). multiscale: embed at 1, 1/sqrt2 and 1/2
         of the input size and combine by a generalised mean with `scale_power` (1: average; 3: GeM-style,

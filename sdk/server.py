@@ -41,6 +41,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from sdk import __version__
 from sdk.bundle import BundleError, Manifest, read_manifest
 from sdk.errors import GalleryIndexError, SdkError, SpaceMismatchError, UnknownIdError
 from sdk.index import GalleryIndex, IndexConfig, check_vectors
@@ -639,7 +640,7 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
         yield
         state.close()
 
-    app = FastAPI(title="retrieval-sdk gallery service", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="retrieval-sdk gallery service", version=__version__, lifespan=lifespan,
                   description="Asymmetric image retrieval: query embeddings from the phone, gallery in the cloud.")
     app.state.retrieval = state
     app.add_exception_handler(RequestValidationError, _invalid_request)
@@ -737,10 +738,6 @@ def _add_form_schema(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def _version() -> str:
-    from sdk import __version__
-
-    return __version__
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",

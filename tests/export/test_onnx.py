@@ -9,7 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 from export.errors import ExportError
-from export.onnx import OPSET, check_onnx, export_onnx, quantize_int8, read_metadata
+from export.onnx import OPSET, check_onnx, export_onnx, head_nodes, quantize_int8, read_metadata
 from sdk.backends import onnx_session as session
 
 from .conftest import DIM, SPACE, load, make_checkpoint, min_cosine, torch_embed
@@ -26,6 +26,13 @@ def test_contract_names_opset_and_dynamic_axes(bundle):
         sess = session(bundle / name)
         assert [i.name for i in sess.get_inputs()] == ["image"]
         assert [o.name for o in sess.get_outputs()] == ["embedding"]
+
+
+def test_head_nodes_are_found_by_their_torch_module(bundle):
+    """The exporter's per-node module paths find GeM's and the L2 norm's ops (kept float in fp16/int8)."""
+    graph = onnx.load(str(bundle / "query.onnx")).graph
+    ops = {n.op_type for n in graph.node if n.name in set(head_nodes(graph))}
+    assert {"Pow", "ReduceMean", "Div"} <= ops and not ops & {"Conv", "Gemm", "MatMul"}, ops
 
 
 def test_metadata_travels_with_every_file(bundle):
