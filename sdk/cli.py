@@ -12,7 +12,7 @@ import importlib
 import typer
 
 # One more command group = one more module with a `register(app)` function, listed here.
-COMMAND_MODULES = ("sdk.cli_train", "sdk.cli_export", "sdk.cli_serve")
+COMMAND_MODULES = ("sdk.cli_train", "sdk.cli_export", "sdk.cli_serve", "sdk.cli_doctor")
 
 app = typer.Typer(
     help="Asymmetric image retrieval for mobile: gallery models in the cloud, a light query model on the phone.",
@@ -27,22 +27,12 @@ for _module in COMMAND_MODULES:
 
 
 @app.command()
-def doctor() -> None:
-    """Check every part this install needs (packages, runtimes, system libraries, browser, data) and
-    print the exact fix for each one that is missing; exit 1 if a part of an installed extra is missing."""
-    from sdk.doctor import report, run_checks
-
-    text, code = report(run_checks())
-    typer.echo(text)
-    raise typer.Exit(code)
-
-
-@app.command()
 def version() -> None:
     """Print the installed version."""
     from sdk import __version__
 
     typer.echo(__version__)
+
 
 if __name__ == "__main__":  # pragma: no cover
     app()
