@@ -19,10 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from training.errors import TrainingError
+
 DEFAULT_CACHE = Path("~/.cache/retrieval-sdk/teacher")
 
 
-class TeacherError(ValueError):
+class TeacherError(TrainingError):
     """The teacher cannot be reached or used as asked (budget, dim, failed call); the message says why."""
 
 
