@@ -61,6 +61,7 @@ def quickstart(
     epochs: int = typer.Option(0, min=0, help="End-to-end compatibility epochs after the FC fit."),
     seed: int = typer.Option(0),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    device: str = typer.Option("cpu", help="Where the end-to-end epochs train: cpu | cuda | mps."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Embed a gallery with a pretrained gallery model, fine-tune a MobileNetV2 query model into its
@@ -75,7 +76,7 @@ def quickstart(
         out=out, images=images, gallery_backbone=gallery_backbone, query_backbone=query_backbone,
         image_size=image_size, embedding_dim=dim, n_objects=objects, n_views=views,
         compat=CompatConfig(views=crops, epochs=epochs, seed=seed),
-        seed=seed, progress=progress,
+        seed=seed, progress=progress, device=device,
     )
     with user_errors():
         qs.run_quickstart(cfg, log=typer.echo)

@@ -29,6 +29,7 @@ def aff(
     overwrite_cache: bool = typer.Option(
         False, help="Re-extract feature caches that belong to another dataset instead of stopping."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (default: all cores)."),
+    device: str = typer.Option("cpu", help="Where to train: cpu | cuda | mps (mixed precision on cuda)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """AFF: train DELG/DOLG/CVNet gallery extractors, fuse their features with a dynamic mixer and train a light
@@ -43,4 +44,4 @@ def aff(
         overrides = list(set_) + ([f"out={json.dumps(str(out))}"] if out is not None else [])
         cfg = load_config(config, overrides)
         set_threads(threads)
-        run_aff(cfg, progress=progress, overwrite_cache=overwrite_cache, log=typer.echo)
+        run_aff(cfg, progress=progress, overwrite_cache=overwrite_cache, log=typer.echo, device=device)

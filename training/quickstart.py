@@ -38,6 +38,7 @@ class QuickstartConfig:
     compat: CompatConfig = CompatConfig()
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"  # where the end-to-end compatibility epochs train (cpu | cuda | mps)
 
 
 def load_images(cfg: QuickstartConfig) -> LabelledImages:
@@ -70,7 +71,8 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     )
     log(f"query model: {cfg.query_backbone} + GeM + FC -> {dim}-d, weights: {query.backbone.weights_source}")
 
-    history = train_compatible(query, gallery, gallery.spec, train.paths, cfg.compat, progress=progress)
+    history = train_compatible(query, gallery, gallery.spec, train.paths, cfg.compat, progress=progress,
+                               device=cfg.device)
     log(f"compatibility fine-tune: closed-form FC fit on {len(train.paths) * (1 + cfg.compat.views)} pairs, "
         f"cosine loss {history['fit_cosine_loss']:.3f}"
         + "".join(f"; epoch {i + 1} loss {x:.3f}" for i, x in enumerate(history["epoch_losses"])))

@@ -1,0 +1,319 @@
+"""The one training loop: `fit(step, data, modules, param_groups, OptimConfig, FitConfig)`.
+
+Every trainer in the project (gallery extractors, the AFF mixer warm-up and joint training, the
+compatibility fine-tune; next rank distillation and MABNet) is a `step` function on top of this loop:
+
+    def step(batch) -> dict[str, Tensor]:        # "loss" is minimised, other keys are logged
+        x, y = batch
+        return {"loss": arcface(model(x), y)}
+
+    history = fit(step, loader, {"model": model, "arcface": arc}, [{"params": ..., "lr": 1e-3}],
+                  OptimConfig("adamw"), FitConfig(epochs=3, device="cuda", checkpoint_dir="runs/x/fit"))
+
+The loop owns what every trainer needs once: device placement (`cpu|cuda|mps`), mixed precision on
+CUDA (bf16 where the GPU has it, else fp16 with a gradient scaler), the optimiser and its one cosine
+schedule, gradient clipping, one non-finite-loss error, tqdm progress with loss and throughput, and
+periodic checkpoints with exact resume. Plain torch, no `accelerate` (see docs/design.md).
+
+Resume is exact: a checkpoint holds the modules, optimiser, schedule, scaler, step counter, epoch
+history and the global RNG states. On resume the data of the finished steps is replayed (iterated,
+not computed), so seeded loaders, samplers and augmentations reach the same state as in the
+uninterrupted run; `data` must therefore be deterministic given its seeds (pass DataLoaders a
+seeded `generator`, transforms a `seed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sized
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from training.checkpoint_io import save_atomic
+
+DEVICES = ("cpu", "cuda", "mps")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
+FIT_STATE_FORMAT = "retrieval-sdk/fit-state"
+StepFn = Callable[[Any], Mapping[str, Tensor]]
+
+
+class FitError(ValueError):
+    """A training run that cannot start or go on: bad device, empty data, a foreign checkpoint."""
+
+
+class NonFiniteLossError(FitError):
+    """The loss became NaN or infinite: the one error every trainer raises for it."""
+
+
+class SizedIterable(Sized, Iterable, Protocol):
+    """What `fit` iterates: one pass per epoch (a DataLoader, or any re-iterable with len())."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule; learning rates travel in the param groups (one per group)."""
+
+    name: str = "adamw"  # adamw | sgd
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    schedule: str = "cosine"  # cosine (to 0 over the run) | constant
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise FitError(f"optimizer must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.schedule not in SCHEDULES:
+            raise FitError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How to run the loop. `max_steps` caps the steps of each epoch (tests and smoke runs);
+    checkpoints go to `checkpoint_dir` every `checkpoint_every` steps and at each epoch end."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    device: str = "cpu"
+    amp: bool = True  # mixed precision, on CUDA only
+    grad_clip: float | None = None  # max global gradient norm
+    seed: int | None = None  # seed torch/python/numpy at the start (None: the caller seeded)
+    channels_last: bool = False  # convolution nets train ~2x faster on CPU in NHWC
+    checkpoint_dir: str | Path | None = None
+    checkpoint_every: int = 0
+    resume: bool = True  # continue from checkpoint_dir/last.pt when it is there
+    run_key: str = ""  # what the run is (a config hash): a checkpoint of another run is refused
+    desc: str = "train"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise FitError(f"epochs must be >= 0, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise FitError(f"max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise FitError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+        if self.checkpoint_every < 0:
+            raise FitError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'cpu' | 'cuda' | 'cuda:N' | 'mps' -> torch.device, with a one-line error when it is not here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICES:
+        raise FitError(f"device must be one of {DEVICES}, got {str(name)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FitError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise FitError(f"--device {name}: Apple MPS is not available here; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), python's `random` and numpy's global generator."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW or SGD (with momentum) over `param_groups`, each group carrying its own lr."""
+    if cfg.name == "sgd":
+        return torch.optim.SGD(param_groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+
+
+def build_schedule(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The one learning-rate schedule: cosine from each group's lr to 0 over `total_steps` (or constant)."""
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    total = max(1, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+
+
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Move every tensor of a (nested tuple/list/dict) batch to `device`; 4-d float tensors to NHWC."""
+    if isinstance(batch, Tensor):
+        if channels_last and batch.ndim == 4 and batch.is_floating_point():
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device, channels_last) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    while isinstance(batch, (list, tuple)) and batch:
+        batch = batch[0]
+    if isinstance(batch, dict) and batch:
+        return _batch_size(next(iter(batch.values())))
+    return int(batch.shape[0]) if isinstance(batch, Tensor) and batch.ndim else 1
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(device: torch.device, enabled: bool) -> tuple[contextlib.AbstractContextManager, torch.amp.GradScaler]:
+    """Mixed precision on CUDA: bf16 where supported (no scaler needed), else fp16 with a scaler."""
+    if not (enabled and device.type == "cuda"):
+        return contextlib.nullcontext(), torch.amp.GradScaler("cuda", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+class _Checkpoints:
+    """checkpoint_dir/last.pt: the whole loop state, written atomically."""
+
+    def __init__(self, cfg: FitConfig):
+        self.cfg = cfg
+        self.path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
+
+    def due(self, step: int, end_of_epoch: bool) -> bool:
+        every = self.cfg.checkpoint_every
+        return self.path is not None and (end_of_epoch or (every > 0 and step % every == 0))
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_atomic({"format": FIT_STATE_FORMAT, "run_key": self.cfg.run_key, **state}, self.path)
+
+    def load(self) -> dict | None:
+        if self.path is None or not self.cfg.resume or not self.path.is_file():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state.get("format") != FIT_STATE_FORMAT or state.get("run_key") != self.cfg.run_key:
+            raise FitError(f"{self.path} is the checkpoint of another run (config changed?); delete "
+                           f"{self.path.parent} or pass another checkpoint folder to start afresh")
+        return state
+
+
+def fit(step: StepFn, data: SizedIterable, modules: Mapping[str, nn.Module], param_groups: list[dict],
+        optim: OptimConfig, cfg: FitConfig, *, on_epoch_start: Callable[[int], None] | None = None,
+        after_step: Callable[[], None] | None = None,
+        log: Callable[[str], None] | None = print) -> list[dict[str, float]]:
+    """Train `modules` (all moved to cfg.device; their state is what checkpoints hold) by minimising
+    `step(batch)["loss"]` over `data`, one pass per epoch; return each epoch's mean of every logged term.
+
+    on_epoch_start(epoch): set train/eval modes (default: every module in train mode);
+    after_step(): runs after each optimiser step (e.g. a momentum update of a buffer).
+    """
+    device = resolve_device(cfg.device)
+    if cfg.seed is not None:
+        seed_everything(cfg.seed)
+    per_epoch = len(data) if cfg.max_steps is None else min(len(data), cfg.max_steps)
+    if per_epoch < 1 and cfg.epochs:
+        raise FitError(f"{cfg.desc}: the training data yields no batch (too few samples for the batch size?)")
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    for m in modules.values():
+        m.to(device=device, memory_format=fmt)
+    opt = build_optimizer(param_groups, optim)
+    sched = build_schedule(opt, optim, per_epoch * cfg.epochs)
+    autocast, scaler = _autocast(device, cfg.amp)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    ckpt = _Checkpoints(cfg)
+    state = ckpt.load()
+    history: list[dict[str, float]] = []
+    sums: dict[str, list[float]] = {}
+    done = 0  # steps finished before this call (resume)
+    if state is not None:
+        for name, m in modules.items():
+            m.load_state_dict(state["modules"][name])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        history, sums, done = state["history"], state["epoch_sums"], state["step"]
+        if log:
+            log(f"  {cfg.desc}: resuming from {ckpt.path} at step {done}")
+    step_no = 0
+    pending_rng = state["rng"] if state is not None else None  # restored where the checkpoint was taken
+
+    def catch_up() -> None:
+        nonlocal pending_rng
+        if pending_rng is not None and step_no == done:
+            _set_rng_state(pending_rng)
+            pending_rng = None
+
+    for epoch in range(cfg.epochs):
+        # every pass (training or replay) iterates the data the same way, so seeded samplers and
+        # augmentations use their RNGs identically: tqdm over the data, to its end or one past max_steps
+        bar = tqdm(data, total=per_epoch, desc=f"{cfg.desc} epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                   disable=not cfg.progress, leave=False)
+        if step_no + per_epoch <= done:  # finished before: replay its data only
+            for i, _ in enumerate(bar):
+                if i >= per_epoch:
+                    break
+            bar.close()
+            step_no += per_epoch
+            continue
+        catch_up()
+        (on_epoch_start or (lambda e: [m.train() for m in modules.values()]))(epoch)
+        t0, seen = time.perf_counter(), 0
+        for i, batch in enumerate(bar):  # run to the data's end (a sampler draws its last permutation there)
+            if i >= per_epoch:
+                break
+            if step_no < done:  # inside the interrupted epoch: replay up to the checkpoint
+                step_no += 1
+                catch_up()
+                continue
+            batch = to_device(batch, device, cfg.channels_last)
+            with autocast:
+                terms = step(batch)
+            loss = terms["loss"]
+            if not torch.isfinite(loss.detach()):
+                raise NonFiniteLossError(f"{cfg.desc}: loss became {loss.item()} at step {step_no + 1} (epoch "
+                                         f"{epoch + 1}); lower the learning rate or set a gradient clip")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip is not None:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if after_step is not None:
+                after_step()
+            step_no += 1
+            for k, v in terms.items():
+                sums.setdefault(k, []).append(float(v.detach()))
+            seen += _batch_size(batch)
+            bar.set_postfix(loss=f"{sums['loss'][-1]:.3f}", samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            end = i == per_epoch - 1
+            if end:
+                history.append({k: float(np.mean(v)) for k, v in sums.items()})
+                sums = {}
+            if ckpt.due(step_no, end):
+                ckpt.save({"step": step_no, "history": history, "epoch_sums": sums, "rng": _rng_state(),
+                           "modules": {n: m.state_dict() for n, m in modules.items()},
+                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                           "scaler": scaler.state_dict()})
+        bar.close()
+        if log and seen:
+            means = history[-1]
+            log(f"  {cfg.desc} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items())
+                + f" ({time.perf_counter() - t0:.0f} s, {seen / (time.perf_counter() - t0):.0f} samples/s)")
+    for m in modules.values():
+        m.to(memory_format=torch.contiguous_format).eval()
+    return history
