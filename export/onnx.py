@@ -51,7 +51,8 @@ def export_onnx(model, path: str | Path, input_size: tuple[int, int] = (224, 224
     model = model.eval()
     example = torch.randn(1, 3, *input_size)
     vit = _is_vit(model)
-    axes = {INPUT_NAME: {0: "batch"} if vit else {0: "batch", 2: "height", 3: "width"}, OUTPUT_NAME: {0: "batch"}}
+    axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"} if dynamic_hw(model) else {0: "batch"},
+            OUTPUT_NAME: {0: "batch"}}
     with warnings.catch_warnings(), (_baked_vit_pos_embed(model, example) if vit else contextlib.nullcontext()):
         # The TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript; it is
         # still the one that keeps GeM's spatial mean dynamic without extra packages.
@@ -78,6 +79,12 @@ def _pin_output_dim(path: Path, dim: int) -> None:
         d[1].Clear()
         d[1].dim_value = dim
         onnx.save(model, str(path))
+
+
+def dynamic_hw(model) -> bool:
+    """Whether the exported graph keeps H and W dynamic: CNN models do; ViTs (baked positional
+    embedding) and models that say `dynamic_hw = False` (the AFF gallery) take the trace size."""
+    return not _is_vit(model) and getattr(model, "dynamic_hw", True)
 
 
 def _is_vit(model) -> bool:

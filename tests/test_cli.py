@@ -40,8 +40,8 @@ def test_quickstart_small_run_prints_map_and_writes_checkpoints(tmp_path):
     assert 0.0 <= results["asymmetric_map"] <= 1.0 and 0.0 < results["symmetric_map"] <= 1.0
     from training.models import load_checkpoint
 
-    query, qmeta = load_checkpoint(tmp_path / "query.pt")
-    gallery, gmeta = load_checkpoint(tmp_path / "gallery.pt")
+    query, qmeta = load_checkpoint(tmp_path / "query.safetensors")
+    gallery, gmeta = load_checkpoint(tmp_path / "gallery.safetensors")
     assert qmeta.embedding_space == gmeta.embedding_space == results["embedding_space"]
     assert query.embedding_dim == gallery.embedding_dim
 

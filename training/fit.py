@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from training.checkpoint_io import save_atomic
+from training.checkpoint import save_atomic
 
 DEVICES = ("cpu", "cuda", "mps")
 OPTIMIZERS = ("adamw", "sgd")

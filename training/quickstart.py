@@ -84,8 +84,8 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
 
     space = new_space_id("quickstart")
     meta = dict(embedding_space=space, extra={"asymmetric_map": result.asym_map, "symmetric_map": result.sym_map})
-    save_checkpoint(gallery, cfg.out / "gallery.pt", CheckpointMeta(role="gallery", name="gallery", **meta))
-    save_checkpoint(query, cfg.out / "query.pt", CheckpointMeta(role="query", name="query", **meta))
+    save_checkpoint(gallery, cfg.out / "gallery.safetensors", CheckpointMeta(role="gallery", name="gallery", **meta))
+    save_checkpoint(query, cfg.out / "query.safetensors", CheckpointMeta(role="query", name="query", **meta))
     results = {
         "embedding_space": space,
         "symmetric_map": result.sym_map,
@@ -99,6 +99,6 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     }
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2))
     log(result.summary())
-    log(f"wrote {cfg.out / 'query.pt'}, {cfg.out / 'gallery.pt'}, {cfg.out / 'results.json'} "
+    log(f"wrote {cfg.out / 'query.safetensors'}, {cfg.out / 'gallery.safetensors'}, {cfg.out / 'results.json'} "
         f"(space {space}) in {results['seconds']:.0f} s")
     return results

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint_io import read_state_dict_file
+from training.checkpoint import read_state_dict_file
 
 HUB_HOST = ("huggingface.co", 443)
 

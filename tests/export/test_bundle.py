@@ -116,12 +116,14 @@ def test_empty_calibration_folder(tmp_path, ckpts):
 
 
 def test_checkpoint_of_unknown_architecture(tmp_path):
-    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
-    path = make_checkpoint(tmp_path / "m.pt")
-    payload = torch.load(path, weights_only=True)
-    payload["config"]["backbone"] = "mystery_net_9000"
-    torch.save(payload, path)
+    path = make_checkpoint(tmp_path / "m.safetensors")
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata())
+    header["config"] = json.dumps({**json.loads(header["config"]), "backbone": "mystery_net_9000"})
+    save_file(load_file(str(path)), str(path), metadata=header)
     with pytest.raises(ValueError, match="cannot build.*mystery_net_9000"):
         export_bundle(path, tmp_path / "o")
 

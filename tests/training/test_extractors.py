@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from training.data import make_instance_set
 from training.extractors import (ExtractorConfig, ExtractorError, ExtractorTrainConfig, Trunk, build_extractor,
                                  load_extractor, load_released, save_extractor, train_extractor)
-from training.extractors.base import read_extractor_header
+from training.checkpoint import CheckpointError, read_header
 from training.extractors.delg import top_k_locals
 from training.extractors.dolg import orthogonal_fusion
 from training.extractors.released import pycls_to_timm, released_state_dict, timm_to_pycls
@@ -152,9 +152,9 @@ def test_extractor_checkpoint_roundtrip(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     a, b = ex.extract(x), back.extract(x)
     assert torch.equal(a.global_, b.global_) and torch.equal(a.local, b.local)
-    assert back.config == ex.config and read_extractor_header(path)["fingerprint"] == "abc"
+    assert back.config == ex.config and read_header(path)["meta"].extra["fingerprint"] == "abc"
     torch.save({"something": 1}, tmp_path / "other.pt")
-    with pytest.raises(ExtractorError, match="not a gallery-extractor checkpoint"):
+    with pytest.raises(CheckpointError, match="not a retrieval-sdk checkpoint"):
         load_extractor(tmp_path / "other.pt")
 
 

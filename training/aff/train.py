@@ -4,15 +4,16 @@
 Steps (each cached under cfg.out, so a re-run skips what is done):
 1. data: the labelled training split and the held-out evaluation split (see DataConfig);
 2. extractors: DELG / DOLG / CVNet trained with ArcFace on the training split (or loaded), then frozen
-   -> out/extractors/<name>.pt;
+   -> out/extractors/<name>.safetensors;
 3. features of both splits, extracted once -> out/features/<split>/<name>/ (memory-mapped);
 4. baselines on the features: each single feature, the ensemble, concat+MLP;
 5. AFF: dynamic mixer (ArcFace, W_mix) + query model (ArcFace on W_q, momentum copy of W_mix);
 6. ablations (shared classifier, two-stage) trained the same way from the same seed;
 7. evaluation on the held-out split: leave-one-out class-based mAP and R@1; symmetric for every gallery
    representation, asymmetric (query model vs mixer gallery) for each trained pair;
-8. outputs: gallery.pt (mixer + extractor references), query.pt (EmbeddingModel checkpoint for
-   `retrieval-sdk export`), both with one embedding_space id, and results.json.
+8. outputs: gallery.safetensors (extractors + mixer, one module) and query.safetensors (the query
+   EmbeddingModel), both in the format `retrieval-sdk export` reads, with one embedding_space id, and
+   results.json.
 """
 
 from __future__ import annotations
@@ -39,12 +40,13 @@ from training.data import (DatasetError, LabelledImages, csv_manifest, fashion_m
                            make_instance_set, split_classes)
 from training.embed import embed_images
 from training.evaluate import asymmetric_eval, labelled_eval
+from training.checkpoint import FORMAT, CheckpointError, CheckpointMeta, load_strict, read_header, save_checkpoint
 from training.extractors import (ExtractorConfig, GalleryExtractor, build_extractor, load_extractor, load_released,
-                                 read_extractor_header, save_extractor, train_extractor)
-from training.extractors.base import ExtractorError
+                                 save_extractor, train_extractor)
+from training.extractors.released import CLASSIFIERS
 from training.fit import FitConfig, OptimConfig, fit
 from training.losses import ArcFace
-from training.models import CheckpointMeta, new_space_id, save_checkpoint
+from training.models import new_space_id
 from training.transforms import eval_transform, train_transform
 
 Log = Callable[[str], None]
@@ -129,12 +131,12 @@ def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str,
                       log: Log, device: str = "cpu") -> tuple[GalleryExtractor, Path, float]:
     """Train (or load the cached / released) extractor; returns it frozen, its checkpoint and seconds spent."""
     t0 = time.perf_counter()
-    path = out / "extractors" / f"{ec.name}.pt"
+    path = out / "extractors" / f"{ec.name}.safetensors"
     fingerprint = _extractor_fingerprint(ec, train_fp, len(train.classes))
     if path.is_file():
         try:
-            cached = read_extractor_header(path).get("fingerprint")
-        except ExtractorError:
+            cached = read_header(path)["meta"].extra.get("fingerprint")
+        except (CheckpointError, KeyError):
             cached = None
         if cached == fingerprint:
             ex = load_extractor(path)
@@ -143,14 +145,13 @@ def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str,
         log(f"  {ec.name}: {path} was trained with another config or data; retraining")
     ex = build_extractor(ec, num_classes=len(train.classes))
     if ec.weights:
-        header = None
-        try:
-            header = read_extractor_header(ec.weights)
-        except ExtractorError:
-            pass
-        if header is not None:
-            ex.load_state_dict(header["state_dict"], strict=False)
-            log(f"  {ec.name}: weights from {ec.weights}")
+        if read_header(ec.weights)["format"] == FORMAT:  # an extractor saved by this project
+            saved = load_extractor(ec.weights)
+            own_heads = {k: v for k, v in ex.state_dict().items() if k.startswith(CLASSIFIERS)}
+            same_labels = saved.num_classes == ex.num_classes
+            load_strict(ex, {**own_heads, **{k: v for k, v in saved.state_dict().items()
+                                             if same_labels or not k.startswith(CLASSIFIERS)}}, str(ec.weights))
+            log(f"  {ec.name}: weights from {ec.weights}" + ("" if same_labels else " (classifier heads: new labels)"))
         else:
             report = load_released(ex, ec.weights, DEFAULT_LAYOUT[ec.kind])
             log(f"  {ec.name}: released {DEFAULT_LAYOUT[ec.kind]} weights, {report.loaded} tensors"
@@ -454,11 +455,11 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     # ---- outputs
     main = pairs["main"]
     space = new_space_id("aff")
-    gallery_path = save_gallery(out / "gallery.pt", main.mixer, extractors, space,
+    gallery_path = save_gallery(out / "gallery.safetensors", main.mixer, [ex for ex, _ in extractors], space,
                                 extra={"variant": main.variant, "mixer_map": results["main"].mixer["map"]})
-    query_path = save_checkpoint(main.query, out / "query.pt", CheckpointMeta(
+    query_path = save_checkpoint(main.query, out / "query.safetensors", CheckpointMeta(
         embedding_space=space, role="query", name=f"aff-query-{cfg.query.backbone}",
-        extra={"gallery": "gallery.pt", "asymmetric_map": results["main"].asym["map"],
+        extra={"gallery": "gallery.safetensors", "asymmetric_map": results["main"].asym["map"],
                "symmetric_mixer_map": results["main"].mixer["map"], "config": cfg.name}))
     timings["total"] = time.perf_counter() - t_start
     report = build_report(cfg, splits, rows, results, timings, space, gallery_path, query_path)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint_io import read_state_dict_file
+from training.checkpoint import read_state_dict_file
 from training.extractors.base import ExtractorError, GalleryExtractor
 
 BACKBONE = "trunk.backbone.model."
@@ -41,7 +41,7 @@ _PYCLS_PARTS = {"f.a": "conv1", "f.a_bn": "bn1", "f.b": "conv2", "f.b_bn": "bn2"
 _TIMM_PARTS = {v: k for k, v in _PYCLS_PARTS.items()}
 _PYCLS_BLOCK = re.compile(r"^s(\d+)\.b(\d+)\.(f\.a_bn|f\.b_bn|f\.c_bn|f\.a|f\.b|f\.c|proj|bn)\.(\w+)$")
 _TIMM_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(conv[123]|bn[123]|downsample\.0|downsample\.1)\.(\w+)$")
-_CLASSIFIERS = ("arcface.", "attention_classifier.")
+CLASSIFIERS = ("arcface.", "attention_classifier.")
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
     spec = RELEASED_LAYOUTS[layout]
     if extractor.config.kind != spec.kind:
         raise ExtractorError(f"layout {layout!r} holds a {spec.kind} model but the extractor is {extractor.config.kind}")
-    if extractor.trunk.family != "resnet":
+    if not extractor.trunk.backbone.config.timm_name.startswith("resnet"):
         raise ExtractorError(f"released {spec.kind} checkpoints use a ResNet backbone; the extractor uses "
                              f"'{extractor.config.backbone}' (set backbone resnet50 or resnet101)")
     if spec.absent and extractor.num_local:
@@ -149,7 +149,7 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
             continue
         new = _map_key(key, spec)
         if new is None or new not in target:
-            if new is not None and new.startswith(_CLASSIFIERS):
+            if new is not None and new.startswith(CLASSIFIERS):
                 report.skipped_classifiers.append(key)  # the extractor has no such head
                 continue
             unexpected.append(key)
@@ -162,7 +162,7 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
         )
     for key in list(mapped):
         if mapped[key].shape != target[key].shape:
-            if key.startswith(_CLASSIFIERS):
+            if key.startswith(CLASSIFIERS):
                 report.skipped_classifiers.append(key)
                 del mapped[key]
                 continue
@@ -170,7 +170,7 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
                 f"{path}: {key} has shape {tuple(mapped[key].shape)} in the checkpoint but {tuple(target[key].shape)} "
                 f"here; set the extractor's dim/local_dim/backbone to what the release was trained with"
             )
-    missing = [k for k in target if k not in mapped and not k.startswith(_CLASSIFIERS)]
+    missing = [k for k in target if k not in mapped and not k.startswith(CLASSIFIERS)]
     for key in list(missing):
         if key.endswith("num_batches_tracked"):  # older checkpoints lack the BN step counter
             missing.remove(key)
@@ -206,7 +206,7 @@ def released_state_dict(extractor: GalleryExtractor, layout: str) -> dict[str, t
                 out[src + key[len(dst):]] = value
                 break
         else:
-            if key.startswith(_CLASSIFIERS):  # ArcFace scale/margin buffers: not stored by the releases
+            if key.startswith(CLASSIFIERS):  # ArcFace scale/margin buffers: not stored by the releases
                 continue
             raise ExtractorError(f"{key} has no place in the {layout} layout")
     return out
