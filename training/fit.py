@@ -95,14 +95,9 @@ class FitConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise FitError(f"epochs must be >= 0, got {self.epochs}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise FitError(f"max_steps must be >= 1 or None, got {self.max_steps}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise FitError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
-        if self.checkpoint_every < 0:
-            raise FitError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.epochs < 0 or self.checkpoint_every < 0 or (self.max_steps or 1) < 1 or (self.grad_clip or 1) <= 0:
+            raise FitError(f"fit needs epochs >= 0, checkpoint_every >= 0, max_steps >= 1 and grad_clip > 0 (or None); "
+                           f"got {self.epochs}, {self.checkpoint_every}, {self.max_steps}, {self.grad_clip}")
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
@@ -155,12 +150,11 @@ def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> 
     return batch
 
 
-def _batch_size(batch: Any) -> int:
-    while isinstance(batch, (list, tuple)) and batch:
-        batch = batch[0]
-    if isinstance(batch, dict) and batch:
-        return _batch_size(next(iter(batch.values())))
-    return int(batch.shape[0]) if isinstance(batch, Tensor) and batch.ndim else 1
+def _rows(batch: Any) -> int:
+    """Samples in a batch: the length of its first tensor."""
+    while not isinstance(batch, Tensor):
+        batch = next(iter(batch.values() if isinstance(batch, dict) else batch))
+    return len(batch)
 
 
 def _rng_state() -> dict:
@@ -185,29 +179,16 @@ def _autocast(device: torch.device, enabled: bool) -> tuple[contextlib.AbstractC
     return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
 
 
-class _Checkpoints:
-    """checkpoint_dir/last.pt: the whole loop state, written atomically."""
-
-    def __init__(self, cfg: FitConfig):
-        self.cfg = cfg
-        self.path = Path(cfg.checkpoint_dir) / "last.pt" if cfg.checkpoint_dir else None
-
-    def due(self, step: int, end_of_epoch: bool) -> bool:
-        every = self.cfg.checkpoint_every
-        return self.path is not None and (end_of_epoch or (every > 0 and step % every == 0))
-
-    def save(self, state: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        save_atomic({"format": FIT_STATE_FORMAT, "run_key": self.cfg.run_key, **state}, self.path)
-
-    def load(self) -> dict | None:
-        if self.path is None or not self.cfg.resume or not self.path.is_file():
-            return None
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state.get("format") != FIT_STATE_FORMAT or state.get("run_key") != self.cfg.run_key:
-            raise FitError(f"{self.path} is the checkpoint of another run (config changed?); delete "
-                           f"{self.path.parent} or pass another checkpoint folder to start afresh")
-        return state
+def _load_state(cfg: FitConfig) -> dict | None:
+    """The checkpoint to resume from (checkpoint_dir/last.pt), refused when another run wrote it."""
+    path = Path(cfg.checkpoint_dir or "", "last.pt")
+    if not (cfg.checkpoint_dir and cfg.resume and path.is_file()):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != FIT_STATE_FORMAT or state.get("run_key") != cfg.run_key:
+        raise FitError(f"{path} is the checkpoint of another run (config changed?); delete {path.parent} or pass "
+                       "another checkpoint folder to start afresh")
+    return state
 
 
 def fit(step: StepFn, data: SizedIterable, modules: Mapping[str, nn.Module], param_groups: list[dict],
@@ -226,57 +207,38 @@ def fit(step: StepFn, data: SizedIterable, modules: Mapping[str, nn.Module], par
     per_epoch = len(data) if cfg.max_steps is None else min(len(data), cfg.max_steps)
     if per_epoch < 1 and cfg.epochs:
         raise FitError(f"{cfg.desc}: the training data yields no batch (too few samples for the batch size?)")
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     for m in modules.values():
-        m.to(device=device, memory_format=fmt)
+        m.to(device=device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     opt = build_optimizer(param_groups, optim)
     sched = build_schedule(opt, optim, per_epoch * cfg.epochs)
     autocast, scaler = _autocast(device, cfg.amp)
     params = [p for g in opt.param_groups for p in g["params"]]
-    ckpt = _Checkpoints(cfg)
-    state = ckpt.load()
-    history: list[dict[str, float]] = []
-    sums: dict[str, list[float]] = {}
-    done = 0  # steps finished before this call (resume)
+    state = _load_state(cfg)
+    history, sums, done = [], {}, 0  # done: steps finished before this call (resume)
     if state is not None:
         for name, m in modules.items():
             m.load_state_dict(state["modules"][name])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        for part, obj in (("optimizer", opt), ("scheduler", sched), ("scaler", scaler)):
+            obj.load_state_dict(state[part])
         history, sums, done = state["history"], state["epoch_sums"], state["step"]
         if log:
-            log(f"  {cfg.desc}: resuming from {ckpt.path} at step {done}")
+            log(f"  {cfg.desc}: resuming from {cfg.checkpoint_dir}/last.pt at step {done}")
     step_no = 0
-    pending_rng = state["rng"] if state is not None else None  # restored where the checkpoint was taken
-
-    def catch_up() -> None:
-        nonlocal pending_rng
-        if pending_rng is not None and step_no == done:
-            _set_rng_state(pending_rng)
-            pending_rng = None
-
     for epoch in range(cfg.epochs):
-        # every pass (training or replay) iterates the data the same way, so seeded samplers and
-        # augmentations use their RNGs identically: tqdm over the data, to its end or one past max_steps
+        # Steps before `done` are replayed (their data iterated, not computed), then the RNGs are set to
+        # the checkpoint's. Every pass iterates the same way, so seeded samplers and augmentations use
+        # their RNGs identically: tqdm over the data, to its end (a sampler draws there) or max_steps + 1.
         bar = tqdm(data, total=per_epoch, desc=f"{cfg.desc} epoch {epoch + 1}/{cfg.epochs}", unit="step",
                    disable=not cfg.progress, leave=False)
-        if step_no + per_epoch <= done:  # finished before: replay its data only
-            for i, _ in enumerate(bar):
-                if i >= per_epoch:
-                    break
-            bar.close()
-            step_no += per_epoch
-            continue
-        catch_up()
         (on_epoch_start or (lambda e: [m.train() for m in modules.values()]))(epoch)
         t0, seen = time.perf_counter(), 0
-        for i, batch in enumerate(bar):  # run to the data's end (a sampler draws its last permutation there)
+        for i, batch in enumerate(bar):
             if i >= per_epoch:
                 break
-            if step_no < done:  # inside the interrupted epoch: replay up to the checkpoint
+            if step_no < done:
                 step_no += 1
-                catch_up()
+                if step_no == done:
+                    _set_rng_state(state["rng"])
                 continue
             batch = to_device(batch, device, cfg.channels_last)
             with autocast:
@@ -298,22 +260,23 @@ def fit(step: StepFn, data: SizedIterable, modules: Mapping[str, nn.Module], par
             step_no += 1
             for k, v in terms.items():
                 sums.setdefault(k, []).append(float(v.detach()))
-            seen += _batch_size(batch)
+            seen += _rows(batch)
             bar.set_postfix(loss=f"{sums['loss'][-1]:.3f}", samples_s=f"{seen / (time.perf_counter() - t0):.0f}")
-            end = i == per_epoch - 1
-            if end:
+            if i == per_epoch - 1:
                 history.append({k: float(np.mean(v)) for k, v in sums.items()})
                 sums = {}
-            if ckpt.due(step_no, end):
-                ckpt.save({"step": step_no, "history": history, "epoch_sums": sums, "rng": _rng_state(),
-                           "modules": {n: m.state_dict() for n, m in modules.items()},
-                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                           "scaler": scaler.state_dict()})
+            every = cfg.checkpoint_every
+            if cfg.checkpoint_dir and (i == per_epoch - 1 or (every and step_no % every == 0)):
+                save_atomic({"format": FIT_STATE_FORMAT, "run_key": cfg.run_key, "step": step_no, "history": history,
+                             "epoch_sums": sums, "rng": _rng_state(), "optimizer": opt.state_dict(),
+                             "modules": {n: m.state_dict() for n, m in modules.items()},
+                             "scheduler": sched.state_dict(), "scaler": scaler.state_dict()},
+                            Path(cfg.checkpoint_dir, "last.pt"))
         bar.close()
         if log and seen:
-            means = history[-1]
-            log(f"  {cfg.desc} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items())
-                + f" ({time.perf_counter() - t0:.0f} s, {seen / (time.perf_counter() - t0):.0f} samples/s)")
+            sec = time.perf_counter() - t0
+            log(f"  {cfg.desc} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.3f}" for k, v in history[-1].items())
+                + f" ({sec:.0f} s, {seen / sec:.0f} samples/s)")
     for m in modules.values():
         m.to(memory_format=torch.contiguous_format).eval()
     return history

@@ -3,6 +3,8 @@ checkpoints, and the mapping of released checkpoints onto our key layout."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,7 @@ from training.extractors import (ExtractorConfig, ExtractorError, ExtractorTrain
 from training.checkpoint import CheckpointError, read_header
 from training.extractors.delg import top_k_locals
 from training.extractors.dolg import orthogonal_fusion
-from training.extractors.released import pycls_to_timm, released_state_dict, timm_to_pycls
+from training.extractors.released import _PYCLS_PARTS, BACKBONE, CLASSIFIERS, RELEASED_LAYOUTS, pycls_to_timm
 from training.backbones import create_backbone
 
 TINY = dict(image_size=64, dim=24)
@@ -159,6 +161,45 @@ def test_extractor_checkpoint_roundtrip(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ released checkpoints
+
+_TIMM_PARTS = {v: k for k, v in _PYCLS_PARTS.items()}
+_TIMM_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(conv[123]|bn[123]|downsample\.0|downsample\.1)\.(\w+)$")
+
+
+def timm_to_pycls(key: str) -> str | None:
+    """Inverse of `pycls_to_timm`."""
+    for src, dst in (("conv1.", "stem.conv."), ("bn1.", "stem.bn.")):
+        if key.startswith(src) and key.count(".") == 1:
+            return dst + key[len(src):]
+    m = _TIMM_BLOCK.match(key)
+    if m is None:
+        return None
+    stage, block, part, leaf = m.groups()
+    return f"s{stage}.b{int(block) + 1}.{_TIMM_PARTS[part]}.{leaf}"
+
+
+def released_state_dict(extractor: GalleryExtractor, layout: str) -> dict[str, torch.Tensor]:
+    """The extractor's weights in a release's layout (the inverse mapping), e.g. for round-trip tests."""
+    spec = RELEASED_LAYOUTS[layout]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in extractor.state_dict().items():
+        if key.startswith(spec.absent):
+            continue
+        for src, dst in spec.rules:
+            if dst == BACKBONE and key.startswith(BACKBONE):
+                pycls = timm_to_pycls(key[len(BACKBONE):])
+                if pycls is None:
+                    raise AssertionError(f"{key} has no place in the pycls ResNet layout")
+                out[src + pycls] = value
+                break
+            if dst != BACKBONE and key.startswith(dst):
+                out[src + key[len(dst):]] = value
+                break
+        else:
+            if key.startswith(CLASSIFIERS):  # ArcFace scale/margin buffers: not stored by the releases
+                continue
+            raise AssertionError(f"{key} has no place in the {layout} layout")
+    return out
 
 
 def test_pycls_keys_map_to_timm_resnet_names():

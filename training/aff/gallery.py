@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from sdk.preprocess import PreprocessSpec, preprocess_image
+from sdk.preprocess import PreprocessSpec
 from training.aff.mixer import MixerArch, build_mixer, local_key, mask_key
 from training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from training.embed import embed_images
 from training.extractors.base import GalleryExtractor
 
 
@@ -76,18 +76,9 @@ class AFFGallery(nn.Module):
                 inputs[mask_key(ex.name)] = torch.arange(feats.local.shape[1])[None] < feats.local_count[:, None]
         return self.mixer(inputs)
 
-    @torch.no_grad()
     def embed_images(self, images: Sequence, batch_size: int = 32, progress: bool = False) -> np.ndarray:
         """Embed image paths / PIL images (preprocessed with `self.spec`) as float32 rows."""
-        self.eval()
-        if not len(images):
-            raise ValueError("no images to embed")
-        out = []
-        for start in tqdm(range(0, len(images), batch_size), desc="gallery", unit="batch", disable=not progress,
-                          leave=False):
-            batch = images[start:start + batch_size]
-            out.append(self(torch.from_numpy(np.stack([preprocess_image(img, self.spec) for img in batch]))).numpy())
-        return np.concatenate(out).astype(np.float32)
+        return embed_images(self, images, self.spec, batch_size, desc="gallery", progress=progress)
 
 
 def save_gallery(path: str | Path, mixer: nn.Module, extractors: Sequence[GalleryExtractor],

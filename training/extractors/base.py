@@ -249,16 +249,14 @@ class GalleryExtractor(nn.Module):
 
     # -- shapes
     @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def embedding_dim(self) -> int:
-        return self.config.dim
-
-    @property
     def global_dim(self) -> int:
         return self.config.dim
+
+    embedding_dim = global_dim  # what the module format and export call it
+
+    @property
+    def name(self) -> str:
+        return self.config.name
 
     @property
     def local_dim(self) -> int:
