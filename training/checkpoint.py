@@ -1,19 +1,11 @@
-"""One file format for every torch artifact: `save_checkpoint` / `load_checkpoint`.
+"""One file format for every torch artifact: `save_checkpoint` / `load_checkpoint` / `read_header`.
 
-In the spirit of sentence-transformers (models/Module.py + modules.json), a saved model is modules
-that say how to rebuild themselves: each saveable class has a `module_type`, `module_config()` (a
-JSON-able dict of its config keys, nested for composite modules) and `from_config(config)`. The file
-is one safetensors state dict (pickle-free, the ecosystem's weight format) whose header metadata holds
-the config JSON, the preprocessing spec, the embedding dim and the meta (space id, role, name, extra),
-so reading what a file is costs its header only. Loading is strict: every tensor of the file must be
-used and every tensor of the module filled, or the error names the first missing/unexpected key.
-
-Covered: query/gallery `EmbeddingModel`, gallery extractors (DELG/DOLG/CVNet), the AFF gallery
-(extractors + mixer, exportable as one ONNX graph). Files of v1 (torch pickles with a "format" header)
-still load for embedding models; other v1 files fail with one line naming the command to re-run.
-
-Also here, the torch-file helpers the rest of training/ shares: atomic writes, reading state dicts
-of weights from elsewhere (ImageNet, released DELG/DOLG/CVNet) with one-line errors.
+After sentence-transformers' Module.py + modules.json: each saveable module has a `module_type`,
+`module_config()` (its config keys as JSON, nested for composites) and `from_config(config)`. A file
+is one safetensors state dict (pickle-free) whose header metadata holds the config, preprocessing spec,
+embedding dim and meta, so reading what a file is costs its header only. Loading is strict: the first
+missing or unexpected tensor is named. v1 files (torch pickles): embedding models load; the others
+name the command to re-run. Also the torch-file helpers training/ shares (atomic write, state dicts).
 """
 
 from __future__ import annotations
@@ -155,13 +147,15 @@ def read_header(path: str | Path) -> dict:
             "embedding_dim": int(raw["embedding_dim"]), "meta": CheckpointMeta(**json.loads(raw["meta"]))}
 
 
-def module_class(module_type: str) -> type:
-    """The class that rebuilds files of `module_type`."""
+def _build(module_type: str, config: dict, path: Path) -> nn.Module:
+    """A fresh module of `module_type` from its config (weights still random)."""
     if module_type not in MODULE_TYPES:
-        raise CheckpointError(f"unknown module type {module_type!r} (known: {sorted(MODULE_TYPES)}): a file from "
-                              "a newer version?")
+        raise CheckpointError(f"{path}: unknown module type {module_type!r}: a file from a newer version?")
     where, name = MODULE_TYPES[module_type].split(":")
-    return getattr(importlib.import_module(where), name)
+    try:
+        return getattr(importlib.import_module(where), name).from_config(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} describes a {module_type} this version cannot build: {e}") from None
 
 
 def load_checkpoint(path: str | Path, expect: str | None = None) -> tuple[nn.Module, CheckpointMeta]:
@@ -174,10 +168,7 @@ def load_checkpoint(path: str | Path, expect: str | None = None) -> tuple[nn.Mod
         raise CheckpointError(f"{path} holds a {header['type']}, not a {expect}")
     from safetensors.torch import load_file
 
-    try:
-        module = module_class(header["type"]).from_config(header["config"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} describes a {header['type']} this version cannot build: {e}") from None
+    module = _build(header["type"], header["config"], path)
     load_strict(module, load_file(str(path)), str(path))
     module.spec = PreprocessSpec.from_dict(header["preprocess"])
     return module.eval(), header["meta"]
@@ -193,10 +184,7 @@ def _load_v1(path: Path, expect: str | None) -> tuple[nn.Module, CheckpointMeta]
     if fmt != "retrieval-sdk/checkpoint" or (expect not in (None, "embedding_model")):
         raise CheckpointError(f"{path} is not a retrieval-sdk checkpoint; train one with `retrieval-sdk quickstart` "
                               "or save it with training.checkpoint.save_checkpoint")
-    try:
-        module = module_class("embedding_model").from_config(payload["config"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} describes an architecture this version cannot build: {e}") from None
+    module = _build("embedding_model", payload["config"], path)
     load_strict(module, payload["state_dict"], str(path))
     module.spec = PreprocessSpec.from_dict(payload["preprocess"])
     return module.eval(), CheckpointMeta(**payload["meta"])

@@ -1,25 +1,15 @@
 """The one training loop: `fit(step, data, modules, param_groups, OptimConfig, FitConfig)`.
 
-Every trainer in the project (gallery extractors, the AFF mixer warm-up and joint training, the
-compatibility fine-tune; next rank distillation and MABNet) is a `step` function on top of this loop:
+Every trainer (gallery extractors, AFF mixer warm-up and joint training, the compatibility fine-tune;
+next rank distillation and MABNet) is a `step(batch) -> {"loss": ..., other logged terms}` on it:
 
-    def step(batch) -> dict[str, Tensor]:        # "loss" is minimised, other keys are logged
-        x, y = batch
-        return {"loss": arcface(model(x), y)}
+    fit(lambda b: {"loss": arcface(model(b[0]), b[1])}, loader, {"model": model, "arcface": arcface},
+        [{"params": params, "lr": 1e-3}], OptimConfig("adamw"), FitConfig(epochs=3, device="cuda"))
 
-    history = fit(step, loader, {"model": model, "arcface": arc}, [{"params": ..., "lr": 1e-3}],
-                  OptimConfig("adamw"), FitConfig(epochs=3, device="cuda", checkpoint_dir="runs/x/fit"))
-
-The loop owns what every trainer needs once: device placement (`cpu|cuda|mps`), mixed precision on
-CUDA (bf16 where the GPU has it, else fp16 with a gradient scaler), the optimiser and its one cosine
-schedule, gradient clipping, one non-finite-loss error, tqdm progress with loss and throughput, and
-periodic checkpoints with exact resume. Plain torch, no `accelerate` (see docs/design.md).
-
-Resume is exact: a checkpoint holds the modules, optimiser, schedule, scaler, step counter, epoch
-history and the global RNG states. On resume the data of the finished steps is replayed (iterated,
-not computed), so seeded loaders, samplers and augmentations reach the same state as in the
-uninterrupted run; `data` must therefore be deterministic given its seeds (pass DataLoaders a
-seeded `generator`, transforms a `seed`).
+The loop owns device placement (cpu|cuda|mps), AMP on CUDA, the optimiser and the one cosine schedule,
+gradient clipping, one non-finite-loss error, tqdm with loss and throughput, and periodic checkpoints
+with exact resume (modules, optimiser, schedule, scaler, history, RNG states; the finished steps' data
+is replayed, so `data` must be deterministic given its seeds). Plain torch (see docs/design.md).
 """
 
 from __future__ import annotations
@@ -28,10 +18,10 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sized
+from typing import Any, Sized
 
 import numpy as np
 import torch
@@ -55,10 +45,6 @@ class NonFiniteLossError(FitError):
     """The loss became NaN or infinite: the one error every trainer raises for it."""
 
 
-class SizedIterable(Sized, Iterable, Protocol):
-    """What `fit` iterates: one pass per epoch (a DataLoader, or any re-iterable with len())."""
-
-
 @dataclass(frozen=True)
 class OptimConfig:
     """Optimiser and schedule; learning rates travel in the param groups (one per group)."""
@@ -69,10 +55,9 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine (to 0 over the run) | constant
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise FitError(f"optimizer must be one of {OPTIMIZERS}, got {self.name!r}")
-        if self.schedule not in SCHEDULES:
-            raise FitError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.name not in OPTIMIZERS or self.schedule not in SCHEDULES:
+            raise FitError(f"optimizer must be one of {OPTIMIZERS} and schedule one of {SCHEDULES}, got "
+                           f"{self.name!r}, {self.schedule!r}")
 
 
 @dataclass(frozen=True)
@@ -191,7 +176,7 @@ def _load_state(cfg: FitConfig) -> dict | None:
     return state
 
 
-def fit(step: StepFn, data: SizedIterable, modules: Mapping[str, nn.Module], param_groups: list[dict],
+def fit(step: StepFn, data: Sized, modules: Mapping[str, nn.Module], param_groups: list[dict],
         optim: OptimConfig, cfg: FitConfig, *, on_epoch_start: Callable[[int], None] | None = None,
         after_step: Callable[[], None] | None = None,
         log: Callable[[str], None] | None = print) -> list[dict[str, float]]:

@@ -167,15 +167,11 @@ _TIMM_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(conv[123]|bn[123]|downsample\.0|
 
 
 def timm_to_pycls(key: str) -> str | None:
-    """Inverse of `pycls_to_timm`."""
-    for src, dst in (("conv1.", "stem.conv."), ("bn1.", "stem.bn.")):
-        if key.startswith(src) and key.count(".") == 1:
-            return dst + key[len(src):]
+    """Inverse of `pycls_to_timm` (the release layout of our ResNet keys, for round-trip tests)."""
+    if key.count(".") == 1 and key.startswith(("conv1.", "bn1.")):
+        return key.replace("conv1.", "stem.conv.", 1).replace("bn1.", "stem.bn.", 1)
     m = _TIMM_BLOCK.match(key)
-    if m is None:
-        return None
-    stage, block, part, leaf = m.groups()
-    return f"s{stage}.b{int(block) + 1}.{_TIMM_PARTS[part]}.{leaf}"
+    return None if m is None else "s{}.b{}.{}.{}".format(m[1], int(m[2]) + 1, _TIMM_PARTS[m[3]], m[4])
 
 
 def released_state_dict(extractor: GalleryExtractor, layout: str) -> dict[str, torch.Tensor]:

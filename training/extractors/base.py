@@ -10,8 +10,6 @@ tests and CPU runs use tiny variants of the same architectures.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -118,9 +116,6 @@ class ExtractorConfig:
     def from_dict(cls, d: dict) -> "ExtractorConfig":
         return _from_dict(cls, d, f"extractor {d.get('name') or d.get('kind', '?')}")
 
-    def fingerprint(self) -> str:
-        """A short hash of everything that shapes the trained weights (architecture and training)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _from_dict(cls, d: dict, what: str):
