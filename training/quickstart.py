@@ -20,6 +20,7 @@ from training.compatible import CompatConfig, train_compatible
 from training.data import LabelledImages, image_folder, make_instance_set, split_classes
 from training.embed import embed_images
 from training.evaluate import asymmetric_eval
+from training.fit import resolve_device
 from training.heads import Whitening, learn_pca_whitening
 from training.models import CheckpointMeta, EmbeddingModel, ModelConfig, new_space_id, save_checkpoint
 
@@ -49,6 +50,7 @@ def load_images(cfg: QuickstartConfig) -> LabelledImages:
 
 def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     """Train and evaluate; write checkpoints and results.json to cfg.out; return the results."""
+    resolve_device(cfg.device)  # fail before any work when the device is not here
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     data = load_images(cfg)

@@ -110,6 +110,19 @@ def test_bad_or_absent_device_is_a_one_line_error():
             resolve_device("cuda")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cli_device_cuda_without_a_gpu_is_one_line_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from sdk.cli import app
+
+    for args in (["train", "aff", "--out", str(tmp_path / "aff")], ["quickstart", "--out", str(tmp_path / "qs")]):
+        result = CliRunner().invoke(app, [*args, "--device", "cuda", "--no-progress"], catch_exceptions=False)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and "CUDA is not available here" in lines[0], result.output
+        assert not (tmp_path / "aff" / "data").exists()  # refused before any work
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
 def test_one_training_step_on_cuda_with_mixed_precision():
     model, loader = _setup()

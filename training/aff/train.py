@@ -44,7 +44,7 @@ from training.checkpoint import FORMAT, CheckpointError, CheckpointMeta, load_st
 from training.extractors import (ExtractorConfig, GalleryExtractor, build_extractor, load_extractor, load_released,
                                  save_extractor, train_extractor)
 from training.extractors.released import CLASSIFIERS
-from training.fit import FitConfig, OptimConfig, fit
+from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.losses import ArcFace
 from training.models import new_space_id
 from training.transforms import eval_transform, train_transform
@@ -383,6 +383,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
             device: str = "cpu") -> dict:
     """Run the whole pipeline, training on `device` (cpu|cuda|mps); write checkpoints and results.json
     under cfg.out; return the results."""
+    resolve_device(device)  # an absent GPU stops the run here, not after the data and features
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.out)
