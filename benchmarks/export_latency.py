@@ -7,7 +7,7 @@ Every runtime is timed in interleaved rounds (round-robin, median over all timed
 on a shared machine hits all of them alike and the ratios stay meaningful.
 
     python benchmarks/export_latency.py BUNDLE [--images DIR] [--threads 1 2] [--rounds 5] [--calls 10]
-    python benchmarks/export_latency.py --export-from runs/quickstart/query.pt --calibration DIR
+    python benchmarks/export_latency.py --export-from runs/quickstart/query.safetensors --calibration DIR
 """
 
 from __future__ import annotations

@@ -218,8 +218,7 @@ def _export_one(model, out: Path, fmt: str, prec: str, spec: PreprocessSpec, cal
             search = _int8_search("onnx", fp32, path, nchw, spec, progress,
                                   lambda k, bar: ox.quantize_int8(fp32, path, nchw, progress=bar, float_convs=k))
             ox.add_metadata(path, onnx_meta)
-        vit = getattr(getattr(model.backbone, "config", None), "kind", "cnn") == "vit"
-        facts = ox.check_onnx(path, model.embedding_dim, dynamic_hw=not vit)
+        facts = ox.check_onnx(path, model.embedding_dim, dynamic_hw=ox.dynamic_hw(model))
         if prec == "int8":
             facts["int8"] = search
         return facts

@@ -67,7 +67,7 @@ def export_onnx(model, path: str | Path, input_size: tuple[int, int] = (224, 224
     example = torch.randn(1, 3, *input_size)
     vit = _is_vit(model)
     dims = {0: torch.export.Dim("batch", max=4096)}
-    if not vit:
+    if dynamic_hw(model):
         dims.update({2: torch.export.Dim("height", min=16, max=4096), 3: torch.export.Dim("width", min=16, max=4096)})
     with (_baked_vit_pos_embed(model, example) if vit else contextlib.nullcontext()), quiet():
         # torch.export-based exporter (onnxscript); `quiet` drops its progress lines and warnings
@@ -77,6 +77,12 @@ def export_onnx(model, path: str | Path, input_size: tuple[int, int] = (224, 224
     if metadata:
         add_metadata(path, metadata)
     return path
+
+
+def dynamic_hw(model) -> bool:
+    """Whether the exported graph keeps H and W dynamic: CNN models do; ViTs (baked positional
+    embedding) and models that say `dynamic_hw = False` (the AFF gallery) take the trace size."""
+    return not _is_vit(model) and getattr(model, "dynamic_hw", True)
 
 
 def _is_vit(model) -> bool:

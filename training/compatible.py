@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sdk.preprocess import load_image, preprocess_image
 from training.embed import embed_images
+from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.models import EmbeddingModel
 from training.transforms import random_resized_crop
 
@@ -77,7 +77,7 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 
 
 def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, images: Sequence, cfg: CompatConfig,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, device: str = "cpu") -> dict:
     """Fine-tune `query` into `gallery`'s space on `images`; returns the fit/training losses."""
     if query.embedding_dim != gallery.embedding_dim:
         raise ValueError(f"query model dim {query.embedding_dim} != gallery dim {gallery.embedding_dim}: "
@@ -94,37 +94,48 @@ def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, im
         fitted = torch.nn.functional.normalize(query.whiten(torch.from_numpy(pooled)), dim=-1).numpy()
     history = {"fit_cosine_loss": float(1 - (fitted * targets).sum(1).mean()), "epoch_losses": []}
     if cfg.epochs:
-        history["epoch_losses"] = _train_end_to_end(query, gallery, gallery_spec, images, cfg, rng, progress)
+        history["epoch_losses"] = _train_end_to_end(query, gallery, gallery_spec, images, cfg, rng, progress, device)
     query.eval()
     return history
 
 
-def _train_end_to_end(query, gallery, gallery_spec, images, cfg, rng, progress) -> list[float]:
-    loaded = [load_image(img) for img in images]
-    opt = torch.optim.SGD([
-        {"params": query.backbone.parameters(), "lr": cfg.lr * cfg.backbone_lr_scale},
-        {"params": list(query.pool.parameters()) + list(query.whiten.parameters()), "lr": cfg.lr},
-    ], momentum=0.9)
-    gallery.eval()
-    losses = []
-    for epoch in range(cfg.epochs):
+class _CropPairs:
+    """One pass per epoch: the images in a new order, in batches of random crops, each crop preprocessed
+    for the query model and for the gallery model."""
+
+    def __init__(self, images: list, cfg: CompatConfig, rng: random.Random, query_spec, gallery_spec):
+        self.images, self.cfg, self.rng, self.specs = images, cfg, rng, (query_spec, gallery_spec)
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.cfg.batch_size)
+
+    def __iter__(self):
+        order = list(range(len(self.images)))
+        self.rng.shuffle(order)
+        for start in range(0, len(order), self.cfg.batch_size):
+            crops = [_crop(self.images[i], self.cfg, self.rng) for i in order[start:start + self.cfg.batch_size]]
+            yield tuple(torch.from_numpy(np.stack([preprocess_image(c, spec) for c in crops])) for spec in self.specs)
+
+
+def _train_end_to_end(query, gallery, gallery_spec, images, cfg, rng, progress, device) -> list[float]:
+    """SGD on 1 - cos(query, gallery) over random crops, BatchNorm statistics frozen (`training.fit`)."""
+    gallery.eval().to(resolve_device(device))
+
+    def step(batch) -> dict:
+        x_query, x_gallery = batch
+        with torch.no_grad():
+            target = gallery(x_gallery)
+        return {"loss": (1 - (query(x_query) * target).sum(-1)).mean()}
+
+    def train_modes(epoch: int) -> None:
         query.train()
         _freeze_batchnorm(query)
-        order = list(range(len(loaded)))
-        rng.shuffle(order)
-        epoch_losses = []
-        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"compat epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not progress, leave=False)
-        for start in bar:
-            crops = [_crop(loaded[i], cfg, rng) for i in order[start:start + cfg.batch_size]]
-            with torch.no_grad():
-                target = gallery(torch.from_numpy(np.stack([preprocess_image(c, gallery_spec) for c in crops])))
-            pred = query(torch.from_numpy(np.stack([preprocess_image(c, query.spec) for c in crops])))
-            loss = (1 - (pred * target).sum(-1)).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            epoch_losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        losses.append(float(np.mean(epoch_losses)))
-    return losses
+
+    data = _CropPairs([load_image(img) for img in images], cfg, rng, query.spec, gallery_spec)
+    groups = [{"params": list(query.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_scale},
+              {"params": list(query.pool.parameters()) + list(query.whiten.parameters()), "lr": cfg.lr}]
+    history = fit(step, data, {"query": query}, groups, OptimConfig("sgd", weight_decay=0.0, schedule="constant"),
+                  FitConfig(epochs=cfg.epochs, device=device, desc="compat", progress=progress),
+                  on_epoch_start=train_modes, log=None)
+    query.cpu(), gallery.cpu()
+    return [h["loss"] for h in history]

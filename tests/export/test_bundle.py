@@ -14,7 +14,7 @@ from export.bundle import export_bundle, file_name, parse_choices
 from export.errors import ExportError, MissingDependencyError
 from sdk.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, BundleError, read_manifest, sha256_path
 
-from .conftest import DIM, SPACE, make_checkpoint
+from .conftest import DIM, SPACE, make_checkpoint, rename_backbone
 
 EXPECTED_QUERY_FILES = {f"query{p}{e}" for p in ("", ".fp16", ".int8") for e in (".onnx", ".tflite", ".mlpackage")}
 
@@ -116,12 +116,8 @@ def test_empty_calibration_folder(tmp_path, ckpts):
 
 
 def test_checkpoint_of_unknown_architecture(tmp_path):
-    import torch
-
-    path = make_checkpoint(tmp_path / "m.pt")
-    payload = torch.load(path, weights_only=True)
-    payload["config"]["backbone"] = "mystery_net_9000"
-    torch.save(payload, path)
+    path = make_checkpoint(tmp_path / "m.safetensors")
+    rename_backbone(path, "mystery_net_9000")
     with pytest.raises(ValueError, match="cannot build.*mystery_net_9000"):
         export_bundle(path, tmp_path / "o")
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from sdk.cli import app
 
-from .conftest import make_checkpoint
+from .conftest import make_checkpoint, rename_backbone
 
 runner = CliRunner()
 
@@ -81,12 +81,8 @@ def test_empty_calibration_folder(tmp_path, ckpts):
 
 
 def test_unknown_architecture_checkpoint(tmp_path):
-    import torch
-
-    path = make_checkpoint(tmp_path / "m.pt")
-    payload = torch.load(path, weights_only=True)
-    payload["config"]["backbone"] = "mystery_net_9000"
-    torch.save(payload, path)
+    path = make_checkpoint(tmp_path / "m.safetensors")
+    rename_backbone(path, "mystery_net_9000")
     result = invoke("export", path, "--out", tmp_path / "o", "--no-progress")
     assert result.exit_code == 2 and "mystery_net_9000" in result.output and "cannot build" in result.output
     (tmp_path / "junk.pt").write_bytes(b"\x00junk")

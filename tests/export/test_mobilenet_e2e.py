@@ -18,7 +18,7 @@ def report(tmp_path_factory, real_photos):
 
     d = tmp_path_factory.mktemp("mbv2")
     run_quickstart(QuickstartConfig(out=d / "qs", n_objects=30, progress=False), log=lambda *a: None)
-    export_bundle(d / "qs" / "query.pt", d / "bundle", formats=("onnx", "tflite"), precisions=("fp32", "int8"),
+    export_bundle(d / "qs" / "query.safetensors", d / "bundle", formats=("onnx", "tflite"), precisions=("fp32", "int8"),
                   calibration=real_photos, tflite_metadata=False)
     return verify_bundle(d / "bundle", [real_photos / "ukbench-56", real_photos / "phototourism-13",
                                         d / "qs" / "procedural"], runs=3, tflite_support=False, progress=False)

@@ -51,9 +51,9 @@ def test_train_aff_cli_end_to_end(tmp_path):
     assert set(report["variants"]) == {"main", "shared"}
     assert all(0.0 <= r["map"] <= 1.0 for r in report["rows"])
     space = report["embedding_space"]
-    query, meta = load_checkpoint(out / "query.pt")
+    query, meta = load_checkpoint(out / "query.safetensors")
     assert meta.embedding_space == space and meta.role == "query" and query.embedding_dim == 32
-    gallery = load_gallery(out / "gallery.pt")
+    gallery = load_gallery(out / "gallery.safetensors")
     assert gallery.embedding_space == space and gallery.embedding_dim == 32
 
     # the saved gallery side reproduces, from images, the embeddings evaluated from the cached features
@@ -117,7 +117,7 @@ def test_full_config_runs_one_training_step(tmp_path):
     text = "\n".join(logs)
     assert "DELG on resnet101" in text and "DOLG on resnet101" in text and "CVNET on resnet101" in text
     assert "GLDv2" in report["data"] and report["variants"]["main"]["asym"]["map"] >= 0
-    _, meta = load_checkpoint(tmp_path / "out" / "query.pt")
+    _, meta = load_checkpoint(tmp_path / "out" / "query.safetensors")
     assert meta.embedding_space == report["embedding_space"]
 
 

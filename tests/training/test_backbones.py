@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.backbones import BACKBONES, UnknownBackboneError, create_backbone
-from training.weights import WeightsError, map_by_order, read_state_dict, shipped_weights_path
+from training.backbones import DEFAULT_TAGS, REGISTRY, UnknownBackboneError, create_backbone, resolve_backbone
+from training.weights import WeightsError, map_by_order, read_state_dict
 
 
 @pytest.mark.parametrize("name", ["tiny_resnet", "tiny_efficientnet", "tiny_vit"])
@@ -20,7 +20,17 @@ def test_tiny_backbones_return_feature_maps_at_any_size(name):
             f = bb(torch.randn(2, 3, *hw))
         assert f.ndim == 4 and f.shape[:2] == (2, bb.num_features)
         assert f.shape[2] >= 1 and f.shape[3] >= 1
-    assert bb.spec.input_size == BACKBONES[name].spec.input_size
+    assert bb.spec.input_size == resolve_backbone(name).spec.input_size
+
+
+@pytest.mark.parametrize("name", [*REGISTRY, *DEFAULT_TAGS])
+def test_every_backbone_name_resolves_through_the_one_registry(name):
+    cfg = resolve_backbone(name)
+    assert cfg.name == (name if "." in name else f"{name}.{DEFAULT_TAGS[name]}") and cfg.weight_source()
+    bb = create_backbone(name)
+    assert bb.config is cfg and bb.spec == cfg.spec and bb.weights_source == "random init"
+    if cfg.kind == "cnn":  # stages come from timm's feature API, strides 2..32
+        assert [int(d["reduction"]) for d in bb.model.feature_info][-1] == 32
 
 
 def test_vit_map_matches_patch_grid():
@@ -41,7 +51,7 @@ def test_unknown_backbone_names_the_choices():
 def test_shipped_weights_load_with_every_key_accounted_for(name, package):
     bb = create_backbone(name, pretrained=True)
     assert bb.weights_source == f"package {package}"
-    src = read_state_dict(shipped_weights_path(name))
+    src = read_state_dict(resolve_backbone(name).package.path())
     target = bb.model.state_dict()
     kept = [v for k, v in src.items() if not k.startswith("_fc.")]
     assert len(kept) == len(target)

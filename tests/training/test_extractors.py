@@ -3,6 +3,8 @@ checkpoints, and the mapping of released checkpoints onto our key layout."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,10 +12,10 @@ import torch.nn.functional as F
 from training.data import make_instance_set
 from training.extractors import (ExtractorConfig, ExtractorError, ExtractorTrainConfig, Trunk, build_extractor,
                                  load_extractor, load_released, save_extractor, train_extractor)
-from training.extractors.base import read_extractor_header
+from training.checkpoint import CheckpointError, read_header
 from training.extractors.delg import top_k_locals
 from training.extractors.dolg import orthogonal_fusion
-from training.extractors.released import pycls_to_timm, released_state_dict, timm_to_pycls
+from training.extractors.released import _PYCLS_PARTS, BACKBONE, CLASSIFIERS, RELEASED_LAYOUTS, pycls_to_timm
 from training.backbones import create_backbone
 
 TINY = dict(image_size=64, dim=24)
@@ -152,13 +154,48 @@ def test_extractor_checkpoint_roundtrip(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     a, b = ex.extract(x), back.extract(x)
     assert torch.equal(a.global_, b.global_) and torch.equal(a.local, b.local)
-    assert back.config == ex.config and read_extractor_header(path)["fingerprint"] == "abc"
+    assert back.config == ex.config and read_header(path)["meta"].extra["fingerprint"] == "abc"
     torch.save({"something": 1}, tmp_path / "other.pt")
-    with pytest.raises(ExtractorError, match="not a gallery-extractor checkpoint"):
+    with pytest.raises(CheckpointError, match="not a retrieval-sdk checkpoint"):
         load_extractor(tmp_path / "other.pt")
 
 
 # ------------------------------------------------------------------------------------------ released checkpoints
+
+_TIMM_PARTS = {v: k for k, v in _PYCLS_PARTS.items()}
+_TIMM_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(conv[123]|bn[123]|downsample\.0|downsample\.1)\.(\w+)$")
+
+
+def timm_to_pycls(key: str) -> str | None:
+    """Inverse of `pycls_to_timm` (the release layout of our ResNet keys, for round-trip tests)."""
+    if key.count(".") == 1 and key.startswith(("conv1.", "bn1.")):
+        return key.replace("conv1.", "stem.conv.", 1).replace("bn1.", "stem.bn.", 1)
+    m = _TIMM_BLOCK.match(key)
+    return None if m is None else "s{}.b{}.{}.{}".format(m[1], int(m[2]) + 1, _TIMM_PARTS[m[3]], m[4])
+
+
+def released_state_dict(extractor: GalleryExtractor, layout: str) -> dict[str, torch.Tensor]:
+    """The extractor's weights in a release's layout (the inverse mapping), e.g. for round-trip tests."""
+    spec = RELEASED_LAYOUTS[layout]
+    out: dict[str, torch.Tensor] = {}
+    for key, value in extractor.state_dict().items():
+        if key.startswith(spec.absent):
+            continue
+        for src, dst in spec.rules:
+            if dst == BACKBONE and key.startswith(BACKBONE):
+                pycls = timm_to_pycls(key[len(BACKBONE):])
+                if pycls is None:
+                    raise AssertionError(f"{key} has no place in the pycls ResNet layout")
+                out[src + pycls] = value
+                break
+            if dst != BACKBONE and key.startswith(dst):
+                out[src + key[len(dst):]] = value
+                break
+        else:
+            if key.startswith(CLASSIFIERS):  # ArcFace scale/margin buffers: not stored by the releases
+                continue
+            raise AssertionError(f"{key} has no place in the {layout} layout")
+    return out
 
 
 def test_pycls_keys_map_to_timm_resnet_names():

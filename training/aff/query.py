@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.backbones import resolve_backbone
 from training.losses import ArcFace, arcface_logits
 from training.models import EmbeddingModel, ModelConfig
 
@@ -31,7 +32,7 @@ CLASSIFIER_MODES = ("momentum", "shared", "frozen")
 def build_query_model(backbone: str, embedding_dim: int, image_size: int | None = None,
                       pretrained: bool | str = True) -> EmbeddingModel:
     """backbone + GeM + whitening FC (-> embedding_dim) + L2, as an exportable EmbeddingModel."""
-    if backbone not in QUERY_BACKBONES and not backbone.startswith("tiny_"):
+    if resolve_backbone(backbone).arch not in QUERY_BACKBONES and not backbone.startswith("tiny_"):
         raise ValueError(f"query backbone must be one of {QUERY_BACKBONES} (or tiny_* for tests), got {backbone!r}")
     return EmbeddingModel(ModelConfig(backbone, "gem", embedding_dim=embedding_dim, input_size=image_size),
                           pretrained=pretrained)

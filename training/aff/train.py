@@ -4,15 +4,16 @@
 Steps (each cached under cfg.out, so a re-run skips what is done):
 1. data: the labelled training split and the held-out evaluation split (see DataConfig);
 2. extractors: DELG / DOLG / CVNet trained with ArcFace on the training split (or loaded), then frozen
-   -> out/extractors/<name>.pt;
+   -> out/extractors/<name>.safetensors;
 3. features of both splits, extracted once -> out/features/<split>/<name>/ (memory-mapped);
 4. baselines on the features: each single feature, the ensemble, concat+MLP;
 5. AFF: dynamic mixer (ArcFace, W_mix) + query model (ArcFace on W_q, momentum copy of W_mix);
 6. ablations (shared classifier, two-stage) trained the same way from the same seed;
 7. evaluation on the held-out split: leave-one-out class-based mAP and R@1; symmetric for every gallery
    representation, asymmetric (query model vs mixer gallery) for each trained pair;
-8. outputs: gallery.pt (mixer + extractor references), query.pt (EmbeddingModel checkpoint for
-   `retrieval-sdk export`), both with one embedding_space id, and results.json.
+8. outputs: gallery.safetensors (extractors + mixer, one module) and query.safetensors (the query
+   EmbeddingModel), both in the format `retrieval-sdk export` reads, with one embedding_space id, and
+   results.json.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -29,9 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from training.aff.config import AFFConfig, JointConfig
 from training.aff.features import FeatureSet, LabelError, check_labels, dataset_fingerprint, extract_features
@@ -42,11 +40,13 @@ from training.data import (DatasetError, LabelledImages, csv_manifest, fashion_m
                            make_instance_set, split_classes)
 from training.embed import embed_images
 from training.evaluate import asymmetric_eval, labelled_eval
+from training.checkpoint import FORMAT, CheckpointError, CheckpointMeta, load_strict, read_header, save_checkpoint
 from training.extractors import (ExtractorConfig, GalleryExtractor, build_extractor, load_extractor, load_released,
-                                 read_extractor_header, save_extractor, train_extractor)
-from training.extractors.base import ExtractorError
+                                 save_extractor, train_extractor)
+from training.extractors.released import CLASSIFIERS
+from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.losses import ArcFace
-from training.models import CheckpointMeta, new_space_id, save_checkpoint
+from training.models import new_space_id
 from training.transforms import eval_transform, train_transform
 
 Log = Callable[[str], None]
@@ -128,15 +128,15 @@ def _extractor_fingerprint(ec: ExtractorConfig, train_fp: str, num_classes: int)
 
 
 def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str, out: Path, progress: bool,
-                      log: Log) -> tuple[GalleryExtractor, Path, float]:
+                      log: Log, device: str = "cpu") -> tuple[GalleryExtractor, Path, float]:
     """Train (or load the cached / released) extractor; returns it frozen, its checkpoint and seconds spent."""
     t0 = time.perf_counter()
-    path = out / "extractors" / f"{ec.name}.pt"
+    path = out / "extractors" / f"{ec.name}.safetensors"
     fingerprint = _extractor_fingerprint(ec, train_fp, len(train.classes))
     if path.is_file():
         try:
-            cached = read_extractor_header(path).get("fingerprint")
-        except ExtractorError:
+            cached = read_header(path)["meta"].extra.get("fingerprint")
+        except (CheckpointError, KeyError):
             cached = None
         if cached == fingerprint:
             ex = load_extractor(path)
@@ -145,14 +145,13 @@ def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str,
         log(f"  {ec.name}: {path} was trained with another config or data; retraining")
     ex = build_extractor(ec, num_classes=len(train.classes))
     if ec.weights:
-        header = None
-        try:
-            header = read_extractor_header(ec.weights)
-        except ExtractorError:
-            pass
-        if header is not None:
-            ex.load_state_dict(header["state_dict"], strict=False)
-            log(f"  {ec.name}: weights from {ec.weights}")
+        if read_header(ec.weights)["format"] == FORMAT:  # an extractor saved by this project
+            saved = load_extractor(ec.weights)
+            own_heads = {k: v for k, v in ex.state_dict().items() if k.startswith(CLASSIFIERS)}
+            same_labels = saved.num_classes == ex.num_classes
+            load_strict(ex, {**own_heads, **{k: v for k, v in saved.state_dict().items()
+                                             if same_labels or not k.startswith(CLASSIFIERS)}}, str(ec.weights))
+            log(f"  {ec.name}: weights from {ec.weights}" + ("" if same_labels else " (classifier heads: new labels)"))
         else:
             report = load_released(ex, ec.weights, DEFAULT_LAYOUT[ec.kind])
             log(f"  {ec.name}: released {DEFAULT_LAYOUT[ec.kind]} weights, {report.loaded} tensors"
@@ -161,7 +160,7 @@ def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str,
     log(f"  {ec.name}: {ec.kind.upper()} on {ec.backbone} ({ex.weights_source}), {params:.2f}M params, "
         f"{ex.global_dim}-d global" + (f" + {ex.num_local}x{ex.local_dim}-d local" if ex.num_local else "")
         + f", input {ex.spec.input_size[0]} px, scales {list(ec.scales)}")
-    history = train_extractor(ex, train, progress=progress, log=log) if ec.train.epochs else []
+    history = train_extractor(ex, train, progress=progress, log=log, device=device) if ec.train.epochs else []
     ex.eval()
     save_extractor(ex, path, fingerprint, extra={"history": history})
     return ex, path, time.perf_counter() - t0
@@ -170,14 +169,22 @@ def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str,
 # ------------------------------------------------------------------------------------------ training
 
 
-def _cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LambdaLR:
-    total = max(1, total)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+class FeatureBatches:
+    """Shuffled batches of cached features, (mixer inputs, labels), a new order per pass (epoch)."""
 
+    def __init__(self, features: FeatureSet, labels: torch.Tensor, batch_size: int, rng: np.random.Generator):
+        self.features, self.labels, self.batch_size, self.rng = features, labels, batch_size, rng
 
-def _feature_batches(n: int, batch: int, rng: np.random.Generator) -> list[np.ndarray]:
-    order = rng.permutation(n)
-    return [order[i:i + batch] for i in range(0, n, batch) if len(order[i:i + batch]) >= 2]
+    def __len__(self) -> int:  # batches of fewer than 2 rows are dropped
+        n, b = self.features.count, self.batch_size
+        return n // b + (n % b >= 2)
+
+    def __iter__(self):
+        order = self.rng.permutation(self.features.count)
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            if len(idx) >= 2:
+                yield self.features.batch(idx), self.labels[idx]
 
 
 @dataclass
@@ -195,34 +202,23 @@ class TrainedPair:
 
 def train_fusion_model(model: torch.nn.Module, features: FeatureSet, num_classes: int, epochs: int, lr: float,
                        batch_size: int, s: float, m: float, seed: int, desc: str, progress: bool, log: Log,
-                       weight_decay: float = 1e-4, max_steps: int | None = None) -> tuple[ArcFace, list[float]]:
-    """ArcFace training of a feature-only model (mixer warm-up, concat+MLP baseline)."""
+                       weight_decay: float = 1e-4, max_steps: int | None = None,
+                       device: str = "cpu") -> tuple[ArcFace, list[float]]:
+    """ArcFace training of a feature-only model (mixer warm-up, concat+MLP baseline) with `training.fit`."""
     torch.manual_seed(seed)
     arc = ArcFace(model.embedding_dim, num_classes, s=s, m=m)
-    params = list(model.parameters()) + list(arc.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
-    steps = len(_feature_batches(features.count, batch_size, rng)) * epochs
-    sched = _cosine(opt, steps)
-    labels = torch.from_numpy(features.labels)
-    history = []
-    model.train()
-    for epoch in range(epochs):
-        losses = []
-        for i, idx in enumerate(_feature_batches(features.count, batch_size, rng)):
-            if max_steps is not None and i >= max_steps:
-                break
-            loss = arc(model(features.batch(idx)), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        history.append(float(np.mean(losses)) if losses else float("nan"))
-    model.eval()
+    rng.permutation(features.count)  # the v1 loop drew one order to count its steps: kept, so figures reproduce
+    data = FeatureBatches(features, torch.from_numpy(features.labels), batch_size, rng)
+    history = fit(lambda batch: {"loss": arc(model(batch[0]), batch[1])}, data, {"model": model, "arcface": arc},
+                  [{"params": list(model.parameters()) + list(arc.parameters()), "lr": lr}],
+                  OptimConfig("adamw", weight_decay=weight_decay),
+                  FitConfig(epochs=epochs, max_steps=max_steps, device=device, desc=desc, progress=progress), log=None)
+    model.cpu(), arc.cpu()
+    losses = [h["loss"] for h in history]
     if epochs:
-        log(f"  {desc}: ArcFace loss per epoch " + ", ".join(f"{x:.2f}" for x in history))
-    return arc, history
+        log(f"  {desc}: ArcFace loss per epoch " + ", ".join(f"{x:.2f}" for x in losses))
+    return arc, losses
 
 
 @dataclass
@@ -245,7 +241,7 @@ def _warm_key(cfg: AFFConfig, joint: JointConfig) -> tuple:
 
 
 def warm_up_mixer(cfg: AFFConfig, joint: JointConfig, features: FeatureSet, num_classes: int, desc: str,
-                  progress: bool = True, log: Log = print) -> WarmMixer:
+                  progress: bool = True, log: Log = print, device: str = "cpu") -> WarmMixer:
     """Stage 1: the dynamic mixer alone, ArcFace on the cached features (the joint schedule's warm-up, the
     two-stage schedule's first stage)."""
     torch.manual_seed(joint.seed)
@@ -256,12 +252,13 @@ def warm_up_mixer(cfg: AFFConfig, joint: JointConfig, features: FeatureSet, num_
     arc, history = train_fusion_model(
         mixer, features, num_classes, joint.mixer_epochs, joint.mixer_lr, joint.batch_size, joint.arcface_s,
         joint.arcface_m, joint.seed, f"{desc} mixer warm-up ({joint.mixer_epochs} epochs on features)",
-        progress, log, joint.weight_decay, joint.max_steps)
+        progress, log, joint.weight_decay, joint.max_steps, device)
     return WarmMixer(_warm_key(cfg, joint), mixer, arc, history)
 
 
 def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: FeatureSet, images: LabelledImages,
-              progress: bool = True, log: Log = print, warm: WarmMixer | None = None) -> TrainedPair:
+              progress: bool = True, log: Log = print, warm: WarmMixer | None = None,
+              device: str = "cpu") -> TrainedPair:
     """Train the dynamic mixer and the query model into one space with the classifier tie in `joint`.
 
     `warm`: a finished mixer-only stage to start from (copied, not modified), when its settings match."""
@@ -275,17 +272,15 @@ def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: Featur
 
     # stage 1: the mixer alone on the cached features (warm-up for joint, the first stage for two_stage)
     if warm is None or warm.key != _warm_key(cfg, joint):
-        warm = warm_up_mixer(cfg, joint, features, n_classes, f"[{variant}]", progress, log)
+        warm = warm_up_mixer(cfg, joint, features, n_classes, f"[{variant}]", progress, log, device)
     else:
         log(f"  [{variant}] mixer warm-up: starting from the same {joint.mixer_epochs}-epoch warm-up")
     mixer, arc, history["mixer_only"] = warm.copy()
-    mixer.train()
     torch.manual_seed(joint.seed + 1)  # the query model's new layers: the same init in every variant
 
     query = build_query_model(cfg.query.backbone, cfg.embedding_dim, cfg.query.image_size, cfg.query.pretrained)
     two_stage = joint.schedule == "two_stage"
-    mode = "frozen" if two_stage else joint.classifier
-    qcls = QueryClassifier(arc, mode=mode, alpha=joint.alpha)
+    qcls = QueryClassifier(arc, mode="frozen" if two_stage else joint.classifier, alpha=joint.alpha)
     qcls.sync()
 
     groups = [
@@ -294,53 +289,42 @@ def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: Featur
     ]
     if not two_stage:
         groups.append({"params": list(mixer.parameters()) + list(arc.parameters()), "lr": joint.mixer_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=joint.weight_decay)
     transform = train_transform(query.spec, seed=joint.seed) if joint.augment else eval_transform(query.spec)
+
+    def collate(items):  # images, their labels and (joint schedule) their cached mixer inputs
+        idx = np.array([i for _, i in items])
+        return (torch.stack([transform(src) for src, _ in items]), labels[idx],
+                {} if two_stage else features.batch(idx))
+
     loader = DataLoader(
         [(src, i) for i, src in enumerate(images.paths)], batch_size=joint.batch_size, shuffle=True,
         drop_last=len(images) > joint.batch_size, generator=torch.Generator().manual_seed(joint.seed),
-        collate_fn=lambda items: (torch.stack([transform(s) for s, _ in items]), torch.tensor([i for _, i in items])),
+        collate_fn=collate,
     )
-    per_epoch = len(loader) if joint.max_steps is None else min(len(loader), joint.max_steps)
-    query.to(memory_format=torch.channels_last)  # ~2x faster CPU training of the mobile network
-    sched = _cosine(opt, per_epoch * joint.epochs)
-    history["mixer"], history["query"] = [], []
-    for epoch in range(joint.epochs):
-        te = time.perf_counter()
+
+    def step(batch) -> dict:
+        x, y, mixer_inputs = batch
+        loss_q = qcls.loss(query(x), y, joint.arcface_s, joint.arcface_m)
+        terms = {"loss": joint.query_weight * loss_q, "query": loss_q}
+        if not two_stage:
+            terms["mixer"] = arc(mixer(mixer_inputs), y)
+            terms["loss"] = terms["loss"] + terms["mixer"]
+        return terms
+
+    def train_modes(epoch: int) -> None:
         query.train()
         mixer.train(not two_stage)
-        lm, lq = [], []
-        bar = tqdm(loader, total=per_epoch, desc=f"[{variant}] {'query' if two_stage else 'joint'} epoch "
-                   f"{epoch + 1}/{joint.epochs}", unit="batch", disable=not progress, leave=False)
-        for i, (x, idx) in enumerate(bar):
-            if i >= per_epoch:
-                break
-            y = labels[idx]
-            loss_q = qcls.loss(query(x.contiguous(memory_format=torch.channels_last)), y, joint.arcface_s,
-                               joint.arcface_m)
-            loss = joint.query_weight * loss_q
-            if not two_stage:
-                loss_m = arc(mixer(features.batch(idx.numpy())), y)
-                loss = loss + loss_m
-                lm.append(loss_m.item())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{variant}] loss became {loss.item()} at epoch {epoch + 1}; lower the lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            qcls.update()  # W_q <- alpha W_q + (1 - alpha) W_mix (momentum mode only)
-            lq.append(loss_q.item())
-            bar.set_postfix(query=f"{lq[-1]:.2f}", **({"mixer": f"{lm[-1]:.2f}"} if lm else {}))
-        bar.close()
-        history["query"].append(float(np.mean(lq)))
-        if lm:
-            history["mixer"].append(float(np.mean(lm)))
-        log(f"  [{variant}] {'query' if two_stage else 'joint'} epoch {epoch + 1}/{joint.epochs}: "
-            + (f"mixer ArcFace {history['mixer'][-1]:.3f}, " if lm else "")
-            + f"query ArcFace {history['query'][-1]:.3f} ({time.perf_counter() - te:.0f} s)")
-    mixer.eval()
-    query.to(memory_format=torch.contiguous_format).eval()
+
+    stage = "query" if two_stage else "joint"
+    epochs = fit(step, loader, {"query": query, "mixer": mixer, "arcface": arc, "classifier": qcls}, groups,
+                 OptimConfig("adamw", weight_decay=joint.weight_decay),
+                 FitConfig(epochs=joint.epochs, max_steps=joint.max_steps, device=device, channels_last=True,
+                           desc=f"[{variant}] {stage}", progress=progress),
+                 on_epoch_start=train_modes, after_step=qcls.update, log=log)  # W_q <- alpha W_q + (1-alpha) W_mix
+    history["query"] = [e["query"] for e in epochs]
+    history["mixer"] = [e["mixer"] for e in epochs if "mixer" in e]
+    for module in (query, mixer, arc, qcls):
+        module.cpu()
     return TrainedPair(variant, mixer, arc, query, history, time.perf_counter() - t0, warm)
 
 
@@ -395,8 +379,11 @@ def _variant_name(joint: JointConfig) -> str:
     return "two-stage" if joint.schedule == "two_stage" else f"{joint.classifier} classifier"
 
 
-def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False, log: Log = print) -> dict:
-    """Run the whole pipeline; write checkpoints and results.json under cfg.out; return the results."""
+def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False, log: Log = print,
+            device: str = "cpu") -> dict:
+    """Run the whole pipeline, training on `device` (cpu|cuda|mps); write checkpoints and results.json
+    under cfg.out; return the results."""
+    resolve_device(device)  # an absent GPU stops the run here, not after the data and features
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.out)
@@ -414,7 +401,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     log(f"gallery extractors ({len(cfg.extractors)}), trained with ArcFace on the training split, then frozen:")
     extractors: list[tuple[GalleryExtractor, Path]] = []
     for ec in cfg.extractors:
-        ex, path, sec = prepare_extractor(ec, splits.train, train_fp, out, progress, log)
+        ex, path, sec = prepare_extractor(ec, splits.train, train_fp, out, progress, log, device)
         extractors.append((ex, path))
         timings[f"extractor {ec.name}"] = sec
 
@@ -445,7 +432,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
         mlp = ConcatMLP(arch)
         train_fusion_model(mlp, train_set, len(splits.train.classes), cfg.baseline.epochs, cfg.baseline.lr,
                            cfg.train.batch_size, cfg.train.arcface_s, cfg.train.arcface_m, cfg.seed,
-                           "concat+MLP baseline", progress, log, max_steps=cfg.train.max_steps)
+                           "concat+MLP baseline", progress, log, max_steps=cfg.train.max_steps, device=device)
         rows.append({"name": "concat+MLP (ArcFace on features)", "kind": "concat_mlp", "protocol": "symmetric",
                      **symmetric(embed_features(mlp, eval_set), eval_labels)})
     timings["baselines"] = time.perf_counter() - t
@@ -459,7 +446,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
         name = _variant_name(joint)
         log(f"AFF training [{name}]: mixer {cfg.mixer.depth}x{cfg.mixer.dim}-d over {len(train_set.specs())} inputs, "
             f"query {cfg.query.backbone} @ {cfg.query.image_size} px, {joint.epochs} epochs")
-        pair = train_aff(cfg, name, joint, train_set, splits.train, progress, log, warm=warm)
+        pair = train_aff(cfg, name, joint, train_set, splits.train, progress, log, warm=warm, device=device)
         warm = pair.warm
         t = time.perf_counter()
         results[key] = evaluate_pair(pair, eval_set, splits.eval, cfg.extract_batch_size, progress)
@@ -469,11 +456,11 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     # ---- outputs
     main = pairs["main"]
     space = new_space_id("aff")
-    gallery_path = save_gallery(out / "gallery.pt", main.mixer, extractors, space,
+    gallery_path = save_gallery(out / "gallery.safetensors", main.mixer, [ex for ex, _ in extractors], space,
                                 extra={"variant": main.variant, "mixer_map": results["main"].mixer["map"]})
-    query_path = save_checkpoint(main.query, out / "query.pt", CheckpointMeta(
+    query_path = save_checkpoint(main.query, out / "query.safetensors", CheckpointMeta(
         embedding_space=space, role="query", name=f"aff-query-{cfg.query.backbone}",
-        extra={"gallery": "gallery.pt", "asymmetric_map": results["main"].asym["map"],
+        extra={"gallery": "gallery.safetensors", "asymmetric_map": results["main"].asym["map"],
                "symmetric_mixer_map": results["main"].mixer["map"], "config": cfg.name}))
     timings["total"] = time.perf_counter() - t_start
     report = build_report(cfg, splits, rows, results, timings, space, gallery_path, query_path)

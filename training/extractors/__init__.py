@@ -19,7 +19,6 @@ from training.extractors.base import (
     Trunk,
     build_extractor,
     load_extractor,
-    read_extractor_header,
     save_extractor,
 )
 from training.extractors.fit import train_extractor
@@ -27,6 +26,6 @@ from training.extractors.released import RELEASED_LAYOUTS, load_released
 
 __all__ = [
     "KINDS", "Extracted", "ExtractorConfig", "ExtractorError", "ExtractorTrainConfig", "GalleryExtractor", "Trunk",
-    "build_extractor", "load_extractor", "read_extractor_header", "save_extractor", "train_extractor",
+    "build_extractor", "load_extractor", "save_extractor", "train_extractor",
     "RELEASED_LAYOUTS", "load_released",
 ]

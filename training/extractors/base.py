@@ -3,15 +3,13 @@ training, multi-scale extraction and the checkpoint file.
 
 DELG, DOLG and CVNet all read a ResNet-style backbone twice: the stride-16 map ("conv4", ResNet
 `layer3`) for local features and the stride-32 map ("conv5", `layer4`) for the global one. `Trunk`
-gives those two maps for any registry backbone of the ResNet family (`layer1..4`) or the
-EfficientNet/MobileNet family (`blocks` + `conv_head`), so tests and CPU runs use tiny variants of the
-same architectures.
+takes both from timm's feature API (`feature_info` names the stages, `forward_intermediates` returns
+them in one pass), so any CNN of the registry works (ResNet, EfficientNet, MobileNet families) and
+tests and CPU runs use tiny variants of the same architectures.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -22,11 +20,9 @@ from torch import Tensor, nn
 
 from sdk.preprocess import PreprocessSpec
 from training.backbones import Backbone, create_backbone
-from training.checkpoint_io import read_tagged, save_atomic
+from training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from training.errors import TrainingError
 
-EXTRACTOR_FORMAT = "retrieval-sdk/gallery-extractor"
-EXTRACTOR_VERSION = 1
 KINDS = ("delg", "dolg", "cvnet")
 
 
@@ -121,9 +117,6 @@ class ExtractorConfig:
     def from_dict(cls, d: dict) -> "ExtractorConfig":
         return _from_dict(cls, d, f"extractor {d.get('name') or d.get('kind', '?')}")
 
-    def fingerprint(self) -> str:
-        """A short hash of everything that shapes the trained weights (architecture and training)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _from_dict(cls, d: dict, what: str):
@@ -149,93 +142,62 @@ def _from_dict(cls, d: dict, what: str):
 
 
 class Trunk(nn.Module):
-    """A registry backbone read at two depths: conv4 (stride 16) and conv5 (stride 32, the usual output).
+    """A registry backbone read at two depths: conv4 (its last stride-16 stage in timm's `feature_info`)
+    and conv5 (the final stride-32 map, the backbone's usual output), both from `forward_intermediates`.
 
-    The backbone module is kept whole (state-dict keys `backbone.model.*` as in a plain Backbone), only
-    its forward pass is split. `freeze_stem` runs everything up to conv4 without gradients.
+    The backbone module is kept whole (state-dict keys `backbone.model.*` as in a plain Backbone). The
+    stem (every parameter up to the conv4 stage, in registration order) can be frozen: no gradients,
+    BatchNorm statistics fixed, and autograd skips its backward pass.
     """
 
     def __init__(self, backbone: Backbone):
         super().__init__()
         self.backbone = backbone
-        model = backbone.model
-        info = getattr(model, "feature_info", None)
-        infos = info.get_dicts() if hasattr(info, "get_dicts") else list(info or [])
-        c4 = [d for d in infos if d.get("reduction") == 16]
-        if hasattr(model, "layer4") and hasattr(model, "layer3"):
-            self.family = "resnet"
-            self.split = 0
-        elif hasattr(model, "blocks") and hasattr(model, "conv_head") and c4:
-            self.family = "efficientnet"
-            self.split = int(c4[-1]["module"].split(".")[1]) + 1  # blocks[:split] end at stride 16
-        else:
+        infos = list(backbone.model.feature_info)
+        reductions = [int(d["reduction"]) for d in infos]
+        if 16 not in reductions or reductions[-1] != 32:
             raise ExtractorError(
-                f"backbone '{backbone.name}' is not a ResNet (layer1..4) or EfficientNet/MobileNet (blocks) "
-                "network; DELG/DOLG/CVNet need conv4 and conv5 feature maps (try resnet50, resnet101, "
-                "efficientnet_lite0, mobilenetv2_100, tiny_resnet)"
+                f"backbone '{backbone.name}' has no stride-16 and stride-32 stages (feature_info reductions "
+                f"{reductions}): it is not a ResNet/EfficientNet/MobileNet-style CNN; DELG/DOLG/CVNet need conv4 "
+                "and conv5 feature maps (try resnet50, resnet101, efficientnet_lite0, mobilenetv2_100, tiny_resnet)"
             )
-        if not c4:
-            raise ExtractorError(f"backbone '{backbone.name}' has no stride-16 stage to take conv4 features from")
-        self.conv4_channels: int = int(c4[-1]["num_chs"])
+        self.c4_index = max(i for i, r in enumerate(reductions) if r == 16)
+        self.conv4_channels: int = int(infos[self.c4_index]["num_chs"])
         self.conv5_channels: int = int(backbone.num_features)
+        names = [n for n, _ in backbone.model.named_parameters()]
+        prefix = infos[self.c4_index]["module"] + "."
+        self._stem = set(names[: max(i for i, n in enumerate(names) if n.startswith(prefix)) + 1])
         self.freeze_stem = False
 
-    def stem_modules(self) -> list[nn.Module]:
-        m = self.backbone.model
-        if self.family == "resnet":
-            return [m.conv1, m.bn1, m.act1, m.maxpool, m.layer1, m.layer2, m.layer3]
-        return [m.conv_stem, m.bn1, *m.blocks[: self.split]]
+    def _split(self, stem: bool) -> list[nn.Parameter]:
+        return [p for n, p in self.backbone.model.named_parameters() if (n in self._stem) == stem]
+
+    def stem_parameters(self) -> list[nn.Parameter]:
+        return self._split(True)
+
+    def tail_parameters(self) -> list[nn.Parameter]:
+        return self._split(False)
 
     def set_freeze_stem(self, frozen: bool) -> None:
         """Keep the layers below conv4 fixed: no gradients, BatchNorm statistics frozen (eval mode)."""
         self.freeze_stem = frozen
-        for module in self.stem_modules():
-            module.requires_grad_(not frozen)
+        for p in self.stem_parameters():
+            p.requires_grad_(not frozen)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "Trunk":
         super().train(mode)
         if self.freeze_stem:
-            for module in self.stem_modules():
-                module.eval()
+            for name, module in self.backbone.model.named_modules():
+                own = [f"{name}.{n}" for n, _ in module.named_parameters(recurse=False)]
+                if own and all(n in self._stem for n in own):
+                    module.eval()
         return self
-
-    def _stem(self, x: Tensor) -> Tensor:
-        m = self.backbone.model
-        if self.family == "resnet":
-            x = m.maxpool(m.act1(m.bn1(m.conv1(x))))
-            return m.layer3(m.layer2(m.layer1(x)))
-        x = m.bn1(m.conv_stem(x))
-        for block in m.blocks[: self.split]:
-            x = block(x)
-        return x
-
-    def _tail(self, x: Tensor) -> Tensor:
-        m = self.backbone.model
-        if self.family == "resnet":
-            return m.layer4(x)
-        for block in m.blocks[self.split:]:
-            x = block(x)
-        return m.bn2(m.conv_head(x))
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(conv4 map (B, C4, H/16, W/16), conv5 map (B, C5, H/32, W/32))."""
-        if self.freeze_stem:
-            with torch.no_grad():
-                c4 = self._stem(x)
-        else:
-            c4 = self._stem(x)
-        return c4, self._tail(c4)
-
-    def stem_parameters(self) -> list[nn.Parameter]:
-        return [p for module in self.stem_modules() for p in module.parameters()]
-
-    def tail_parameters(self) -> list[nn.Parameter]:
-        m = self.backbone.model
-        if self.family == "resnet":
-            return list(m.layer4.parameters())
-        mods = list(m.blocks[self.split:]) + [m.conv_head, m.bn2]
-        return [p for mod in mods for p in mod.parameters()]
+        c5, (c4,) = self.backbone.model.forward_intermediates(x, indices=[self.c4_index], norm=False)
+        return c4, c5
 
 
 # ------------------------------------------------------------------------------------------ extractor
@@ -268,14 +230,29 @@ class GalleryExtractor(nn.Module):
         self.spec: PreprocessSpec = spec.with_size(config.image_size) if config.image_size else spec
         self.arcface = None  # set by subclasses once the descriptor dim is known
 
-    # -- shapes
-    @property
-    def name(self) -> str:
-        return self.config.name
+    module_type = "gallery_extractor"
 
+    def module_config(self) -> dict:
+        return {"config": self.config.to_dict(), "num_classes": self.num_classes}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "GalleryExtractor":
+        """Rebuild from `module_config()`; the backbone's pretrained weights come with the state dict."""
+        ec = ExtractorConfig.from_dict(config["config"])
+        extractor = build_extractor(replace(ec, pretrained=False, weights=None), config["num_classes"])
+        extractor.config = ec
+        return extractor
+
+    # -- shapes
     @property
     def global_dim(self) -> int:
         return self.config.dim
+
+    embedding_dim = global_dim  # what the module format and export call it
+
+    @property
+    def name(self) -> str:
+        return self.config.name
 
     @property
     def local_dim(self) -> int:
@@ -311,7 +288,7 @@ class GalleryExtractor(nn.Module):
     def _rescaled(self, x: Tensor, scale: float) -> Tensor:
         if scale == 1.0:
             return x
-        h, w = x.shape[-2:]
+        h, w = (int(n) for n in x.shape[-2:])  # plain ints also under ONNX tracing (a fixed-size graph)
         size = (max(32, round(h * scale)), max(32, round(w * scale)))
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
@@ -354,41 +331,12 @@ def build_extractor(config: ExtractorConfig | dict, num_classes: int | None = No
 
 def save_extractor(extractor: GalleryExtractor, path: str | Path, fingerprint: str = "", extra: dict | None = None) -> Path:
     """Write config + weights (+ the training fingerprint used to decide whether to retrain)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": EXTRACTOR_FORMAT,
-        "version": EXTRACTOR_VERSION,
-        "config": extractor.config.to_dict(),
-        "num_classes": extractor.num_classes,
-        "preprocess": extractor.spec.to_dict(),
-        "fingerprint": fingerprint,
-        "extra": extra or {},
-        "state_dict": extractor.state_dict(),
-    }
-    return save_atomic(payload, path)
-
-
-def read_extractor_header(path: str | Path) -> dict:
-    """The checkpoint payload (weights included) after checking it is an extractor checkpoint."""
-    return read_tagged(
-        path, ExtractorError, "gallery-extractor checkpoint", EXTRACTOR_FORMAT,
-        "released DELG/DOLG/CVNet files load with training.extractors.load_released",
-    )
+    meta = CheckpointMeta(role="extractor", name=extractor.name, extra={"fingerprint": fingerprint, **(extra or {})})
+    return save_checkpoint(extractor, path, meta)
 
 
 def load_extractor(path: str | Path) -> GalleryExtractor:
     """Rebuild an extractor saved by `save_extractor` (eval mode)."""
-    payload = read_extractor_header(path)
-    try:
-        config = ExtractorConfig.from_dict(payload["config"])
-        # the backbone's pretrained weights are in the state dict already: do not look for them again
-        extractor = build_extractor(replace(config, pretrained=False, weights=None), payload.get("num_classes"))
-        extractor.load_state_dict(payload["state_dict"], strict=True)
-    except (KeyError, RuntimeError) as e:
-        first = str(e).splitlines()[0]
-        raise ExtractorError(f"{path}: weights do not match the config saved with them ({first})") from None
-    extractor.config = config
-    extractor.spec = PreprocessSpec.from_dict(payload["preprocess"])
+    extractor, _ = load_checkpoint(path, expect="gallery_extractor")
     extractor.weights_source = f"checkpoint {path}"
-    return extractor.eval()
+    return extractor

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from training.data import ImageDataset, LabelledImages
 from training.extractors.base import ExtractorError, GalleryExtractor
+from training.fit import FitConfig, OptimConfig, fit
 from training.transforms import eval_transform, train_transform
 
 
@@ -21,7 +18,7 @@ def _param_groups(extractor: GalleryExtractor) -> list[dict]:
     trunk = extractor.trunk
     backbone_ids = {id(p) for p in trunk.backbone.parameters()}
     heads = [p for p in extractor.parameters() if id(p) not in backbone_ids and p.requires_grad]
-    backbone = [p for p in trunk.tail_parameters()] + ([] if t.freeze_stem else trunk.stem_parameters())
+    backbone = trunk.tail_parameters() + ([] if t.freeze_stem else trunk.stem_parameters())
     groups = [{"params": heads, "lr": t.lr}]
     if t.backbone_lr_scale > 0:
         groups.append({"params": backbone, "lr": t.lr * t.backbone_lr_scale})
@@ -31,15 +28,11 @@ def _param_groups(extractor: GalleryExtractor) -> list[dict]:
     return groups
 
 
-def train_extractor(
-    extractor: GalleryExtractor,
-    data: LabelledImages,
-    progress: bool = True,
-    log: Callable[[str], None] = print,
-) -> list[dict[str, float]]:
-    """Train in place for `config.train.epochs` epochs; return the mean of each loss term per epoch.
+def train_extractor(extractor: GalleryExtractor, data: LabelledImages, progress: bool = True,
+                    log: Callable[[str], None] = print, device: str = "cpu") -> list[dict[str, float]]:
+    """Train in place for `config.train.epochs` epochs with `training.fit`; return each epoch's mean loss terms.
 
-    AdamW with a cosine schedule; the backbone's learning rate is scaled by `backbone_lr_scale` and the
+    AdamW with the cosine schedule; the backbone's learning rate is scaled by `backbone_lr_scale` and the
     layers below conv4 are frozen with `freeze_stem` (cheaper, and kinder to pretrained weights).
     """
     t = extractor.config.train
@@ -60,40 +53,15 @@ def train_extractor(
         ImageDataset(data, transform), batch_size=t.batch_size, shuffle=True,
         drop_last=len(data) > t.batch_size, generator=torch.Generator().manual_seed(t.seed),
     )
-    opt = torch.optim.AdamW(_param_groups(extractor), weight_decay=t.weight_decay)
-    steps_per_epoch = len(loader) if t.max_steps is None else min(len(loader), t.max_steps)
-    total = max(1, steps_per_epoch * t.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
     weights = extractor.loss_weights()
-    history: list[dict[str, float]] = []
-    extractor.to(memory_format=torch.channels_last)  # ~2x faster convolutions on CPU
-    extractor.train()
-    step = 0
-    for epoch in range(t.epochs):
-        t0 = time.perf_counter()
-        sums: dict[str, list[float]] = {}
-        bar = tqdm(loader, desc=f"{extractor.name} epoch {epoch + 1}/{t.epochs}", unit="batch",
-                   disable=not progress, leave=False, total=steps_per_epoch)
-        for i, (x, y) in enumerate(bar):
-            if i >= steps_per_epoch:
-                break
-            terms = extractor.train_losses(x.contiguous(memory_format=torch.channels_last), y)
-            loss = sum(weights[k] * v for k, v in terms.items())
-            if not torch.isfinite(loss):
-                raise ExtractorError(f"extractor {extractor.name}: loss became {loss.item()} at step {step}; lower the lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            for k, v in terms.items():
-                sums.setdefault(k, []).append(v.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        bar.close()
-        means = {k: float(np.mean(v)) for k, v in sums.items()}
-        history.append(means)
-        log(f"  {extractor.name} epoch {epoch + 1}/{t.epochs}: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in means.items()) + f" ({time.perf_counter() - t0:.0f} s)")
-    extractor.to(memory_format=torch.contiguous_format)
-    extractor.eval()
-    return history
+
+    def step(batch) -> dict:
+        terms = extractor.train_losses(*batch)
+        return {"loss": sum(weights[k] * v for k, v in terms.items()), **terms}
+
+    history = fit(step, loader, {"extractor": extractor}, _param_groups(extractor),
+                  OptimConfig("adamw", weight_decay=t.weight_decay),
+                  FitConfig(epochs=t.epochs, max_steps=t.max_steps, device=device, channels_last=True,
+                            desc=extractor.name, progress=progress), log=log)
+    extractor.cpu()  # feature extraction and saving run on the CPU
+    return [{k: v for k, v in h.items() if k != "loss"} for h in history]

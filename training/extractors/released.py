@@ -21,7 +21,8 @@ every target tensor filled or explicitly absent from the release, shapes equal, 
   has no autoencoder: load with num_local=0 (global only) or train the autoencoder afterwards.
 Classifier weights (ArcFace, attention classifier) load when the extractor has a head of the same shape
 and are skipped otherwise (a different label set). Not verified against the actual release files (none
-can be downloaded here); the mapping is tested by round trip on the real ResNet-50/101 layouts.
+can be downloaded here); the mapping is tested by round trip on the real ResNet-50/101 layouts (the
+inverse mapping lives with the tests, tests/training/test_extractors.py).
 """
 
 from __future__ import annotations
@@ -32,16 +33,14 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint_io import read_state_dict_file
+from training.checkpoint import read_state_dict_file
 from training.extractors.base import ExtractorError, GalleryExtractor
 
 BACKBONE = "trunk.backbone.model."
 _PYCLS_PARTS = {"f.a": "conv1", "f.a_bn": "bn1", "f.b": "conv2", "f.b_bn": "bn2", "f.c": "conv3", "f.c_bn": "bn3",
                 "proj": "downsample.0", "bn": "downsample.1"}
-_TIMM_PARTS = {v: k for k, v in _PYCLS_PARTS.items()}
 _PYCLS_BLOCK = re.compile(r"^s(\d+)\.b(\d+)\.(f\.a_bn|f\.b_bn|f\.c_bn|f\.a|f\.b|f\.c|proj|bn)\.(\w+)$")
-_TIMM_BLOCK = re.compile(r"^layer(\d+)\.(\d+)\.(conv[123]|bn[123]|downsample\.0|downsample\.1)\.(\w+)$")
-_CLASSIFIERS = ("arcface.", "attention_classifier.")
+CLASSIFIERS = ("arcface.", "attention_classifier.")
 
 
 @dataclass(frozen=True)
@@ -99,18 +98,6 @@ def pycls_to_timm(key: str) -> str | None:
     return f"layer{stage}.{int(block) - 1}.{_PYCLS_PARTS[part]}.{leaf}"
 
 
-def timm_to_pycls(key: str) -> str | None:
-    """Inverse of `pycls_to_timm`."""
-    for src, dst in (("conv1.", "stem.conv."), ("bn1.", "stem.bn.")):
-        if key.startswith(src) and key.count(".") == 1:
-            return dst + key[len(src):]
-    m = _TIMM_BLOCK.match(key)
-    if m is None:
-        return None
-    stage, block, part, leaf = m.groups()
-    return f"s{stage}.b{int(block) + 1}.{_TIMM_PARTS[part]}.{leaf}"
-
-
 def _map_key(key: str, layout: ReleasedLayout) -> str | None:
     for src, dst in layout.rules:
         if key.startswith(src):
@@ -133,7 +120,7 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
     spec = RELEASED_LAYOUTS[layout]
     if extractor.config.kind != spec.kind:
         raise ExtractorError(f"layout {layout!r} holds a {spec.kind} model but the extractor is {extractor.config.kind}")
-    if extractor.trunk.family != "resnet":
+    if not extractor.trunk.backbone.config.timm_name.startswith("resnet"):
         raise ExtractorError(f"released {spec.kind} checkpoints use a ResNet backbone; the extractor uses "
                              f"'{extractor.config.backbone}' (set backbone resnet50 or resnet101)")
     if spec.absent and extractor.num_local:
@@ -149,7 +136,7 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
             continue
         new = _map_key(key, spec)
         if new is None or new not in target:
-            if new is not None and new.startswith(_CLASSIFIERS):
+            if new is not None and new.startswith(CLASSIFIERS):
                 report.skipped_classifiers.append(key)  # the extractor has no such head
                 continue
             unexpected.append(key)
@@ -162,7 +149,7 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
         )
     for key in list(mapped):
         if mapped[key].shape != target[key].shape:
-            if key.startswith(_CLASSIFIERS):
+            if key.startswith(CLASSIFIERS):
                 report.skipped_classifiers.append(key)
                 del mapped[key]
                 continue
@@ -170,7 +157,7 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
                 f"{path}: {key} has shape {tuple(mapped[key].shape)} in the checkpoint but {tuple(target[key].shape)} "
                 f"here; set the extractor's dim/local_dim/backbone to what the release was trained with"
             )
-    missing = [k for k in target if k not in mapped and not k.startswith(_CLASSIFIERS)]
+    missing = [k for k in target if k not in mapped and not k.startswith(CLASSIFIERS)]
     for key in list(missing):
         if key.endswith("num_batches_tracked"):  # older checkpoints lack the BN step counter
             missing.remove(key)
@@ -186,27 +173,3 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
     report.loaded = len(mapped)
     extractor.weights_source = f"released {layout} checkpoint {path}"
     return report
-
-
-def released_state_dict(extractor: GalleryExtractor, layout: str) -> dict[str, torch.Tensor]:
-    """The extractor's weights in a release's layout (the inverse mapping), e.g. for round-trip tests."""
-    spec = RELEASED_LAYOUTS[layout]
-    out: dict[str, torch.Tensor] = {}
-    for key, value in extractor.state_dict().items():
-        if key.startswith(spec.absent):
-            continue
-        for src, dst in spec.rules:
-            if dst == BACKBONE and key.startswith(BACKBONE):
-                pycls = timm_to_pycls(key[len(BACKBONE):])
-                if pycls is None:
-                    raise ExtractorError(f"{key} has no place in the pycls ResNet layout")
-                out[src + pycls] = value
-                break
-            if dst != BACKBONE and key.startswith(dst):
-                out[src + key[len(dst):]] = value
-                break
-        else:
-            if key.startswith(_CLASSIFIERS):  # ArcFace scale/margin buffers: not stored by the releases
-                continue
-            raise ExtractorError(f"{key} has no place in the {layout} layout")
-    return out
