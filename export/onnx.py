@@ -64,7 +64,7 @@ def export_onnx(model, path: str | Path, input_size: tuple[int, int] = (224, 224
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
-    example = torch.randn(1, 3, *input_size)
+    example = torch.randn(2, 3, *input_size)  # batch 2: torch.export specialises a size-1 dim to a constant
     vit = _is_vit(model)
     dims = {0: torch.export.Dim("batch", max=4096)}
     if dynamic_hw(model):

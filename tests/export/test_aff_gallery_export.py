@@ -47,7 +47,7 @@ def aff_run(tmp_path_factory):
 
 def test_aff_gallery_exports_as_one_onnx_graph_matching_torch(aff_run, tmp_path):
     from export.bundle import export_bundle
-    from export.onnx import session
+    from sdk.backends import onnx_session as session
     from training.aff.gallery import load_gallery
 
     d, query, gallery_path, _ = aff_run
