@@ -227,6 +227,7 @@ def _run_checks() -> list[Check]:
         _package("litert-torch", "litert-torch", "export"),
         _package("coremltools", "coremltools", "export", _coremltools),
         libusb(),
+        *([tflite_support_env()] if _version("onnx") else []),  # the env is built by the export extra
         _package("fastapi", "fastapi", "server"),
         _package("uvicorn", "uvicorn", "server"),
         _package("pytest", "pytest", "dev"),
@@ -235,8 +236,6 @@ def _run_checks() -> list[Check]:
         node(),
         fashion_mnist(),
     ]
-    if _version("onnx"):
-        checks.insert(checks.index(next(c for c in checks if c.part == "libusb-1.0")) + 1, tflite_support_env())
     installed = {extra for extra, anchor in EXTRA_ANCHORS.items() if _version(anchor)}
     return [c if c.extra in installed or c.status == "OK" else
             Check(c.part, "SKIP", f"extra '{c.extra}' not installed ({_pip(c.extra)})", c.extra)

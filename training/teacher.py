@@ -10,8 +10,6 @@ would need more stops with an error and does no work. A failed call writes nothi
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from sdk.bundle import sha256_path
+from sdk.vectors import l2_normalize
+from training.checkpoint import save_atomic
 from training.errors import TrainingError
 
 DEFAULT_CACHE = Path("~/.cache/retrieval-sdk/teacher")
@@ -47,28 +48,13 @@ class TeacherRun:
     teacher_calls: int  # images sent to the teacher
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _entry(cache: Path, teacher: Teacher, key: str) -> Path:
     return cache / teacher.fingerprint[:32] / key[:2] / f"{key}.npy"
 
 
-def _write_atomic(path: Path, vector: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, vector)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save_npy(vector: np.ndarray, path: Path) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, vector)
 
 
 def _check_batch(out: np.ndarray, n: int, teacher: Teacher) -> np.ndarray:
@@ -79,10 +65,9 @@ def _check_batch(out: np.ndarray, n: int, teacher: Teacher) -> np.ndarray:
         raise TeacherError(f"teacher {teacher.name} returned {out.shape[1]}-d embeddings, expected {teacher.dim}")
     if not np.isfinite(out).all():
         raise TeacherError(f"teacher {teacher.name} returned NaN or inf; nothing was cached")
-    norms = np.linalg.norm(out, axis=1, keepdims=True)
-    if (norms == 0).any():
+    if not np.linalg.norm(out, axis=1).all():
         raise TeacherError(f"teacher {teacher.name} returned an all-zero embedding; nothing was cached")
-    return out / norms
+    return l2_normalize(out)
 
 
 def teacher_embeddings(teacher: Teacher, paths: Sequence[str | Path], budget: int | None = None,
@@ -96,7 +81,7 @@ def teacher_embeddings(teacher: Teacher, paths: Sequence[str | Path], budget: in
     if budget is not None and budget < 0:
         raise TeacherError(f"--teacher-budget must be >= 0, got {budget}")
     root = Path(cache).expanduser() if cache is not None else None
-    keys = [file_sha256(p) for p in paths]
+    keys = [sha256_path(p) for p in paths]
     rows: dict[int, np.ndarray] = {}
     if root is not None:
         for i, key in enumerate(keys):
@@ -104,15 +89,14 @@ def teacher_embeddings(teacher: Teacher, paths: Sequence[str | Path], budget: in
             if entry.is_file():
                 rows[i] = np.load(entry)
     todo = [i for i in range(len(paths)) if i not in rows]
-    unique_todo = list(dict.fromkeys(keys[i] for i in todo))
-    if budget is not None and len(unique_todo) > budget:
-        raise TeacherError(f"the run needs {len(unique_todo)} teacher calls ({len(rows)} of {len(paths)} images are "
-                           f"cached for {teacher.name}) but --teacher-budget is {budget}: raise the budget, "
-                           "use fewer images, or reuse a cache that holds them")
-    first_of = {}
+    first_of: dict[str, int] = {}  # each missing image once: its first index in `paths`
     for i in todo:
         first_of.setdefault(keys[i], i)
-    order = [first_of[k] for k in unique_todo]
+    order = list(first_of.values())
+    if budget is not None and len(order) > budget:
+        raise TeacherError(f"the run needs {len(order)} teacher calls ({len(rows)} of {len(paths)} images are "
+                           f"cached for {teacher.name}) but --teacher-budget is {budget}: raise the budget, "
+                           "use fewer images, or reuse a cache that holds them")
     calls = 0
     bar = tqdm(total=len(order), desc=f"teacher {teacher.name}", unit="img", disable=not progress or not order,
                leave=False)
@@ -130,7 +114,7 @@ def teacher_embeddings(teacher: Teacher, paths: Sequence[str | Path], budget: in
         for i, vector in zip(idx, out):
             rows[i] = vector
             if root is not None:
-                _write_atomic(_entry(root, teacher, keys[i]), vector)
+                save_atomic(vector, _entry(root, teacher, keys[i]), write=_save_npy)
         bar.update(len(idx))
     bar.close()
     by_key = {keys[i]: rows[i] for i in rows}
@@ -168,7 +152,7 @@ def checkpoint_teacher(path: str | Path, batch_size: int = 32) -> Teacher:
     path = Path(path)
     model, meta = load_checkpoint(path)
     model.eval()
-    fingerprint = hashlib.sha256(f"checkpoint:{file_sha256(path)}".encode()).hexdigest()
+    fingerprint = hashlib.sha256(f"checkpoint:{sha256_path(path)}".encode()).hexdigest()
     return Teacher(path.name, fingerprint,
                    lambda ps: embed_images(model, list(ps), model.spec, batch_size=batch_size, progress=False),
                    dim=model.embedding_dim)
