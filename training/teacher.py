@@ -156,3 +156,19 @@ def checkpoint_teacher(path: str | Path, batch_size: int = 32) -> Teacher:
     return Teacher(path.name, fingerprint,
                    lambda ps: embed_images(model, list(ps), model.spec, batch_size=batch_size, progress=False),
                    dim=model.embedding_dim)
+
+
+def resolve_teacher(spec: str | Path) -> Teacher:
+    """The teacher a user names: a project checkpoint (.safetensors) or a bundle folder (manifest.json)."""
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "manifest.json").is_file():
+            raise TeacherError(f"teacher {path} is a folder without manifest.json: pass a bundle folder "
+                               "(retrieval-sdk export) or a .safetensors checkpoint")
+        return bundle_teacher(path)
+    if path.is_file():
+        try:
+            return checkpoint_teacher(path)
+        except TrainingError as e:
+            raise TeacherError(f"teacher {path} is not a usable checkpoint: {e}") from e
+    raise TeacherError(f"teacher {spec} not found: pass a .safetensors checkpoint or a bundle folder")

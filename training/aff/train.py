@@ -87,6 +87,8 @@ def split_images(data: LabelledImages, held_out: float, seed: int = 0) -> tuple[
 
 
 def load_splits(cfg: AFFConfig) -> Splits:
+    """The training and evaluation splits of `cfg.data`, files written under `cfg.out` (any config with
+    those two fields: `train distill` reads its labelled sets here too)."""
     d = cfg.data
     out = Path(cfg.out)
     if d.kind == "fashion_mnist":
