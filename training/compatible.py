@@ -24,6 +24,7 @@ from training.embed import embed_images
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.models import EmbeddingModel
 from training.transforms import random_resized_crop
+from training.errors import TrainingError
 
 
 @dataclass(frozen=True)
@@ -83,10 +84,10 @@ def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, im
     """Fine-tune `query` into `gallery`'s space on `images` (cfg.views crops each) and real `photos`
     (cfg.photo_views crops each); returns the fit/training losses and the number of pairs."""
     if query.embedding_dim != gallery.embedding_dim:
-        raise ValueError(f"query model dim {query.embedding_dim} != gallery dim {gallery.embedding_dim}: "
+        raise TrainingError(f"query model dim {query.embedding_dim} != gallery dim {gallery.embedding_dim}: "
                          "build the query model with embedding_dim equal to the gallery's")
     if not isinstance(query.whiten, nn.Module) or not hasattr(query.whiten, "fc"):
-        raise ValueError("the query model needs a whitening FC (ModelConfig(embedding_dim=...)) to be fitted")
+        raise TrainingError("the query model needs a whitening FC (ModelConfig(embedding_dim=...)) to be fitted")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     crops = _crops(images, cfg, rng) + (_crops(photos, cfg, rng, cfg.photo_views) if photos else [])

@@ -11,6 +11,8 @@ from tqdm.auto import tqdm
 
 from sdk.preprocess import PreprocessSpec, preprocess_image
 
+from training.errors import TrainingError
+
 
 @torch.no_grad()
 def embed_images(
@@ -34,7 +36,7 @@ def embed_images(
         bar.update(len(batch))
     bar.close()
     if not chunks:
-        raise ValueError("no images to embed")
+        raise TrainingError("no images to embed")
     return np.concatenate(chunks).astype(np.float32)
 
 

@@ -129,3 +129,6 @@ def test_cli_errors_are_one_line(tmp_path, teacher_file):
     assert len(result.output.strip().splitlines()) == 1, result.output
     result = runner.invoke(app, ["train", "distill", "--teacher", str(teacher_file), "--mode", "sideways"])
     assert result.exit_code != 0 and "--mode must be symmetric or asymmetric" in result.output
+    result = runner.invoke(app, ["train", "distill", "--teacher", str(teacher_file), "--images", str(tmp_path),
+                                 "--set", "loss.tau=2"])
+    assert result.exit_code != 0 and "tau must lie in (-1, 1)" in result.output and "Traceback" not in result.output
