@@ -116,7 +116,8 @@ def aff(
 @train_app.command("distill")
 def distill(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or YAML config (e.g. configs/distill_fashion_mnist.json)."),
-    teacher: Optional[str] = typer.Option(None, help="The black-box teacher: a .safetensors checkpoint or a bundle folder."),
+    teacher: Optional[str] = typer.Option(None, help="The black-box teacher: a .safetensors checkpoint, a bundle folder, "
+                                                     "or a `retrieval-sdk serve` URL (write key in $RETRIEVAL_SDK_TEACHER_KEY)."),
     images: Optional[Path] = typer.Option(None, help="Folder of unlabelled images to distil on (any depth)."),
     eval_images: Optional[Path] = typer.Option(None, help="Labelled folder (one subfolder per class) to evaluate on."),
     student: Optional[str] = typer.Option(None, help="Student backbone (see `retrieval-sdk backbones`)."),

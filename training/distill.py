@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from training.rank_distill import RankDistillConfig, average_weights, distill_lo
 from training.teacher import DEFAULT_CACHE, Teacher, TeacherError, resolve_teacher, teacher_embeddings
 from training.transforms import eval_transform
 
+TEACHER_KEY_ENV = "RETRIEVAL_SDK_TEACHER_KEY"  # the API key (write scope) of a teacher behind `retrieval-sdk serve`
 # name -> the change it makes to the run (the ablation switches)
 ABLATIONS: dict[str, dict] = {
     "no_augmentation": {"mix_iterations": 0},  # no representation mixup: the originals alone
@@ -73,7 +75,8 @@ class DistillConfig:
 
     name: str = "distill"
     out: str = "runs/distill"
-    teacher: str = ""  # checkpoint .safetensors | bundle folder | http(s)://serve-url (its /v1/embed)
+    teacher: str = ""  # checkpoint .safetensors | bundle folder | http(s)://serve-url (its /v1/embed; a write
+    # key in $RETRIEVAL_SDK_TEACHER_KEY, kept out of configs and results)
     teacher_train: dict | None = None  # no `teacher`: train one with labels on data's training split (ExtractorConfig)
     teacher_budget: int | None = None  # max images sent to the teacher (cached ones are free)
     teacher_cache: str | None = str(DEFAULT_CACHE)
@@ -324,7 +327,8 @@ def run_distill(cfg: DistillConfig, device: str = "cpu", progress: bool = True,
     log = log or (lambda _: None)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    teacher: Teacher | None = resolve_teacher(cfg.teacher) if cfg.teacher else None  # a bad teacher fails first
+    key = os.environ.get(TEACHER_KEY_ENV) or None
+    teacher: Teacher | None = resolve_teacher(cfg.teacher, key) if cfg.teacher else None  # a bad teacher fails first
     data = load_distill_data(cfg)
     teacher_spec = cfg.teacher or str(train_teacher(cfg, data.teacher_train, device, progress, log))
     teacher = teacher or resolve_teacher(teacher_spec)
