@@ -515,24 +515,33 @@ async def search_image(request: Request, state: State) -> SearchResponse:
     return await run_in_threadpool(work)
 
 
+def _uploads(form, config: ServerConfig) -> list:
+    """The multipart file fields named 'images' (1 to max_images_per_request of them)."""
+    uploads = [u for u in form.getlist("images") if not isinstance(u, str)]
+    if not uploads:
+        raise HTTPException(400, "send one or more multipart file fields named 'images'")
+    if len(uploads) > config.max_images_per_request:
+        raise HTTPException(413, f"at most {config.max_images_per_request} images per request")
+    return uploads
+
+
+async def _uploaded_images(form, config: ServerConfig) -> list[bytes]:
+    """The bytes of every uploaded image, each checked against the size limit."""
+    return [_read_image_bytes(await u.read(config.max_image_bytes + 1), config, u.filename or "image")
+            for u in _uploads(form, config)]
+
+
 @router.post("/v1/embed", response_model=EmbedResponse, dependencies=[WRITE], tags=["search"],
              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 413: _ERROR})
 async def embed(request: Request, state: State) -> EmbedResponse:
     """Embed images with the bundle's gallery model (role=query: its query model) without storing them:
     the server as a black-box teacher for `retrieval-sdk train distill`. Write scope: it spends the
     server's compute like an upload does."""
-    config = state.config
     form = await _form(request)
-    uploads = [u for u in form.getlist("images") if not isinstance(u, str)]
-    if not uploads:
-        raise HTTPException(400, "send one or more multipart file fields named 'images'")
-    if len(uploads) > config.max_images_per_request:
-        raise HTTPException(413, f"at most {config.max_images_per_request} images per request")
     role = str(form.get("role", state.gallery_role))
     if role not in state.manifest.models:
         raise HTTPException(400, f"role must be one of {', '.join(sorted(state.manifest.models))}, got {role!r}")
-    blobs = [_read_image_bytes(await u.read(config.max_image_bytes + 1), config, u.filename or "image")
-             for u in uploads]
+    blobs = await _uploaded_images(form, state.config)
     vectors = await run_in_threadpool(_embed_images, state, role, blobs)
     return EmbedResponse(space=state.space, role=role, dim=int(vectors.shape[1]),
                          embeddings_b64=[base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors])
@@ -562,18 +571,13 @@ async def _add_images(request: Request, state: ServerState) -> AddItemsResponse:
     """POST /v1/items with multipart images: the gallery model embeds them; a thumbnail is kept."""
     config = state.config
     form = await _form(request)
-    uploads = [u for u in form.getlist("images") if not isinstance(u, str)]
-    if not uploads:
-        raise HTTPException(400, "send one or more multipart file fields named 'images'")
-    if len(uploads) > config.max_images_per_request:
-        raise HTTPException(413, f"at most {config.max_images_per_request} images per request")
+    uploads = _uploads(form, config)
     ids = [str(i) for i in form.getlist("ids")]
     if ids and len(ids) != len(uploads):
         raise HTTPException(400, f"{len(ids)} ids for {len(uploads)} images; send one 'ids' field per image")
     ids = ids or [u.filename or "" for u in uploads]
     metas = _form_metadata(form.get("metadata"), ids)
-    blobs = [_read_image_bytes(await u.read(config.max_image_bytes + 1), config, u.filename or "image")
-             for u in uploads]
+    blobs = await _uploaded_images(form, config)
 
     def work():
         vectors = _embed_images(state, state.gallery_role, blobs)
