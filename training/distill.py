@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from training.aff.config import ConfigError, DataConfig, _check_keys, _construct, apply_overrides, read_config_file
 from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, save_checkpoint
-from training.data import LabelledImages, image_folder, unlabelled_folder, write_images
+from training.data import DatasetError, LabelledImages, image_folder, unlabelled_folder, write_images
 from training.embed import embed_images, embed_multiscale
 from training.evaluate import labelled_eval
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
@@ -155,7 +156,17 @@ def _labelled_split(cfg: DistillConfig) -> tuple[LabelledImages, LabelledImages]
     return write_images(splits.train, root / "train"), write_images(splits.eval, root / "held_out")
 
 
-def load_distill_data(cfg: DistillConfig) -> DistillData:
+def _readable(path: Path) -> bool:
+    """Whether PIL recognises the file as an image (header check, no full decode)."""
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except Exception:  # any decoder error: the file is skipped and reported, not trained on
+        return False
+
+
+def load_distill_data(cfg: DistillConfig, log: Callable[[str], None] | None = None) -> DistillData:
     """D and the evaluation set, as files (the teacher's cache is keyed by file contents)."""
     paths: list[Path] = []
     evaluation = teacher_set = None
@@ -163,7 +174,15 @@ def load_distill_data(cfg: DistillConfig) -> DistillData:
         teacher_set, evaluation = _labelled_split(cfg)
         paths += [Path(p) for p in teacher_set.paths]
     if cfg.images:
-        paths += unlabelled_folder(cfg.images)
+        found = unlabelled_folder(cfg.images)
+        readable = [p for p in found if _readable(p)]
+        if not readable:
+            raise DatasetError(f"none of the {len(found)} files in {cfg.images} is a readable image "
+                               f"(first: {found[0].name}); use JPEG/PNG photos")
+        if len(readable) < len(found) and log is not None:
+            log(f"skipped {len(found) - len(readable)} unreadable files in {cfg.images} "
+                f"(first: {next(p for p in found if p not in set(readable)).name})")
+        paths += readable
     if cfg.eval_images:
         evaluation = image_folder(cfg.eval_images)
     if len(paths) > cfg.max_images:
@@ -329,7 +348,7 @@ def run_distill(cfg: DistillConfig, device: str = "cpu", progress: bool = True,
     out.mkdir(parents=True, exist_ok=True)
     key = os.environ.get(TEACHER_KEY_ENV) or None
     teacher: Teacher | None = resolve_teacher(cfg.teacher, key) if cfg.teacher else None  # a bad teacher fails first
-    data = load_distill_data(cfg)
+    data = load_distill_data(cfg, log)
     teacher_spec = cfg.teacher or str(train_teacher(cfg, data.teacher_train, device, progress, log))
     teacher = teacher or resolve_teacher(teacher_spec)
     if teacher.dim is not None:

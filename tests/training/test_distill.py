@@ -101,7 +101,7 @@ def test_a_resumed_run_ends_with_the_same_weights(tmp_path, teacher_file, monkey
 
 
 def test_bad_teachers_and_folders_are_one_line_errors(tmp_path, teacher_file):
-    with pytest.raises(TeacherError, match="not found: pass a .safetensors checkpoint or a bundle folder"):
+    with pytest.raises(TeacherError, match="not found: pass a .safetensors checkpoint, a bundle folder or a serve URL"):
         distill.run_distill(tiny_config(tmp_path, tmp_path / "nope.safetensors"), progress=False, log=None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(TeacherError, match="folder without manifest.json"):
@@ -115,6 +115,11 @@ def test_bad_teachers_and_folders_are_one_line_errors(tmp_path, teacher_file):
     with pytest.raises(DatasetError, match="no images in"):
         distill.run_distill(tiny_config(tmp_path, teacher_file, data=None, images=str(tmp_path / "empty")),
                             progress=False, log=None)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(DatasetError, match="none of the 1 files in .* is a readable image"):
+        distill.run_distill(tiny_config(tmp_path, teacher_file, data=None, images=str(broken)), progress=False, log=None)
     with pytest.raises(ConfigError, match="unknown ablation 'nope'"):
         tiny_config(tmp_path, teacher_file, ablations=("nope",))
 
