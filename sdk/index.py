@@ -26,6 +26,7 @@ import numpy as np
 
 from sdk.errors import (DimensionError, GalleryIndexError, IndexCorruptError, IndexLockedError,  # noqa: F401
                         SpaceMismatchError, UnknownIdError)
+from sdk.json_limits import MAX_METADATA_DEPTH, JSONLimitError, check_json
 from sdk.index_store import DB_NAME, INDEX_FORMAT, INDEX_VERSION, IndexStore, read_info
 from sdk.vector_index import VectorIndex, build_faiss_index
 from sdk.vectors import l2_normalize
@@ -147,20 +148,33 @@ def _check_id(item_id) -> str:
     if not isinstance(item_id, str) or not item_id or len(item_id) > MAX_ID_LEN or "\x00" in item_id:
         raise GalleryIndexError(f"item ids must be non-empty strings of at most {MAX_ID_LEN} characters "
                                 f"without NUL, got {str(item_id)[:60]!r}")
+    try:
+        item_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GalleryIndexError(f"item id {item_id[:60]!r} is not valid Unicode (a lone surrogate); "
+                                "send UTF-8 text") from None
     return item_id
 
 
 def _dump_metadata(meta) -> str | None:
+    """Metadata -> stored JSON text, refused unless it can always be served back (size, depth, integers,
+    strings, finite numbers; sdk/json_limits.py)."""
     if meta is None:
         return None
     if not isinstance(meta, dict):
         raise GalleryIndexError(f"metadata must be a JSON object (dict), got {type(meta).__name__}")
     try:
         text = json.dumps(meta, allow_nan=False, separators=(",", ":"))
+    except RecursionError:
+        raise GalleryIndexError(f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep; flatten it") from None
     except (TypeError, ValueError) as e:
         raise GalleryIndexError(f"metadata is not JSON-serialisable ({e})") from None
     if len(text.encode()) > MAX_METADATA_BYTES:
         raise GalleryIndexError(f"metadata is larger than {MAX_METADATA_BYTES // 1024} KiB")
+    try:
+        check_json(meta, MAX_METADATA_DEPTH, "metadata")
+    except JSONLimitError as e:
+        raise GalleryIndexError(str(e)) from None
     return text
 
 

@@ -26,11 +26,11 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
+from urllib.parse import unquote
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -38,6 +38,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -46,7 +47,9 @@ from sdk.bundle import BundleError, Manifest, read_manifest
 from sdk.errors import GalleryIndexError, SdkError, SpaceMismatchError, UnknownIdError
 from sdk.index import GalleryIndex, IndexConfig, check_vectors
 from sdk.index_store import DB_NAME
-from sdk.preprocess import ImageError
+from sdk.json_limits import loads as parse_json
+from sdk.preprocess import ImageError, thumbnail_jpeg
+from sdk.server_asgi import Metrics, ServiceMiddleware
 from sdk.rerank import RERANK_METHODS, DiffusionCache, RerankConfig, rerank_search
 
 log = logging.getLogger("retrieval_sdk.server")
@@ -66,8 +69,10 @@ class ServerConfig:
     index_config: str = "Flat"  # factory for a new index (an existing one keeps its own)
     api_keys: dict[str, frozenset[str]] = field(default_factory=dict)  # key -> scopes
     max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this (slow senders get 408)
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 50_000_000
+    max_request_pixels: int = 100_000_000  # all images of one request together (decoding cost)
     max_items_per_request: int = 1000
     max_images_per_request: int = 64
     max_k: int = 1000
@@ -222,124 +227,6 @@ def decode_embedding(values, b64: str | None, dtype: str, dim: int) -> np.ndarra
         raise HTTPException(400, str(e)) from None
 
 
-class _Metrics:
-    """Request counters and latency histograms in Prometheus text format (no extra dependency)."""
-
-    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.count: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.hist: dict[str, list[int]] = {}
-        self.sum: dict[str, float] = defaultdict(float)
-
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        with self.lock:
-            self.count[(method, route, status)] += 1
-            h = self.hist.setdefault(route, [0] * (len(self.BUCKETS) + 1))
-            for i, b in enumerate(self.BUCKETS):
-                if seconds <= b:
-                    h[i] += 1
-                    break
-            else:
-                h[-1] += 1
-            self.sum[route] += seconds
-
-    def render(self, index: GalleryIndex) -> str:
-        lines = ["# HELP retrieval_requests_total HTTP requests by method, route and status.",
-                 "# TYPE retrieval_requests_total counter"]
-        with self.lock:
-            for (method, route, status), n in sorted(self.count.items()):
-                lines.append(f'retrieval_requests_total{{method="{method}",route="{route}",status="{status}"}} {n}')
-            lines += ["# HELP retrieval_request_seconds Request latency.", "# TYPE retrieval_request_seconds histogram"]
-            for route, h in sorted(self.hist.items()):
-                cum = 0
-                for b, c in zip(self.BUCKETS, h):
-                    cum += c
-                    lines.append(f'retrieval_request_seconds_bucket{{route="{route}",le="{b}"}} {cum}')
-                cum += h[-1]
-                lines.append(f'retrieval_request_seconds_bucket{{route="{route}",le="+Inf"}} {cum}')
-                lines.append(f'retrieval_request_seconds_sum{{route="{route}"}} {self.sum[route]:.6f}')
-                lines.append(f'retrieval_request_seconds_count{{route="{route}"}} {cum}')
-        st = index.stats()
-        lines += ["# HELP retrieval_index_items Live items in the gallery index.", "# TYPE retrieval_index_items gauge",
-                  f"retrieval_index_items {st.count}",
-                  "# HELP retrieval_index_tombstones Deleted or replaced vectors awaiting compaction.",
-                  "# TYPE retrieval_index_tombstones gauge", f"retrieval_index_tombstones {st.tombstones}",
-                  "# HELP retrieval_index_unsaved Vectors in the write-ahead log since the last snapshot.",
-                  "# TYPE retrieval_index_unsaved gauge", f"retrieval_index_unsaved {st.unsaved}"]
-        return "\n".join(lines) + "\n"
-
-
-class _BodyTooLarge(HTTPException):
-    """Raised from the receive channel once a streamed body passes the limit (FastAPI re-raises
-    HTTPExceptions from body parsing, so this becomes a 413)."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body is larger than {limit} bytes")
-
-
-class LimitsAndMetrics:
-    """ASGI middleware: refuse bodies over `max_body` with 413 (Content-Length or streamed), and time
-    every request for /metrics."""
-
-    def __init__(self, app, max_body: int, metrics: _Metrics):
-        self.app, self.max_body, self.metrics = app, max_body, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = {"code": 500}
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > self.max_body
-            except ValueError:
-                too_big = False
-            if too_big:
-                # Read and drop a moderately oversized body first, so the client (which sends it
-                # all before reading) gets the 413 instead of a reset connection.
-                if int(length) <= 4 * self.max_body:
-                    more = True
-                    while more:
-                        message = await receive()
-                        more = message.get("more_body", False) and message["type"] == "http.request"
-                return await self._reject(scope, send, start)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise _BodyTooLarge(self.max_body)
-            return message
-
-        async def tracking_send(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            return await self._reject(scope, send, start)
-        finally:
-            route = scope.get("route")
-            name = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe(scope.get("method", ""), name, status["code"], time.perf_counter() - start)
-
-    async def _reject(self, scope, send, start):
-        body = json.dumps({"detail": f"request body is larger than {self.max_body} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-        self.metrics.observe(scope.get("method", ""), "rejected", 413, time.perf_counter() - start)
-
-
 # ------------------------------------------------------------------------------------------------ state
 class ServerState:
     """What the endpoints share: the manifest, the index, lazily loaded embedders, caches, metrics."""
@@ -367,7 +254,7 @@ class ServerState:
         self._embedders: dict[str, object] = {}
         self._embed_lock = threading.Lock()
         self.diffusion = DiffusionCache()
-        self.metrics = _Metrics()
+        self.metrics = Metrics(self.index.stats)
 
     def embedder(self, role: str):
         with self._embed_lock:
@@ -378,11 +265,15 @@ class ServerState:
                                                              threads=self.config.threads, workers=1, verify=False)
             return self._embedders[role]
 
+    def after_write(self) -> None:
+        """Called after each add or delete."""
+
     def close(self) -> None:
         self.index.close()
 
 
-def _read_image_bytes(data: bytes, config: ServerConfig, name: str) -> bytes:
+def _read_image_bytes(data: bytes, config: ServerConfig, name: str) -> tuple[bytes, int]:
+    """(the upload's bytes, its pixel count), checked to be a readable image within the size limits."""
     if not data:
         raise HTTPException(400, f"upload {name!r} is empty")
     if len(data) > config.max_image_bytes:
@@ -396,16 +287,21 @@ def _read_image_bytes(data: bytes, config: ServerConfig, name: str) -> bytes:
         raise HTTPException(400, f"upload {name!r} is not a readable image (send JPEG, PNG or WebP)") from None
     if w * h > config.max_image_pixels:
         raise HTTPException(413, f"image {name!r} is {w}x{h}; the limit is {config.max_image_pixels} pixels")
-    return data
+    return data, w * h
 
 
-def _thumbnail(data: bytes, size: int) -> bytes:
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        img.thumbnail((size, size))
-        out = io.BytesIO()
-        img.save(out, "JPEG", quality=85)
-        return out.getvalue()
+async def _read_uploads(uploads, config: ServerConfig) -> list[bytes]:
+    """The uploads' bytes, each checked, and all of them together within the request's pixel budget
+    (decoding costs CPU by the pixels an image claims, however small its file)."""
+    blobs, pixels = [], 0
+    for u in uploads:
+        data, n = _read_image_bytes(await u.read(config.max_image_bytes + 1), config, u.filename or "image")
+        pixels += n
+        if pixels > config.max_request_pixels:
+            raise HTTPException(413, f"the images of one request may hold {config.max_request_pixels} pixels in "
+                                     "all; send fewer or smaller images per request")
+        blobs.append(data)
+    return blobs
 
 
 def _embed_images(state: ServerState, role: str, blobs: list[bytes]) -> np.ndarray:
@@ -475,13 +371,30 @@ def run_search(state: ServerState, q: np.ndarray, k: int, rerank: str, with_meta
                           took_ms=round(took, 3), space=state.space, rerank=rerank)
 
 
+async def _json_body(request: Request, model: type[BaseModel]):
+    """The request's JSON body as `model`; read only now, after the API key was checked (the routes take
+    no body parameter, so FastAPI does not read the body before their dependencies run)."""
+    raw = parse_json(await request.body(), "request body")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:  # answered like every other invalid body (_invalid_request)
+        raise RequestValidationError(e.errors()) from None
+
+
+def _json_request_body(name: str) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
 @router.post("/v1/search", response_model=SearchResponse, dependencies=[READ], tags=["search"],
-             responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR})
-def search(req: SearchRequest, state: State) -> SearchResponse:
+             responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR, 429: _ERROR},
+             openapi_extra=_json_request_body("SearchRequest"))
+async def search(request: Request, state: State) -> SearchResponse:
     """Search with a query embedding computed on the device (same embedding space)."""
+    req = await _json_body(request, SearchRequest)
     _check_space(state, req.space, "embed the query with the bundle the server uses")
     q = decode_embedding(req.embedding, req.embedding_b64, req.dtype, state.dim)
-    return run_search(state, q, req.k, req.rerank, req.with_metadata)
+    return await run_in_threadpool(run_search, state, q, req.k, req.rerank, req.with_metadata)
 
 
 @router.post("/v1/search/image", response_model=SearchResponse, dependencies=[READ], tags=["search"],
@@ -493,7 +406,7 @@ async def search_image(request: Request, state: State) -> SearchResponse:
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise HTTPException(400, "send the image as a multipart file field named 'image'")
-    data = _read_image_bytes(await upload.read(config.max_image_bytes + 1), config, upload.filename or "image")
+    data = (await _read_uploads([upload], config))[0]
     k = _int_field(form, "k", 10, 1, 100000)
     rerank = str(form.get("rerank", "none"))
     if rerank not in RERANK_METHODS:
@@ -509,14 +422,7 @@ async def search_image(request: Request, state: State) -> SearchResponse:
 
 async def _add_embeddings(request: Request, state: ServerState) -> AddItemsResponse:
     """POST /v1/items with JSON: precomputed gallery embeddings."""
-    try:
-        raw = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        raise HTTPException(400, "request body is not valid JSON") from None
-    try:
-        req = AddItemsRequest.model_validate(raw)
-    except ValidationError as e:  # answered like every other invalid body (_invalid_request)
-        raise RequestValidationError(e.errors()) from None
+    req = await _json_body(request, AddItemsRequest)
     if len(req.items) > state.config.max_items_per_request:
         raise HTTPException(413, f"at most {state.config.max_items_per_request} items per request")
     _check_space(state, req.space, "embed the gallery with the server's bundle")
@@ -524,6 +430,7 @@ async def _add_embeddings(request: Request, state: ServerState) -> AddItemsRespo
     ids = [it.id for it in req.items]
     metas = [it.metadata for it in req.items]
     result = await run_in_threadpool(state.index.add, ids, vectors, space=state.space, metadata=metas)
+    state.after_write()
     return AddItemsResponse(ids=ids, **result)
 
 
@@ -541,13 +448,14 @@ async def _add_images(request: Request, state: ServerState) -> AddItemsResponse:
         raise HTTPException(400, f"{len(ids)} ids for {len(uploads)} images; send one 'ids' field per image")
     ids = ids or [u.filename or "" for u in uploads]
     metas = _form_metadata(form.get("metadata"), ids)
-    blobs = [_read_image_bytes(await u.read(config.max_image_bytes + 1), config, u.filename or "image")
-             for u in uploads]
+    blobs = await _read_uploads(uploads, config)
 
     def work():
         vectors = _embed_images(state, state.gallery_role, blobs)
-        thumbs = [_thumbnail(b, config.thumbnail_size) for b in blobs]
-        return state.index.add(ids, vectors, space=state.space, metadata=metas, thumbnails=thumbs)
+        thumbs = [thumbnail_jpeg(b, config.thumbnail_size) for b in blobs]
+        result = state.index.add(ids, vectors, space=state.space, metadata=metas, thumbnails=thumbs)
+        state.after_write()
+        return result
 
     return AddItemsResponse(ids=ids, **await run_in_threadpool(work))
 
@@ -572,21 +480,24 @@ async def add_items(request: Request, state: State) -> AddItemsResponse:
             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: _ERROR})
 def thumbnail(item_id: str, state: State) -> Response:
     """The JPEG thumbnail kept for an item added as an image."""
-    data, mime = state.index.thumbnail(item_id)
+    data, mime = state.index.thumbnail(unquote(item_id))
     return Response(data, media_type=mime)
 
 
 @router.get("/v1/items/{item_id:path}", response_model=ItemResponse, dependencies=[READ], tags=["items"],
             responses={404: _ERROR})
 def get_item(item_id: str, state: State) -> ItemResponse:
-    return ItemResponse(**state.index.get(item_id))
+    """An item's metadata (the id is one percent-encoded path segment; see sdk/server_asgi.py)."""
+    return ItemResponse(**state.index.get(unquote(item_id)))
 
 
 @router.delete("/v1/items/{item_id:path}", response_model=DeleteResponse, dependencies=[WRITE], tags=["items"],
                responses={404: _ERROR})
 def delete_item(item_id: str, state: State) -> DeleteResponse:
     """Delete an item (durable when this returns)."""
+    item_id = unquote(item_id)
     state.index.remove([item_id])
+    state.after_write()
     return DeleteResponse(deleted=item_id)
 
 
@@ -607,7 +518,7 @@ def healthz(state: State) -> Health:
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["service"])
 def metrics(state: State) -> PlainTextResponse:
-    return PlainTextResponse(state.metrics.render(state.index), media_type="text/plain; version=0.0.4")
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _invalid_request(request, exc):
@@ -627,7 +538,7 @@ def _status_handler(status: int):
 
 
 # The runtime's errors as HTTP answers (a more specific class first); anything else is a 500.
-ERROR_STATUS = {SpaceMismatchError: 409, UnknownIdError: 404, GalleryIndexError: 400}
+ERROR_STATUS = {SpaceMismatchError: 409, UnknownIdError: 404, GalleryIndexError: 400, SdkError: 400}
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -650,7 +561,8 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
     for prefix, folder in config.static.items():
         mount_static(app, folder, prefix)
     _add_form_schema(app)
-    app.add_middleware(LimitsAndMetrics, max_body=config.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(ServiceMiddleware, max_body=config.max_body_bytes, body_timeout=config.body_timeout_s,
+                       metrics=state.metrics)
     return app
 
 
@@ -695,10 +607,7 @@ def _form_metadata(raw, ids: list[str]) -> list[dict | None]:
         return [None] * len(ids)
     if not isinstance(raw, str):
         raise HTTPException(400, "the 'metadata' field must be a JSON string")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise HTTPException(400, "the 'metadata' field is not valid JSON") from None
+    value = parse_json(raw, "the 'metadata' field")
     if isinstance(value, list) and len(value) == len(ids) and all(v is None or isinstance(v, dict) for v in value):
         return value
     if isinstance(value, dict) and all(isinstance(v, dict) or v is None for v in value.values()):
@@ -715,9 +624,10 @@ def _add_form_schema(app: FastAPI) -> None:
             return app.openapi_schema
         schema = base()
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
-        add = AddItemsRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        comps.update(add.pop("$defs", {}))
-        comps["AddItemsRequest"] = add
+        for model in (AddItemsRequest, SearchRequest):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps.update(body.pop("$defs", {}))
+            comps[model.__name__] = body
         comps["AddImagesForm"] = {
             "type": "object", "required": ["images"],
             "properties": {

@@ -1,0 +1,257 @@
+"""The hostile-client probes of issue 15, re-run through a real HTTP server on 127.0.0.1: each gets a 4xx
+with a one-line message or a correct 200, and no write can break later reads."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import struct
+import time
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdk.client import Client, NotFoundError, ServerUnavailableError
+from sdk.server import ServerConfig
+
+from .conftest import SPACE, server_in_thread, unit
+
+READ, WRITE = "read-key-0001", "write-key-0002"
+KEYS = {READ: frozenset({"read"}), WRITE: frozenset({"read", "write"})}
+R, W = {"X-API-Key": READ}, {"X-API-Key": WRITE}
+
+
+@pytest.fixture()
+def served(tiny_bundle, tmp_path):
+    cfg = ServerConfig(bundle=tiny_bundle, index=tmp_path / "index", api_keys=KEYS, max_body_bytes=2_000_000,
+                       max_image_bytes=400_000, max_image_pixels=4_000_000, max_request_pixels=6_000_000,
+                       body_timeout_s=1.5)
+    with server_in_thread(cfg) as (url, app):
+        with httpx.Client(base_url=url, timeout=30) as http:
+            yield url, http, app
+
+
+def png(size=(40, 30), colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def ztxt_png() -> bytes:
+    """A valid small PNG with a zTXt chunk after the image data that inflates past Pillow's text limit."""
+    data = png((64, 64))
+    body = b"Comment\0\0" + zlib.compress(b"A" * (2 * 1024 * 1024))
+    chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+    end = data.rindex(b"IEND") - 4
+    return data[:end] + chunk + data[end:]
+
+
+def post_json(http, path: str, text: str, headers=W):
+    return http.post(path, content=text.encode(), headers={**headers, "content-type": "application/json"})
+
+
+def item_json(item_id: str, vector: np.ndarray, metadata_json: str = "null") -> str:
+    return (f'{{"space": "{SPACE}", "items": [{{"id": {json.dumps(item_id)}, "embedding": {json.dumps(vector.tolist())}, '
+            f'"metadata": {metadata_json}}}]}}')
+
+
+def search(http, vector, k=10):
+    return http.post("/v1/search", json={"space": SPACE, "embedding": vector.tolist(), "k": k}, headers=R)
+
+
+def one_line_4xx(r, status=400) -> str:
+    assert r.status_code == status, (r.status_code, r.text[:300])
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and detail
+    return detail
+
+
+# ------------------------------------------------------------------------------ 1. one write poisons reads
+def test_metadata_that_cannot_be_served_is_refused_at_write_time(served):
+    _, http, app = served
+    x = unit(3, 32, seed=3)
+    assert post_json(http, "/v1/items", item_json("good", x[0], '{"n": 1}')).status_code == 200
+    poison = {
+        "deep": "[" * 300 + "]" * 300,  # 255+ levels
+        "deep_object": '{"a": ' * 40 + "1" + "}" * 40,
+        "surrogate": '{"x": "\\ud800"}',
+        "surrogate_key": '{"\\udfff": 1}',
+        "nan": '{"x": NaN}',
+        "big_int": '{"x": ' + "9" * 30 + "}",
+    }
+    for name, meta in poison.items():
+        body = item_json("victim", x[1], '{"v": ' + meta + "}" if name != "deep_object" else meta)
+        detail = one_line_4xx(post_json(http, "/v1/items", body))
+        assert "metadata" in detail, (name, detail)
+    # multipart metadata is held to the same rules
+    r = http.post("/v1/items", files={"images": ("p.png", png())}, data={"ids": ["img"], "metadata": '[{"x": "\\ud800"}]'},
+                  headers=W)
+    assert "metadata" in one_line_4xx(r)
+    assert app.state.retrieval.index.ids() == ["good"]
+    # reads still answer
+    assert http.get("/v1/items/good", headers=R).json()["metadata"] == {"n": 1}
+    hits = search(http, x[0]).json()["results"]
+    assert hits[0]["id"] == "good" and hits[0]["metadata"] == {"n": 1}
+    # what is within the limits is stored and served back as it was sent
+    ok = {"deep": [[[[["x"]]]]], "text": "żółw 🐢", "int": -(2**63), "float": 1.5e300}
+    assert post_json(http, "/v1/items", item_json("fine", x[2], json.dumps(ok))).status_code == 200
+    assert http.get("/v1/items/fine", headers=R).json()["metadata"] == ok
+    assert search(http, x[2]).status_code == 200
+
+
+def test_ids_that_cannot_be_encoded_are_refused(served):
+    _, http, app = served
+    r = post_json(http, "/v1/items", item_json("\\ud800", unit(1, 32)[0]).replace('"\\\\ud800"', '"\\ud800"'))
+    assert "id" in one_line_4xx(r, 422)  # the request schema refuses it
+    assert len(app.state.retrieval.index) == 0
+
+
+# ------------------------------------------------------------------------------ 2. the client and item ids
+WEIRD_IDS = ["..", ".", "../../etc/passwd", "a/thumbnail", "a", "100%", "%2F", "%252F", "sp ace?q=1#frag&x",
+             "ünï/cødé", "a//b", "/lead", "trail/", "thumbnail", "x/..", "./y", "\\back\\slash", "tab\tnew\nline"]
+
+
+def test_every_accepted_id_round_trips_through_the_client(served):
+    url, http, app = served
+    x = unit(len(WEIRD_IDS) + 1, 32, seed=5)
+    with Client(url, api_key=WRITE, retries=0) as c:
+        c.add(["victim-sku"], x[-1:])
+        with pytest.raises(NotFoundError):
+            c.delete("no-such-sku/../victim-sku")
+        assert "victim-sku" in app.state.retrieval.index
+        images = [png(colour=(10 * i, 100, 200 - 5 * i)) for i in range(len(WEIRD_IDS))]
+        c.add(WEIRD_IDS, images=images, metadata=[{"i": i} for i in range(len(WEIRD_IDS))])
+        assert set(app.state.retrieval.index.ids()) == set(WEIRD_IDS) | {"victim-sku"}
+        for i, item_id in enumerate(WEIRD_IDS):
+            got = c.get(item_id)
+            assert got["id"] == item_id and got["metadata"] == {"i": i}, item_id
+            assert c.thumbnail(item_id)[:2] == b"\xff\xd8", item_id  # its own JPEG thumbnail, not a's
+        assert c.get("a/thumbnail")["metadata"] == {"i": WEIRD_IDS.index("a/thumbnail")}
+        for item_id in WEIRD_IDS:
+            c.delete(item_id)
+            with pytest.raises(NotFoundError):
+                c.get(item_id)
+        assert app.state.retrieval.index.ids() == ["victim-sku"]
+    # an upload without ids takes the file name as id; such ids round-trip too
+    r = http.post("/v1/items", files=[("images", ("../../etc/passwd", png())), ("images", ("..", png((20, 20))))],
+                  headers=W)
+    assert r.status_code == 200 and sorted(r.json()["ids"]) == ["..", "../../etc/passwd"]
+    with Client(url, api_key=WRITE, retries=0) as c:
+        for item_id in ("..", "../../etc/passwd"):
+            assert c.get(item_id)["id"] == item_id
+            c.delete(item_id)
+    # a client that sends raw slashes (older clients, curl) still reaches ids with '/', and the thumbnail
+    with Client(url, api_key=WRITE, retries=0) as c:
+        c.add(["sub/dir/p.png"], images=[png()])
+    assert http.get("/v1/items/sub/dir/p.png", headers=R).json()["id"] == "sub/dir/p.png"
+    assert http.get("/v1/items/sub/dir/p.png/thumbnail", headers=R).headers["content-type"] == "image/jpeg"
+
+
+# ------------------------------------------------------------------------------ 3. no unhandled 500s
+def test_hostile_image_json_and_integers_get_400(served):
+    _, http, app = served
+    bad = ztxt_png()
+    assert len(bad) < 65_000
+    r = http.post("/v1/search/image", files={"image": ("z.png", bad)}, headers=R)
+    assert "cannot read image" in one_line_4xx(r)
+    r = http.post("/v1/items", files={"images": ("z.png", bad)}, headers=W)
+    assert "cannot read image" in one_line_4xx(r)
+    r = post_json(http, "/v1/items", '{"space": "test-space", "items": ' + "[" * 1000 + "]" * 1000 + "}")
+    assert "nested" in one_line_4xx(r)
+    r = post_json(http, "/v1/search", "[" * 100_000 + "]" * 100_000, headers=R)
+    assert "nested" in one_line_4xx(r)
+    r = http.post("/v1/items", files={"images": ("p.png", png())},
+                  data={"ids": ["p"], "metadata": '[{"n": ' + "7" * 4400 + "}]"}, headers=W)
+    assert "digits" in one_line_4xx(r)
+    r = post_json(http, "/v1/items", item_json("p", unit(1, 32)[0], '{"n": ' + "7" * 4400 + "}"))
+    assert "digits" in one_line_4xx(r)
+    assert len(app.state.retrieval.index) == 0
+
+
+def test_index_build_skips_and_reports_a_hostile_png(tiny_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from sdk.cli import app
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "good.png").write_bytes(png())
+    (images / "ztxt.png").write_bytes(ztxt_png())
+    r = CliRunner().invoke(app, ["index", "build", str(tiny_bundle), str(images), "--index", str(tmp_path / "ix"),
+                                 "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "1 added" in r.stdout and "1 unreadable" in r.stdout and "ztxt.png" in r.output
+
+
+def test_a_bug_answers_500_and_keeps_the_connection(served):
+    url, http, app = served
+    state = app.state.retrieval
+    real = state.index.stats
+    with Client(url, api_key=READ, retries=2, backoff=0.01) as c:
+        state.index.stats = lambda: 1 / 0  # a bug in one endpoint
+        try:
+            r = http.get("/v1/model", headers=R)
+            assert r.status_code == 500 and r.json()["detail"].startswith("internal server error")
+            assert r.headers.get("connection", "").lower() != "close"
+            with pytest.raises(ServerUnavailableError, match="answered 500 after 3 attempts: internal server error"):
+                c.model()  # the server's answer is reported, not a dropped connection
+        finally:
+            state.index.stats = real
+        assert c.health()["status"] == "ok"  # the pooled connection still works
+    assert http.get("/healthz").status_code == 200
+
+
+# ------------------------------------------------------------------------------ 5. auth first, body timeout
+def test_the_key_is_checked_before_the_body_is_read(served):
+    _, http, _ = served
+    junk = b"{" * 1_500_000  # parsing it would fail (or take long); the missing key must answer first
+    for path in ("/v1/search", "/v1/items"):
+        r = http.post(path, content=junk, headers={"content-type": "application/json"})
+        assert r.status_code == 401, (path, r.text)
+    r = http.post("/v1/search", content=junk, headers={**R, "content-type": "application/json"})
+    assert r.status_code == 400
+
+
+def test_a_body_that_never_arrives_gets_408(served):
+    url, http, _ = served
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"POST /v1/search HTTP/1.1\r\nhost: x\r\nx-api-key: " + READ.encode() +
+                  b"\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n0123456789")
+        t0 = time.perf_counter()
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        waited = time.perf_counter() - t0
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert waited < 5, waited
+    assert http.get("/healthz").status_code == 200
+
+
+# ------------------------------------------------------------------------------ 4. bounded /metrics
+def test_metrics_labels_are_bounded_and_standard(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, http, _ = served
+    rng = np.random.default_rng(0)
+    http.get("/v1/model", headers=R)
+    before = len(http.get("/metrics").content)
+    for i in range(200):  # unauthenticated: random methods and paths
+        method = "".join(chr(c) for c in rng.integers(65, 91, 217))
+        http.request(method, f"/random/{i}")
+        http.request("GET", f"/v1/items/id-{i}")
+    text = http.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # the standard exposition format
+    assert {"retrieval_requests", "retrieval_request_seconds", "retrieval_index_items"} <= set(families)
+    methods = {s.labels["method"] for s in families["retrieval_requests"].samples if "method" in s.labels}
+    routes = {s.labels["route"] for s in families["retrieval_requests"].samples if "route" in s.labels}
+    assert methods <= {"GET", "POST", "DELETE", "other"} and "other" in methods
+    assert routes <= {"/v1/model", "/metrics", "/v1/items/{item_id:path}", "unmatched"}, routes
+    assert len(text) < before + 8000, (before, len(text))
