@@ -50,7 +50,7 @@ from sdk.index_store import DB_NAME
 from sdk.json_limits import loads as parse_json
 from sdk.preprocess import ImageError, thumbnail_jpeg
 from sdk.server_asgi import Metrics, ServiceMiddleware
-from sdk.rerank import RERANK_METHODS, DiffusionCache, RerankConfig, rerank_search
+from sdk.rerank import RERANK_METHODS, DiffusionCache, DiffusionNotReady, RerankConfig, rerank_search
 
 log = logging.getLogger("retrieval_sdk.server")
 
@@ -253,7 +253,7 @@ class ServerState:
                                     f"{self.space!r}; serve it with the bundle it was built with")
         self._embedders: dict[str, object] = {}
         self._embed_lock = threading.Lock()
-        self.diffusion = DiffusionCache()
+        self.diffusion = DiffusionCache(background=True)
         self.metrics = Metrics(self.index.stats)
 
     def embedder(self, role: str):
@@ -361,7 +361,7 @@ def run_search(state: ServerState, q: np.ndarray, k: int, rerank: str, with_meta
         hits = rerank_search(state.index, q, k, rerank, space=state.space, config=state.config.rerank,
                              cache=state.diffusion)[0]
     except (ValueError, ImportError) as e:
-        if isinstance(e, (GalleryIndexError, SpaceMismatchError)):
+        if isinstance(e, SdkError):  # answered by ERROR_STATUS (DiffusionNotReady: 429 + Retry-After)
             raise
         raise HTTPException(400, str(e)) from None
     if with_metadata:
@@ -532,13 +532,16 @@ async def _invalid_request(request, exc):
 
 def _status_handler(status: int):
     async def handle(request, exc):
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        retry = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(int(retry))} if retry else None
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
     return handle
 
 
 # The runtime's errors as HTTP answers (a more specific class first); anything else is a 500.
-ERROR_STATUS = {SpaceMismatchError: 409, UnknownIdError: 404, GalleryIndexError: 400, SdkError: 400}
+ERROR_STATUS = {SpaceMismatchError: 409, UnknownIdError: 404, GalleryIndexError: 400, DiffusionNotReady: 429,
+                SdkError: 400}
 
 
 # ------------------------------------------------------------------------------------------------ the app

@@ -255,3 +255,48 @@ def test_metrics_labels_are_bounded_and_standard(served):
     assert methods <= {"GET", "POST", "DELETE", "other"} and "other" in methods
     assert routes <= {"/v1/model", "/metrics", "/v1/items/{item_id:path}", "unmatched"}, routes
     assert len(text) < before + 8000, (before, len(text))
+
+
+# ------------------------------------------------------------------------------ 6. CPU a read key can burn
+def test_pixel_budget_per_request(served):
+    _, http, app = served
+    big = png((2000, 1500))  # 3 MP each: under the 4 MP per-image limit; the budget is 6 MP per request
+    r = http.post("/v1/items", files=[("images", (f"b{i}.png", big)) for i in range(3)], headers=W)
+    assert "pixels in all" in one_line_4xx(r, 413)
+    r = http.post("/v1/items", files=[("images", (f"b{i}.png", big)) for i in range(2)], headers=W)
+    assert r.status_code == 200 and r.json()["added"] == 2
+
+
+def test_diffusion_searches_never_wait_for_a_refit(tiny_bundle, tmp_path):
+    from sdk.rerank import RerankConfig
+
+    rerank = RerankConfig(diffusion_refit_interval_s=1.0, diffusion_refit_factor=1.0, diffusion_wait_s=0.0)
+    cfg = ServerConfig(bundle=tiny_bundle, index=tmp_path / "index", api_keys=KEYS, rerank=rerank)
+    x = unit(3000, 32, seed=11)
+    with server_in_thread(cfg) as (url, app):
+        cache = app.state.retrieval.diffusion
+        with Client(url, api_key=WRITE, retries=5, backoff=0.05) as c:
+            c.add([f"d{i}" for i in range(1500)], x[:1500])
+            # the first diffusion search starts the fit and is told when to come back (429 + Retry-After)
+            r = httpx.post(url + "/v1/search", json={"space": SPACE, "embedding": x[0].tolist(), "rerank": "diffusion"},
+                           headers=R, timeout=30)
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "aqe" in r.json()["detail"]
+            assert c.search_vector(x[0], k=5, rerank="diffusion").ids[0] == "d0"  # the client waits and retries
+            fit_s = cache.last_fit_s
+            fits_before, t0 = cache.fits, time.perf_counter()
+            latencies, deleted = [], set()
+            for i in range(1500, 3000, 10):  # writes all the time (4 s): each one makes the model stale
+                if time.perf_counter() - t0 > 4.0:
+                    break
+                c.add([f"d{j}" for j in range(i, i + 10)], x[i:i + 10])
+                c.delete(f"d{i - 1400}")
+                deleted.add(f"d{i - 1400}")
+                s = time.perf_counter()
+                hits = c.search_vector(x[i - 1400], k=10, rerank="diffusion")
+                latencies.append(time.perf_counter() - s)
+                assert deleted.isdisjoint(hits.ids)  # a stale model never returns a deleted item
+            elapsed = time.perf_counter() - t0
+    refits = cache.fits - fits_before
+    assert refits >= 1  # the model follows the gallery
+    assert refits <= elapsed / max(1.0, fit_s) + 1, (refits, elapsed, fit_s)  # rate-limited
+    assert float(np.median(latencies)) < max(0.5 * fit_s, 0.05), (np.median(latencies), fit_s)
