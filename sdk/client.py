@@ -237,6 +237,10 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
     def model(self) -> dict:
         return self._request("GET", "/v1/model").json()
 
+    def compact(self) -> dict:
+        """Make the server drop its index's tombstones now: {'dropped', 'items', 'tombstones'} (write key)."""
+        return self._request("POST", "/v1/index/compact").json()
+
     def health(self) -> dict:
         return self._request("GET", "/healthz").json()
 
@@ -256,7 +260,11 @@ def _quote(item_id: str) -> str:
     normalisation can turn the id into a path step (the server reads it back whole; sdk/server_asgi.py)."""
     from urllib.parse import quote
 
-    segment = quote(item_id, safe="")
+    try:
+        segment = quote(item_id, safe="")
+    except UnicodeEncodeError:
+        raise SdkError(f"item id {item_id[:60]!r} is not valid Unicode (a lone surrogate) and cannot be sent; "
+                       "the server never stores such ids") from None
     return {".": "%2E", "..": "%2E%2E"}.get(segment, segment)
 
 

@@ -201,6 +201,8 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
         self._unsaved = 0  # vectors in the log, not in the snapshot
         self.version = 0  # bumped on every change (caches such as diffusion key on it)
         self._closed = False
+        self._compact_lock = threading.Lock()  # one compaction at a time
+        self._compacting = False  # checkpoints wait while a compaction writes its snapshot
 
     # ------------------------------------------------------------------------------------------ open
     @classmethod
@@ -376,39 +378,74 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
 
     def _checkpoint(self) -> None:
         """Snapshot the faiss index and drop the log rows it covers (caller holds the write lock)."""
-        if self.path is None or self._unsaved == 0 or not self._vectors.ready:
+        if self.path is None or self._unsaved == 0 or not self._vectors.ready or self._compacting:
             return
         self._store.commit_snapshot(self._store.write_snapshot(self._vectors.index), self._vectors.index.ntotal)
         self._unsaved = 0
 
     def compact(self) -> int:
-        """Rebuild without tombstones (deleted or replaced vectors); returns how many were dropped."""
+        """Rebuild without tombstones (deleted or replaced vectors); returns how many were dropped.
+
+        Online: the live vectors are copied under the read lock, the new faiss index is built and
+        snapshotted with no lock held (searches and writes go on), and only the swap holds the write
+        lock: it appends the vectors added meanwhile, tombstones what was deleted meanwhile, and
+        relabels the items in one transaction. A crash before that transaction leaves the old index.
+        """
         self._check_writable()
+        with self._compact_lock:
+            with self._lock.read():
+                if self._vectors.n_dead == 0:
+                    return 0
+                order = sorted(self._label_of.items(), key=lambda kv: kv[1])
+                base_total, dead_before = self._vectors.total, self._vectors.n_dead
+                vectors = self._vectors.reconstruct(np.array([lb for _, lb in order], np.int64))
+                self._compacting = True  # no checkpoint is running: it would need the write lock
+            try:
+                return self._compact_swap(order, base_total, dead_before, vectors)
+            finally:
+                self._compacting = False
+
+    def _compact_swap(self, order, base_total: int, dead_before: int, vectors: np.ndarray) -> int:
+        index, _ = build_faiss_index(self.dim, self._factory, self.config.ef_construction)
+        new = VectorIndex(index, self.dim, self.config.train_size)
+        if len(order):
+            new.append(vectors)
+        old_gen = self._store.snapshot_gen
+        snapshot = None
+        if self.path is not None and new.ready and new.index.ntotal > 0:
+            snapshot = self._store.write_snapshot(new.index)
+        position = {item_id: j for j, (item_id, _) in enumerate(order)}
         with self._lock.write():
-            dropped = self._vectors.n_dead
-            if dropped == 0:
-                return 0
-            order = sorted(self._label_of.items(), key=lambda kv: kv[1])
-            vectors = self._vectors.reconstruct(np.array([lb for _, lb in order], np.int64))
-            old_vectors, old_gen = self._vectors, self._store.snapshot_gen
-            index, _ = build_faiss_index(self.dim, self._factory, self.config.ef_construction)
-            self._vectors = VectorIndex(index, self.dim, self.config.train_size)
-            if len(order):
-                self._vectors.append(vectors)
-            new_pairs = [(item_id, j) for j, (item_id, _) in enumerate(order)]
-            if self.path is not None:
-                try:
-                    snapshot = None
-                    if self._vectors.ready and self._vectors.index.ntotal > 0:
-                        snapshot = self._store.write_snapshot(self._vectors.index)
-                    self._store.relabel(new_pairs, snapshot, vectors)
-                except BaseException:
-                    self._vectors, self._store.snapshot_gen = old_vectors, old_gen
-                    raise
-                self._unsaved = 0 if snapshot else len(order)
-            self._after_load(new_pairs)
+            try:
+                # Catch up with the writes made while the new index was built: labels >= base_total are
+                # vectors added since (appended now, in label order); older live labels were in `order`.
+                pairs, added = [], []
+                for item_id, label in self._label_of.items():
+                    if label < base_total:
+                        pairs.append((item_id, position[item_id]))
+                    else:
+                        added.append((label, item_id))
+                added.sort()
+                if added:
+                    new.append(self._vectors.reconstruct(np.array([lb for lb, _ in added], np.int64)))
+                pairs += [(item_id, len(order) + j) for j, (_, item_id) in enumerate(added)]
+                covered = len(order) if snapshot else 0  # labels the snapshot holds; the log has the rest
+                if self.path is not None:
+                    log = new.reconstruct(np.arange(covered, new.total, dtype=np.int64))
+                    self._store.relabel(pairs, snapshot, covered, log)
+            except BaseException:
+                self._store.snapshot_gen = old_gen
+                if snapshot:
+                    (self.path / snapshot[0]).unlink(missing_ok=True)
+                raise
+            self._vectors = new
+            self._unsaved = new.total - covered if self.path is not None else 0
+            self._after_load(pairs)
             self.version += 1
-            return dropped
+            if self.path is not None and self.config.checkpoint_every and self._unsaved >= self.config.checkpoint_every:
+                self._compacting = False
+                self._checkpoint()
+            return dead_before
 
     # ----------------------------------------------------------------------------------------- reads
     def __len__(self) -> int:

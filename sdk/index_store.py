@@ -241,20 +241,23 @@ class IndexStore:
         with self.transaction() as db:
             db.execute("UPDATE items SET metadata = ?, updated = ? WHERE id = ?", (text, now, item_id))
 
-    def relabel(self, new_pairs: Sequence[tuple[str, int]], snapshot: tuple[str, int, str] | None,
-                vectors: np.ndarray) -> None:
-        """After compaction: items point at their new labels; the log holds `vectors` (untrained or empty
-        index) or the new `snapshot` covers them; one transaction."""
+    def relabel(self, pairs: Sequence[tuple[str, int]], snapshot: tuple[str, int, str] | None, covered: int,
+                log: np.ndarray) -> None:
+        """After compaction, in one transaction: items point at their new labels, the new `snapshot` (or
+        none) holds labels < `covered`, and the log holds `log`, the vectors of labels covered, covered+1, ..."""
         with self.transaction() as db:
-            db.execute("UPDATE items SET label = -label - 1")
-            db.executemany("UPDATE items SET label = ? WHERE id = ?", ((j, i) for i, j in new_pairs))
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS relabel (id TEXT PRIMARY KEY, label INTEGER NOT NULL)")
+            db.execute("DELETE FROM temp.relabel")
+            db.executemany("INSERT INTO temp.relabel(id, label) VALUES (?, ?)", pairs)
+            db.execute("UPDATE items SET label = -1 - (SELECT r.label FROM temp.relabel r WHERE r.id = items.id)")
+            db.execute("UPDATE items SET label = -1 - label")
+            db.execute("DELETE FROM temp.relabel")
             db.execute("DELETE FROM log")
-            if snapshot is None:  # untrained or empty: the log keeps the vectors
-                db.executemany("INSERT INTO log(label, vector) VALUES (?, ?)",
-                               ((j, vectors[j].tobytes()) for _, j in new_pairs))
+            db.executemany("INSERT INTO log(label, vector) VALUES (?, ?)",
+                           ((covered + j, log[j].tobytes()) for j in range(len(log))))
             name, size, digest = snapshot or ("", 0, "")
             db.executemany("INSERT OR REPLACE INTO info(key, value) VALUES (?, ?)",
-                           self.snapshot_rows(name, len(new_pairs) if snapshot else 0, size, digest))
+                           self.snapshot_rows(name, covered if snapshot else 0, size, digest))
         self.remove_orphans(snapshot[0] if snapshot else "")
 
     def metadata(self, ids: Sequence[str]) -> dict[str, dict | None]:

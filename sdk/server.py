@@ -8,6 +8,7 @@ Endpoints (OpenAPI at /openapi.json, docs at /docs):
   DELETE /v1/items/{id}             delete an item
   GET    /v1/items/{id}/thumbnail   the JPEG thumbnail stored with an image item
   GET    /v1/model                  manifest, embedding-space id, index stats
+  POST   /v1/index/compact          drop tombstones now (also done in the background past a threshold)
   GET    /healthz, /metrics         liveness; Prometheus text metrics
 
 API keys (X-API-Key header or `Authorization: Bearer KEY`) carry scopes 'read' and/or 'write'; with
@@ -79,6 +80,10 @@ class ServerConfig:
     thumbnail_size: int = 256
     threads: int | None = None  # ONNX Runtime threads per model
     checkpoint_every: int = 20000  # added vectors between index snapshots (the log covers the rest)
+    # Background compaction once tombstones are more than this share of all vectors (and at least
+    # compact_min_tombstones); a fraction >= 1 turns it off (POST /v1/index/compact still works).
+    compact_tombstone_fraction: float = 0.5
+    compact_min_tombstones: int = 1000
     rerank: RerankConfig = field(default_factory=RerankConfig)
     static: dict[str, Path] = field(default_factory=dict)  # URL prefix -> folder (e.g. the mobile demo)
 
@@ -254,6 +259,9 @@ class ServerState:
         self._embedders: dict[str, object] = {}
         self._embed_lock = threading.Lock()
         self.diffusion = DiffusionCache(background=True)
+        self._compact_guard = threading.Lock()
+        self._compactor: threading.Thread | None = None
+        self.compactions = 0
         self.metrics = Metrics(self.index.stats)
 
     def embedder(self, role: str):
@@ -266,9 +274,36 @@ class ServerState:
             return self._embedders[role]
 
     def after_write(self) -> None:
-        """Called after each add or delete."""
+        """After each add or delete: start a background compaction once tombstones pass the configured
+        share of the index (searches and writes go on meanwhile; GalleryIndex.compact)."""
+        st = self.index.stats()
+        if (st.tombstones < self.config.compact_min_tombstones
+                or st.tombstones <= self.config.compact_tombstone_fraction * (st.count + st.tombstones)):
+            return
+        with self._compact_guard:
+            if self._compactor is not None and self._compactor.is_alive():
+                return
+            self._compactor = threading.Thread(target=self._compact_in_background, name="compaction", daemon=True)
+            self._compactor.start()
+
+    def _compact_in_background(self) -> None:
+        try:
+            dropped = self.compact()
+            log.info("background compaction dropped %d tombstones", dropped)
+        except Exception:  # noqa: BLE001  (logged; the index is unchanged and the next write retries)
+            log.exception("background compaction failed")
+
+    def compact(self) -> int:
+        """Compact the index now (one at a time; searches answer throughout)."""
+        dropped = self.index.compact()
+        self.compactions += 1
+        return dropped
 
     def close(self) -> None:
+        with self._compact_guard:
+            compactor = self._compactor
+        if compactor is not None:
+            compactor.join()
         self.index.close()
 
 
@@ -499,6 +534,21 @@ def delete_item(item_id: str, state: State) -> DeleteResponse:
     state.index.remove([item_id])
     state.after_write()
     return DeleteResponse(deleted=item_id)
+
+
+class CompactResponse(BaseModel):
+    dropped: int
+    items: int
+    tombstones: int
+
+
+@router.post("/v1/index/compact", response_model=CompactResponse, dependencies=[WRITE], tags=["service"],
+             responses={401: _ERROR, 403: _ERROR})
+async def compact(state: State) -> CompactResponse:
+    """Drop tombstones (deleted or replaced vectors) now; searches and writes are answered meanwhile."""
+    dropped = await run_in_threadpool(state.compact)
+    st = state.index.stats()
+    return CompactResponse(dropped=dropped, items=st.count, tombstones=st.tombstones)
 
 
 @router.get("/v1/model", response_model=ModelResponse, dependencies=[READ], tags=["service"])

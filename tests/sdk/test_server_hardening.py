@@ -300,3 +300,112 @@ def test_diffusion_searches_never_wait_for_a_refit(tiny_bundle, tmp_path):
     assert refits >= 1  # the model follows the gallery
     assert refits <= elapsed / max(1.0, fit_s) + 1, (refits, elapsed, fit_s)  # rate-limited
     assert float(np.median(latencies)) < max(0.5 * fit_s, 0.05), (np.median(latencies), fit_s)
+
+
+# ------------------------------------------------------------------------------ 7. online compaction
+def test_compaction_keeps_writes_made_while_it_runs(tmp_path, monkeypatch):
+    """Adds, updates and deletes made while the new index is built are all in the compacted index, on
+    disk as in memory."""
+    import threading
+
+    import sdk.index as index_module
+    from sdk.index import GalleryIndex
+
+    x = unit(400, 32, seed=2)
+    idx = GalleryIndex.create(tmp_path / "ix", 32, SPACE, "HNSW16")
+    idx.add([f"i{j}" for j in range(300)], x[:300], space=SPACE, metadata=[{"j": j} for j in range(300)])
+    idx.remove([f"i{j}" for j in range(0, 300, 3)])  # 100 tombstones
+    build = index_module.build_faiss_index
+
+    def build_while_writing(*args):
+        def writes():  # another thread, while compact() holds no lock
+            idx.add([f"n{j}" for j in range(300, 350)], x[300:350], space=SPACE)
+            idx.add(["i1"], x[399:400], space=SPACE, metadata=[{"j": "new"}])  # update
+            idx.remove(["i2", "n300"])
+            hits = idx.search(x[4], 1, space=SPACE)[0]  # searches answer from the old index
+            assert hits[0].id == "i4"
+
+        t = threading.Thread(target=writes)
+        t.start()
+        t.join()
+        return build(*args)
+
+    monkeypatch.setattr(index_module, "build_faiss_index", build_while_writing)
+    assert idx.compact() == 100
+    monkeypatch.setattr(index_module, "build_faiss_index", build)
+    expected = ({f"i{j}" for j in range(300) if j % 3} - {"i2"}) | {f"n{j}" for j in range(301, 350)}
+    for reopened in (False, True):
+        if reopened:
+            idx.close()
+            idx = GalleryIndex.open(tmp_path / "ix")
+        assert set(idx.ids()) == expected
+        assert idx.stats().tombstones == 2  # the old vectors of i1 and i2 (n300 came and went: not copied)
+        for item_id, row in (("i4", 4), ("i1", 399), ("n349", 349), ("i299", 299)):
+            assert idx.search(x[row], 1, space=SPACE)[0][0].id == item_id
+        assert idx.get("i1")["metadata"] == {"j": "new"} and idx.get("i5")["metadata"] == {"j": 5}
+    assert idx.compact() == 2 and idx.stats().tombstones == 0 and set(idx.ids()) == expected
+    idx.close()
+
+
+def test_background_and_admin_compaction_while_searching(tiny_bundle, tmp_path):
+    import threading
+
+    cfg = ServerConfig(bundle=tiny_bundle, index=tmp_path / "index", api_keys=KEYS, compact_min_tombstones=200,
+                       compact_tombstone_fraction=0.3)
+    x = unit(3000, 32, seed=4)
+    with server_in_thread(cfg) as (url, app):
+        state = app.state.retrieval
+        failures, latencies, stop = [], [], threading.Event()
+
+        def searcher():
+            with Client(url, api_key=READ, retries=0) as c:
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    hits = c.search_vector(x[2999], k=1)
+                    latencies.append(time.perf_counter() - t0)
+                    if hits.ids != ["keep"]:
+                        failures.append(hits.ids)
+
+        with Client(url, api_key=WRITE, retries=0) as c:
+            c.add(["keep"], x[2999:])
+            c.add([f"t{j}" for j in range(2000)], x[:2000])
+            threads = [threading.Thread(target=searcher) for _ in range(2)]
+            for t in threads:
+                t.start()
+            try:
+                for j in range(0, 1100, 100):  # past 30 % tombstones: a compaction starts in the background
+                    c.add([f"t{i}" for i in range(j, j + 100)], x[j:j + 100][::-1])  # replaced: tombstones
+                deadline = time.time() + 30
+                while state.compactions == 0 and time.time() < deadline:
+                    time.sleep(0.05)
+                assert state.compactions >= 1
+                with pytest.raises(Exception, match="'write' scope"):
+                    Client(url, api_key=READ, retries=0).compact()
+                c.delete("t0")
+                r = c.compact()  # the admin endpoint
+                assert r["tombstones"] == 0 and r["items"] == 2000 and r["dropped"] >= 1
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join()
+        assert not failures and len(latencies) > 10
+
+
+def test_index_compact_against_a_running_server(tiny_bundle, tmp_path):
+    import subprocess
+
+    from .conftest import CLI, ROOT, server_process
+
+    env = {"RETRIEVAL_SDK_API_KEYS": f"{WRITE} read,write"}
+    with server_process(tiny_bundle, tmp_path / "idx", env=env) as (url, _):
+        with Client(url, api_key=WRITE, retries=0) as c:
+            c.add([f"v{j}" for j in range(10)], unit(10, 32))
+            c.delete("v3")
+        run = lambda *a, **kw: subprocess.run([*CLI, "index", "compact", *a], cwd=ROOT, capture_output=True,  # noqa: E731
+                                              text=True, timeout=120, **kw)
+        held = run(str(tmp_path / "idx"))
+        assert held.returncode == 2 and "--server URL" in held.stderr
+        done = run("--server", url, env={**__import__("os").environ, "RETRIEVAL_SDK_API_KEY": WRITE})
+        assert done.returncode == 0 and "dropped 1 tombstones; 9 items" in done.stdout, done.stderr
+        with Client(url, api_key=WRITE) as c:
+            assert c.model()["index"]["tombstones"] == 0 and len(c.search_vector(unit(10, 32)[3], k=20)) == 9
