@@ -178,6 +178,19 @@ def _dump_metadata(meta) -> str | None:
     return text
 
 
+def _id_maps(pairs: Sequence[tuple[str, int]], n: int) -> tuple[list[str | None], dict[str, int]]:
+    """(label -> id or None, id -> label) for `n` labels from the (id, label) pairs of the live items."""
+    id_of: list[str | None] = [None] * n
+    label_of: dict[str, int] = {}
+    for item_id, label in pairs:
+        if not 0 <= label < n:
+            raise IndexCorruptError(f"item {item_id!r} points at vector {label}, but the index holds {n}; "
+                                    "restore or rebuild the index")
+        id_of[label] = item_id
+        label_of[item_id] = label
+    return id_of, label_of
+
+
 class GalleryIndex(AbstractContextManager):  # `with` returns the object and closes it
     """String ids -> L2-normalised float32 vectors of one embedding space, searchable by inner product.
 
@@ -202,6 +215,10 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
         self.version = 0  # bumped on every change (caches such as diffusion key on it)
         self._closed = False
         self._compact_lock = threading.Lock()  # one compaction at a time
+        # Writers take `_writer` for the whole change (the durable SQLite commit included) and the
+        # read/write lock only to mirror the committed change in memory, so searches wait for
+        # microseconds, not for an fsync or a snapshot.
+        self._writer = threading.Lock()
         self._compacting = False  # checkpoints wait while a compaction writes its snapshot
 
     # ------------------------------------------------------------------------------------------ open
@@ -275,15 +292,7 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
 
     def _after_load(self, pairs: Sequence[tuple[str, int]] = ()) -> None:
         """Rebuild the id maps and the tombstone bitmap from (id, label) pairs of the live items."""
-        n = self._vectors.total
-        self._id_of = [None] * n
-        self._label_of = {}
-        for item_id, label in pairs:
-            if not 0 <= label < n:
-                raise IndexCorruptError(f"item {item_id!r} points at vector {label}, but the index holds {n}; "
-                                        "restore or rebuild the index")
-            self._id_of[label] = item_id
-            self._label_of[item_id] = label
+        self._id_of, self._label_of = _id_maps(pairs, self._vectors.total)
         self._vectors.set_live(np.fromiter(self._label_of.values(), np.int64, len(self._label_of)))
 
     # ------------------------------------------------------------------------------------- internals
@@ -320,32 +329,37 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
             raise GalleryIndexError("metadata and thumbnails need one entry per id")
         if not ids:
             return {"added": 0, "updated": 0}
-        with self._lock.write():
+        with self._writer:
             start = self._vectors.total
             labels = np.arange(start, start + len(ids), dtype=np.int64)
             old = [self._label_of.get(i) for i in ids]
             self._store.add(ids, labels, x, metas, thumbs, time.time())
             # Committed: from here on the change is durable; mirror it in memory.
-            self._vectors.append(x)
-            self._id_of.extend(ids)
-            dead = np.array([o for o in old if o is not None], np.int64)
-            for o in dead:
-                self._id_of[o] = None
-            for i, lb in zip(ids, labels):
-                self._label_of[i] = int(lb)
-            self._vectors.mark(dead, live=False)
-            self._vectors.mark(labels, live=True)
-            self._unsaved += len(ids) if self.path is not None else 0
-            self.version += 1
+            with self._lock.write():
+                self._mirror_add(ids, labels, x, old)
             if self.path is not None and self.config.checkpoint_every and self._unsaved >= self.config.checkpoint_every:
                 self._checkpoint()
-        return {"added": len(ids) - len(dead), "updated": len(dead)}
+        return {"added": sum(o is None for o in old), "updated": sum(o is not None for o in old)}
+
+    def _mirror_add(self, ids: list[str], labels: np.ndarray, x: np.ndarray, old: list[int | None]) -> None:
+        """The in-memory side of a committed add (caller holds both locks)."""
+        self._vectors.append(x)
+        self._id_of.extend(ids)
+        dead = np.array([o for o in old if o is not None], np.int64)
+        for o in dead:
+            self._id_of[o] = None
+        for i, lb in zip(ids, labels):
+            self._label_of[i] = int(lb)
+        self._vectors.mark(dead, live=False)
+        self._vectors.mark(labels, live=True)
+        self._unsaved += len(ids) if self.path is not None else 0
+        self.version += 1
 
     def remove(self, ids: Sequence[str] | str, missing_ok: bool = False) -> int:
         """Delete items; durable when it returns. Unknown ids raise UnknownIdError unless missing_ok."""
         self._check_writable()
         ids = [ids] if isinstance(ids, str) else list(ids)
-        with self._lock.write():
+        with self._writer:
             unknown = [i for i in ids if i not in self._label_of]
             if unknown and not missing_ok:
                 raise UnknownIdError(f"unknown id {unknown[0]!r}" + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""))
@@ -353,11 +367,12 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
             if not known:
                 return 0
             self._store.remove(known)
-            labels = np.array([self._label_of.pop(i) for i in known], np.int64)
-            for lb in labels:
-                self._id_of[lb] = None
-            self._vectors.mark(labels, live=False)
-            self.version += 1
+            with self._lock.write():
+                labels = np.array([self._label_of.pop(i) for i in known], np.int64)
+                for lb in labels:
+                    self._id_of[lb] = None
+                self._vectors.mark(labels, live=False)
+                self.version += 1
         return len(known)
 
     delete = remove
@@ -365,7 +380,7 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
     def update_metadata(self, item_id: str, metadata: dict | None) -> None:
         self._check_writable()
         text = _dump_metadata(metadata)
-        with self._lock.write():
+        with self._writer:
             if item_id not in self._label_of:
                 raise UnknownIdError(f"unknown id {item_id!r}")
             self._store.set_metadata(item_id, text, time.time())
@@ -373,11 +388,12 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
     def save(self) -> None:
         """Write a snapshot now (otherwise every `checkpoint_every` adds and on close)."""
         self._check_writable()
-        with self._lock.write():
+        with self._writer:
             self._checkpoint()
 
     def _checkpoint(self) -> None:
-        """Snapshot the faiss index and drop the log rows it covers (caller holds the write lock)."""
+        """Snapshot the faiss index and drop the log rows it covers. The caller holds the writer lock:
+        no change can happen meanwhile, while searches go on (writing the index only reads it)."""
         if self.path is None or self._unsaved == 0 or not self._vectors.ready or self._compacting:
             return
         self._store.commit_snapshot(self._store.write_snapshot(self._vectors.index), self._vectors.index.ntotal)
@@ -386,20 +402,21 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
     def compact(self) -> int:
         """Rebuild without tombstones (deleted or replaced vectors); returns how many were dropped.
 
-        Online: the live vectors are copied under the read lock, the new faiss index is built and
-        snapshotted with no lock held (searches and writes go on), and only the swap holds the write
-        lock: it appends the vectors added meanwhile, tombstones what was deleted meanwhile, and
-        relabels the items in one transaction. A crash before that transaction leaves the old index.
+        Online: the live vectors are copied (writers wait), the new faiss index is built and
+        snapshotted with no lock held (searches and writes go on), then, with writers held off, the
+        vectors added meanwhile are appended, what was deleted meanwhile is tombstoned and the items
+        are relabelled in one transaction; searches wait only for the final swap of a few references.
+        A crash before that transaction leaves the old index.
         """
         self._check_writable()
         with self._compact_lock:
-            with self._lock.read():
+            with self._writer:
                 if self._vectors.n_dead == 0:
                     return 0
                 order = sorted(self._label_of.items(), key=lambda kv: kv[1])
                 base_total, dead_before = self._vectors.total, self._vectors.n_dead
                 vectors = self._vectors.reconstruct(np.array([lb for _, lb in order], np.int64))
-                self._compacting = True  # no checkpoint is running: it would need the write lock
+                self._compacting = True  # checkpoints (which hold the writer lock) skip until the swap
             try:
                 return self._compact_swap(order, base_total, dead_before, vectors)
             finally:
@@ -415,7 +432,7 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
         if self.path is not None and new.ready and new.index.ntotal > 0:
             snapshot = self._store.write_snapshot(new.index)
         position = {item_id: j for j, (item_id, _) in enumerate(order)}
-        with self._lock.write():
+        with self._writer:  # no change can commit meanwhile; searches go on until the swap
             try:
                 # Catch up with the writes made while the new index was built: labels >= base_total are
                 # vectors added since (appended now, in label order); older live labels were in `order`.
@@ -438,12 +455,14 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
                 if snapshot:
                     (self.path / snapshot[0]).unlink(missing_ok=True)
                 raise
-            self._vectors = new
-            self._unsaved = new.total - covered if self.path is not None else 0
-            self._after_load(pairs)
-            self.version += 1
+            id_of, label_of = _id_maps(pairs, new.total)
+            new.set_live(np.fromiter(label_of.values(), np.int64, len(label_of)))
+            with self._lock.write():  # the swap: searches wait only for these assignments
+                self._vectors, self._id_of, self._label_of = new, id_of, label_of
+                self._unsaved = new.total - covered if self.path is not None else 0
+                self.version += 1
+            self._compacting = False
             if self.path is not None and self.config.checkpoint_every and self._unsaved >= self.config.checkpoint_every:
-                self._compacting = False
                 self._checkpoint()
             return dead_before
 
@@ -562,7 +581,7 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
             return
         try:
             if self._store is not None and not self.read_only:
-                with self._lock.write():
+                with self._writer:
                     self._checkpoint()
         finally:
             self._closed = True

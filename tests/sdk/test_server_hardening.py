@@ -289,15 +289,18 @@ def test_diffusion_searches_never_wait_for_a_refit(tiny_bundle, tmp_path):
                 if time.perf_counter() - t0 > 4.0:
                     break
                 c.add([f"d{j}" for j in range(i, i + 10)], x[i:i + 10])
+                newest = i + 9
                 c.delete(f"d{i - 1400}")
                 deleted.add(f"d{i - 1400}")
                 s = time.perf_counter()
                 hits = c.search_vector(x[i - 1400], k=10, rerank="diffusion")
                 latencies.append(time.perf_counter() - s)
                 assert deleted.isdisjoint(hits.ids)  # a stale model never returns a deleted item
-            elapsed = time.perf_counter() - t0
-    refits = cache.fits - fits_before
-    assert refits >= 1  # the model follows the gallery
+            elapsed, refits = time.perf_counter() - t0, cache.fits - fits_before
+            deadline = time.time() + 60  # the model follows the gallery: a later fit holds the newest item
+            while f"d{newest}" not in c.search_vector(x[newest], k=3, rerank="diffusion").ids:
+                assert time.time() < deadline, "the diffusion model was never refitted"
+                time.sleep(0.2)
     assert refits <= elapsed / max(1.0, fit_s) + 1, (refits, elapsed, fit_s)  # rate-limited
     assert float(np.median(latencies)) < max(0.5 * fit_s, 0.05), (np.median(latencies), fit_s)
 
@@ -409,3 +412,37 @@ def test_index_compact_against_a_running_server(tiny_bundle, tmp_path):
         assert done.returncode == 0 and "dropped 1 tombstones; 9 items" in done.stdout, done.stderr
         with Client(url, api_key=WRITE) as c:
             assert c.model()["index"]["tombstones"] == 0 and len(c.search_vector(unit(10, 32)[3], k=20)) == 9
+
+
+def test_searches_do_not_wait_for_a_snapshot_or_a_commit(tmp_path, monkeypatch):
+    """Writers hold the index's read/write lock only to mirror a committed change in memory: a search
+    is answered while a snapshot is being written (or an fsync is under way)."""
+    import threading
+
+    from sdk.index import GalleryIndex
+    from sdk.index_store import IndexStore
+
+    x = unit(200, 32, seed=8)
+    idx = GalleryIndex.create(tmp_path / "ix", 32, SPACE, "Flat")
+    idx.add([f"s{j}" for j in range(100)], x[:100], space=SPACE)
+    writing, release = threading.Event(), threading.Event()
+    slow_write = IndexStore.write_snapshot
+
+    def write_snapshot(self, index):
+        writing.set()
+        release.wait(10)
+        return slow_write(self, index)
+
+    monkeypatch.setattr(IndexStore, "write_snapshot", write_snapshot)
+    saver = threading.Thread(target=idx.save)
+    saver.start()
+    try:
+        assert writing.wait(10)
+        t0 = time.perf_counter()
+        assert idx.search(x[7], 1, space=SPACE)[0][0].id == "s7"
+        assert time.perf_counter() - t0 < 1.0  # not behind the snapshot (held for up to 10 s)
+    finally:
+        release.set()
+        saver.join()
+    assert idx.stats().unsaved == 0
+    idx.close()
