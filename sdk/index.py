@@ -26,9 +26,9 @@ import numpy as np
 
 from sdk.errors import (DimensionError, GalleryIndexError, IndexCorruptError, IndexLockedError,  # noqa: F401
                         SpaceMismatchError, UnknownIdError)
-from sdk.json_limits import MAX_METADATA_DEPTH, JSONLimitError, check_json
 from sdk.index_store import DB_NAME, INDEX_FORMAT, INDEX_VERSION, IndexStore, read_info
-from sdk.vector_index import VectorIndex, build_faiss_index
+from sdk.json_limits import MAX_METADATA_DEPTH, JSONLimitError, check_json
+from sdk.vector_index import VectorIndex, build_faiss_index, one_omp_thread
 from sdk.vectors import l2_normalize
 
 MAX_ID_LEN = 512
@@ -426,7 +426,8 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
         index, _ = build_faiss_index(self.dim, self._factory, self.config.ef_construction)
         new = VectorIndex(index, self.dim, self.config.train_size)
         if len(order):
-            new.append(vectors)
+            with one_omp_thread():  # the build runs beside searches: it leaves them the other cores
+                new.append(vectors)
         old_gen = self._store.snapshot_gen
         snapshot = None
         if self.path is not None and new.ready and new.index.ntotal > 0:

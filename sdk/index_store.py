@@ -93,6 +93,13 @@ class IndexStore:
                                        "ingest run); stop it first, or open read-only") from None
         try:
             self.db = self._connect()
+            # Reads (metadata, items, thumbnails) go through their own connection: in WAL mode they see
+            # the last committed state and never wait for a writer's transaction or its fsync.
+            self.reader, self._read_lock = self.db, self._lock
+            if path is not None and not read_only:
+                self.reader = sqlite3.connect(f"file:{path / DB_NAME}?mode=ro", uri=True, check_same_thread=False,
+                                              timeout=30)
+                self._read_lock = threading.Lock()
         except BaseException:
             self.close()
             raise
@@ -119,6 +126,9 @@ class IndexStore:
             db.executemany("INSERT INTO info(key, value) VALUES (?, ?)", info.items())
 
     def close(self) -> None:
+        reader = getattr(self, "reader", None)
+        if reader is not None and reader is not getattr(self, "db", None):
+            reader.close()
         if getattr(self, "db", None) is not None:
             self.db.close()
         if self._lockfile is not None:
@@ -263,22 +273,22 @@ class IndexStore:
     def metadata(self, ids: Sequence[str]) -> dict[str, dict | None]:
         """{id: metadata} for the ids that exist."""
         out = {}
-        with self._lock:
+        with self._read_lock:
             for start in range(0, len(ids), 500):
                 chunk = list(ids[start:start + 500])
-                rows = self.db.execute(f"SELECT id, metadata FROM items WHERE id IN ({','.join('?' * len(chunk))})",
+                rows = self.reader.execute(f"SELECT id, metadata FROM items WHERE id IN ({','.join('?' * len(chunk))})",
                                        chunk).fetchall()
                 out.update({i: (json.loads(m) if m else None) for i, m in rows})
         return out
 
     def item(self, item_id: str) -> dict:
-        with self._lock:
-            row = self.db.execute("SELECT metadata, updated FROM items WHERE id = ?", (item_id,)).fetchone()
+        with self._read_lock:
+            row = self.reader.execute("SELECT metadata, updated FROM items WHERE id = ?", (item_id,)).fetchone()
         if row is None:
             raise UnknownIdError(f"unknown id {item_id!r}")
         return {"id": item_id, "metadata": json.loads(row[0]) if row[0] else None, "updated": row[1]}
 
     def thumbnail(self, item_id: str) -> tuple[bytes, str] | None:
-        with self._lock:
-            row = self.db.execute("SELECT data, mime FROM thumbnails WHERE id = ?", (item_id,)).fetchone()
+        with self._read_lock:
+            row = self.reader.execute("SELECT data, mime FROM thumbnails WHERE id = ?", (item_id,)).fetchone()
         return None if row is None else (bytes(row[0]), row[1])

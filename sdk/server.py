@@ -260,7 +260,8 @@ class ServerState:
         self._embed_lock = threading.Lock()
         self.diffusion = DiffusionCache(background=True)
         self._compact_guard = threading.Lock()
-        self._compactor: threading.Thread | None = None
+        self._compactor: threading.Thread | None = None  # the latest compaction
+        self._compactors: list[threading.Thread] = []  # all that may still run (joined on close)
         self.compactions = 0
         self.metrics = Metrics(self.index.stats)
 
@@ -283,27 +284,45 @@ class ServerState:
         with self._compact_guard:
             if self._compactor is not None and self._compactor.is_alive():
                 return
-            self._compactor = threading.Thread(target=self._compact_in_background, name="compaction", daemon=True)
-            self._compactor.start()
-
-    def _compact_in_background(self) -> None:
-        try:
-            dropped = self.compact()
-            log.info("background compaction dropped %d tombstones", dropped)
-        except Exception:  # noqa: BLE001  (logged; the index is unchanged and the next write retries)
-            log.exception("background compaction failed")
+            self._start_compaction({})
 
     def compact(self) -> int:
-        """Compact the index now (one at a time; searches answer throughout)."""
-        dropped = self.index.compact()
-        self.compactions += 1
-        return dropped
+        """Compact now and wait for it (after any compaction already running; searches answer throughout)."""
+        with self._compact_guard:
+            result: dict = {}
+            thread = self._start_compaction(result)
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["dropped"]
+
+    def _start_compaction(self, result: dict) -> threading.Thread:
+        """Run index.compact() in a new thread at lowered CPU priority, so that the rebuild takes the
+        cycles searches leave; `result` gets 'dropped' or 'error' (caller holds _compact_guard)."""
+
+        def work() -> None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only (Linux)
+            except (AttributeError, OSError):
+                pass
+            try:
+                result["dropped"] = self.index.compact()
+                self.compactions += 1
+                log.info("compaction dropped %d tombstones", result["dropped"])
+            except Exception as e:  # noqa: BLE001  (logged; the index is unchanged and a later write retries)
+                result["error"] = e
+                log.exception("compaction failed")
+
+        self._compactor = threading.Thread(target=work, name="compaction", daemon=True)
+        self._compactor.start()
+        self._compactors = [t for t in self._compactors if t.is_alive()] + [self._compactor]
+        return self._compactor
 
     def close(self) -> None:
         with self._compact_guard:
-            compactor = self._compactor
-        if compactor is not None:
-            compactor.join()
+            compactors = list(self._compactors)
+        for thread in compactors:
+            thread.join()
         self.index.close()
 
 
