@@ -428,11 +428,15 @@ def run_search(state: ServerState, q: np.ndarray, k: int, rerank: str, with_meta
 async def _json_body(request: Request, model: type[BaseModel]):
     """The request's JSON body as `model`; read only now, after the API key was checked (the routes take
     no body parameter, so FastAPI does not read the body before their dependencies run)."""
-    raw = parse_json(await request.body(), "request body")
-    try:
-        return model.model_validate(raw)
-    except ValidationError as e:  # answered like every other invalid body (_invalid_request)
-        raise RequestValidationError(e.errors()) from None
+    body = await request.body()
+
+    def parse():  # in a worker thread: a large body must not stall the event loop (and /healthz)
+        try:
+            return model.model_validate(parse_json(body, "request body"))
+        except ValidationError as e:  # answered like every other invalid body (_invalid_request)
+            raise RequestValidationError(e.errors()) from None
+
+    return await run_in_threadpool(parse)
 
 
 def _json_request_body(name: str) -> dict:
