@@ -50,8 +50,8 @@ from sdk.index import GalleryIndex, IndexConfig, check_vectors
 from sdk.index_store import DB_NAME
 from sdk.json_limits import loads as parse_json
 from sdk.preprocess import ImageError, thumbnail_jpeg
-from sdk.server_asgi import Metrics, ServiceMiddleware
 from sdk.rerank import RERANK_METHODS, DiffusionCache, DiffusionNotReady, RerankConfig, rerank_search
+from sdk.server_asgi import Metrics, ServiceMiddleware
 
 log = logging.getLogger("retrieval_sdk.server")
 
