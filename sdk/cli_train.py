@@ -1,4 +1,4 @@
-"""CLI commands that train: `retrieval-sdk quickstart`, `backbones` and `train aff`. torch, timm and
+"""CLI commands that train: `retrieval-sdk quickstart`, `backbones`, `train aff` and `train distill`. torch, timm and
 training load inside the commands, so the runtime commands work without the `train` extra."""
 
 from __future__ import annotations
@@ -26,22 +26,32 @@ def quickstart(
     images: Optional[Path] = typer.Option(None, help="Folder with one subfolder per class (default: a procedural set)."),
     out: Path = typer.Option(Path("runs/quickstart"), help="Where checkpoints and results.json go."),
     gallery_backbone: str = typer.Option("efficientnet_lite2", help="Pretrained gallery backbone."),
-    query_backbone: str = typer.Option("mobilenetv2_100", help="Pretrained query backbone (phone side)."),
+    query_backbone: str = typer.Option("efficientnet_lite0", help="Pretrained query backbone (phone side)."),
     image_size: int = typer.Option(160, min=32, help="Input size for both models."),
     dim: int = typer.Option(128, min=2, help="Embedding dim of the shared space (gallery PCA-whitening)."),
     objects: int = typer.Option(100, min=4, help="Procedural set: number of objects."),
     views: int = typer.Option(5, min=2, help="Procedural set: views per object."),
-    crops: int = typer.Option(1, min=0, help="Random crops per training image for the closed-form FC fit."),
+    crops: int = typer.Option(4, min=0, help="Random crops per training image for the closed-form FC fit."),
+    photos: bool = typer.Option(True, help="Add the real photos shipped in installed packages (scikit-image ...)."),
+    unlabelled: Optional[Path] = typer.Option(None, help="A folder of your own unlabelled photos to fit on too."),
+    photo_crops: int = typer.Option(40, min=0, help="Random crops per real photo (packaged and --unlabelled)."),
+    eval_photos: List[Path] = typer.Option([], help="A labelled photo folder to check the pair on (repeatable): "
+                                                    "class subfolders, ukbench%05d.jpg or name_<digits>.jpg."),
     epochs: int = typer.Option(0, min=0, help="End-to-end compatibility epochs after the FC fit."),
     seed: int = typer.Option(0),
     threads: Optional[int] = THREADS,
     device: str = typer.Option("cpu", help="Where the end-to-end epochs train: cpu | cuda | mps."),
     progress: bool = PROGRESS,
 ) -> None:
-    """Embed a gallery with a pretrained gallery model, fine-tune a MobileNetV2 query model into its
+    """Embed a gallery with a pretrained gallery model, fit an EfficientNet-Lite0 query model into its
     space, and print symmetric and asymmetric mAP on held-out classes."""
     if images is not None and not images.is_dir():
         fail(f"--images {images} is not a folder (expected DIR/<class>/<image>.jpg)")
+    if unlabelled is not None and not unlabelled.is_dir():
+        fail(f"--unlabelled {unlabelled} is not a folder of photos")
+    for folder in eval_photos:
+        if not folder.is_dir():
+            fail(f"--eval-photos {folder} is not a folder")
     with user_errors():
         from training import quickstart as qs
         from training.compatible import CompatConfig
@@ -49,8 +59,8 @@ def quickstart(
         set_threads(threads)
         cfg = qs.QuickstartConfig(
             out=out, images=images, gallery_backbone=gallery_backbone, query_backbone=query_backbone,
-            image_size=image_size, embedding_dim=dim, n_objects=objects, n_views=views,
-            compat=CompatConfig(views=crops, epochs=epochs, seed=seed),
+            image_size=image_size, embedding_dim=dim, n_objects=objects, n_views=views, photos=photos,
+            unlabelled=unlabelled, eval_photos=tuple(eval_photos), compat=CompatConfig(views=crops, photo_views=photo_crops, epochs=epochs, seed=seed),
             seed=seed, progress=progress, device=device,
         )
         qs.run_quickstart(cfg, log=typer.echo)
@@ -101,6 +111,50 @@ def aff(
         cfg = load_config(config, overrides)
         set_threads(threads)
         run_aff(cfg, progress=progress, overwrite_cache=overwrite_cache, log=typer.echo, device=device)
+
+
+@train_app.command("distill")
+def distill(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or YAML config (e.g. configs/distill_fashion_mnist.json)."),
+    teacher: Optional[str] = typer.Option(None, help="The black-box teacher: a .safetensors checkpoint, a bundle folder, "
+                                                     "or a `retrieval-sdk serve` URL (write key in $RETRIEVAL_SDK_TEACHER_KEY)."),
+    images: Optional[Path] = typer.Option(None, help="Folder of unlabelled images to distil on (any depth)."),
+    eval_images: Optional[Path] = typer.Option(None, help="Labelled folder (one subfolder per class) to evaluate on."),
+    student: Optional[str] = typer.Option(None, help="Student backbone (see `retrieval-sdk backbones`)."),
+    init: Optional[Path] = typer.Option(None, help="Start the student from this checkpoint (e.g. runs/quickstart/query.safetensors)."),
+    mode: Optional[str] = typer.Option(None, help="symmetric (the paper: the student ranks like the teacher) or "
+                                                  "asymmetric (the student also lands in the teacher's space)."),
+    teacher_budget: Optional[int] = typer.Option(None, min=0, help="Most images sent to the teacher (cached ones are free)."),
+    ablation: List[str] = typer.Option([], help="Also train with this switch, same data: no_augmentation, "
+                                                "no_mixup_labelling, grad_through_mixed, symmetric, asymmetric."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (overrides the config's 'out')."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set epochs=5 --set loss.tau=0.7."),
+    threads: Optional[int] = THREADS,
+    device: str = typer.Option("cpu", help="Where to train: cpu | cuda | mps."),
+    progress: bool = PROGRESS,
+) -> None:
+    """Rank distillation: train a phone-size student from a black-box teacher's rankings on unlabelled images;
+    print the teacher's and the student's mAP (and the ablations') in one table, write student.safetensors."""
+    if config is not None and not config.is_file():
+        fail(f"--config {config} does not exist")
+    if mode not in (None, "symmetric", "asymmetric"):
+        fail(f"--mode must be symmetric or asymmetric, got {mode!r}")
+    for folder, flag in ((images, "--images"), (eval_images, "--eval-images")):
+        if folder is not None and not folder.is_dir():
+            fail(f"{flag} {folder} is not a folder")
+    with user_errors():
+        from training.distill import ABLATIONS, load_distill_config, run_distill
+
+        flags = {"teacher": teacher, "images": None if images is None else str(images), "out": out and str(out),
+                 "eval_images": None if eval_images is None else str(eval_images), "student.backbone": student,
+                 "student.init": None if init is None else str(init),
+                 "teacher_budget": teacher_budget, "ablations": list(ablation) or None}
+        overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+        if mode is not None:
+            overrides += [f"loss.{k}={json.dumps(v)}" for k, v in ABLATIONS[mode].items()]
+        cfg = load_distill_config(config, overrides + list(set_))
+        set_threads(threads)
+        run_distill(cfg, device=device, progress=progress, log=typer.echo)
 
 
 def register(app: typer.Typer) -> None:

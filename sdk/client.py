@@ -186,6 +186,20 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
         form = {"k": str(int(k)), "rerank": rerank, "with_metadata": str(with_metadata).lower()}
         return _result(self._request("POST", "/v1/search/image", files=files, data=form).json())
 
+    def embed(self, images: Sequence[ImageInput], role: str = "gallery", batch_size: int = 32) -> np.ndarray:
+        """The server's embeddings of `images` (its gallery model by default), nothing stored: (n, d) float32.
+        Needs a write-scope key."""
+        images = list(images)
+        out = []
+        for s in range(0, len(images), batch_size):
+            files = [("images", (n, b, "application/octet-stream"))
+                     for b, n in (_image_bytes(img) for img in images[s:s + batch_size])]
+            r = self._request("POST", "/v1/embed", files=files, data={"role": role}).json()
+            out += [np.frombuffer(base64.b64decode(v), dtype="<f4") for v in r["embeddings_b64"]]
+        if not out:
+            raise SdkError("no images to embed")
+        return np.stack(out).astype(np.float32)
+
     # ------------------------------------------------------------------------------------------- items
     def add(self, ids: Sequence[str] | str, vectors=None, *, images: Sequence[ImageInput] | None = None,
             metadata: Sequence[dict | None] | None = None, batch_size: int = 256) -> AddResult:

@@ -7,6 +7,7 @@ Endpoints (OpenAPI at /openapi.json, docs at /docs):
   GET    /v1/items/{id}             an item's metadata
   DELETE /v1/items/{id}             delete an item
   GET    /v1/items/{id}/thumbnail   the JPEG thumbnail stored with an image item
+  POST   /v1/embed                  images -> the bundle's gallery (or query) embeddings (write scope)
   GET    /v1/model                  manifest, embedding-space id, index stats
   POST   /v1/index/compact          drop tombstones now (also done in the background past a threshold)
   GET    /healthz, /metrics         liveness; Prometheus text metrics
@@ -178,6 +179,13 @@ class AddItemsResponse(BaseModel):
     added: int
     updated: int
     ids: list[str]
+
+
+class EmbedResponse(BaseModel):
+    space: str
+    role: str
+    dim: int
+    embeddings_b64: list[str]  # one little-endian float32 vector per image, in upload order
 
 
 class DeleteResponse(BaseModel):
@@ -478,6 +486,32 @@ async def search_image(request: Request, state: State) -> SearchResponse:
     return await run_in_threadpool(work)
 
 
+def _uploads(form, config: ServerConfig) -> list:
+    """The multipart file fields named 'images' (1 to max_images_per_request of them)."""
+    uploads = [u for u in form.getlist("images") if not isinstance(u, str)]
+    if not uploads:
+        raise HTTPException(400, "send one or more multipart file fields named 'images'")
+    if len(uploads) > config.max_images_per_request:
+        raise HTTPException(413, f"at most {config.max_images_per_request} images per request")
+    return uploads
+
+
+@router.post("/v1/embed", response_model=EmbedResponse, dependencies=[WRITE], tags=["search"],
+             responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 413: _ERROR})
+async def embed(request: Request, state: State) -> EmbedResponse:
+    """Embed images with the bundle's gallery model (role=query: its query model) without storing them:
+    the server as a black-box teacher for `retrieval-sdk train distill`. Write scope: it spends the
+    server's compute like an upload does."""
+    form = await _form(request)
+    role = str(form.get("role", state.gallery_role))
+    if role not in state.manifest.models:
+        raise HTTPException(400, f"role must be one of {', '.join(sorted(state.manifest.models))}, got {role!r}")
+    blobs = await _read_uploads(_uploads(form, state.config), state.config)
+    vectors = await run_in_threadpool(_embed_images, state, role, blobs)
+    return EmbedResponse(space=state.space, role=role, dim=int(vectors.shape[1]),
+                         embeddings_b64=[base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors])
+
+
 async def _add_embeddings(request: Request, state: ServerState) -> AddItemsResponse:
     """POST /v1/items with JSON: precomputed gallery embeddings."""
     req = await _json_body(request, AddItemsRequest)
@@ -496,11 +530,7 @@ async def _add_images(request: Request, state: ServerState) -> AddItemsResponse:
     """POST /v1/items with multipart images: the gallery model embeds them; a thumbnail is kept."""
     config = state.config
     form = await _form(request)
-    uploads = [u for u in form.getlist("images") if not isinstance(u, str)]
-    if not uploads:
-        raise HTTPException(400, "send one or more multipart file fields named 'images'")
-    if len(uploads) > config.max_images_per_request:
-        raise HTTPException(413, f"at most {config.max_images_per_request} images per request")
+    uploads = _uploads(form, config)
     ids = [str(i) for i in form.getlist("ids")]
     if ids and len(ids) != len(uploads):
         raise HTTPException(400, f"{len(ids)} ids for {len(uploads)} images; send one 'ids' field per image")

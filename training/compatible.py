@@ -24,12 +24,14 @@ from training.embed import embed_images
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.models import EmbeddingModel
 from training.transforms import random_resized_crop
+from training.errors import TrainingError
 
 
 @dataclass(frozen=True)
 class CompatConfig:
-    views: int = 1  # random crops per training image for the closed-form fit (plus the clean image)
-    crop_scale: tuple[float, float] = (0.3, 1.0)
+    views: int = 4  # random crops per training image for the closed-form fit (plus the clean image)
+    photo_views: int = 40  # random crops per real photo (`photos`): the real-photo domain, many views each
+    crop_scale: tuple[float, float] = (0.2, 1.0)
     ridge: float = 1.0  # relative ridge strength (times the number of pairs)
     epochs: int = 0  # end-to-end epochs after the closed-form fit
     batch_size: int = 32
@@ -53,11 +55,12 @@ def _crop(img, cfg: CompatConfig, rng: random.Random):
     return random_resized_crop(img, (img.height, img.width), cfg.crop_scale, (3 / 4, 4 / 3), rng)
 
 
-def _crops(images: Sequence, cfg: CompatConfig, rng: random.Random) -> list:
-    """The clean images followed by `cfg.views` random resized crops of each (kept at full resolution)."""
+def _crops(images: Sequence, cfg: CompatConfig, rng: random.Random, views: int | None = None) -> list:
+    """The clean images followed by `views` (default cfg.views) random resized crops of each (kept at
+    full resolution)."""
     loaded = [load_image(img) for img in images]
     out = list(loaded)
-    for _ in range(cfg.views):
+    for _ in range(cfg.views if views is None else views):
         out += [_crop(img, cfg, rng) for img in loaded]
     return out
 
@@ -77,22 +80,23 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 
 
 def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, images: Sequence, cfg: CompatConfig,
-                     progress: bool = True, device: str = "cpu") -> dict:
-    """Fine-tune `query` into `gallery`'s space on `images`; returns the fit/training losses."""
+                     progress: bool = True, device: str = "cpu", photos: Sequence = ()) -> dict:
+    """Fine-tune `query` into `gallery`'s space on `images` (cfg.views crops each) and real `photos`
+    (cfg.photo_views crops each); returns the fit/training losses and the number of pairs."""
     if query.embedding_dim != gallery.embedding_dim:
-        raise ValueError(f"query model dim {query.embedding_dim} != gallery dim {gallery.embedding_dim}: "
+        raise TrainingError(f"query model dim {query.embedding_dim} != gallery dim {gallery.embedding_dim}: "
                          "build the query model with embedding_dim equal to the gallery's")
     if not isinstance(query.whiten, nn.Module) or not hasattr(query.whiten, "fc"):
-        raise ValueError("the query model needs a whitening FC (ModelConfig(embedding_dim=...)) to be fitted")
+        raise TrainingError("the query model needs a whitening FC (ModelConfig(embedding_dim=...)) to be fitted")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    crops = _crops(images, cfg, rng)
+    crops = _crops(images, cfg, rng) + (_crops(photos, cfg, rng, cfg.photo_views) if photos else [])
     targets = embed_images(gallery, crops, gallery_spec, desc="gallery targets", progress=progress)
     pooled = embed_images(query.pooled, crops, query.spec, desc="query features", progress=progress)
     _set_head(query, *fit_linear_map(pooled, targets, cfg.ridge))
     with torch.no_grad():
         fitted = torch.nn.functional.normalize(query.whiten(torch.from_numpy(pooled)), dim=-1).numpy()
-    history = {"fit_cosine_loss": float(1 - (fitted * targets).sum(1).mean()), "epoch_losses": []}
+    history = {"fit_cosine_loss": float(1 - (fitted * targets).sum(1).mean()), "pairs": len(crops), "epoch_losses": []}
     if cfg.epochs:
         history["epoch_losses"] = _train_end_to_end(query, gallery, gallery_spec, images, cfg, rng, progress, device)
     query.eval()

@@ -239,6 +239,36 @@ def image_folder(root: str | Path) -> LabelledImages:
     return LabelledImages(paths, labels, classes)
 
 
+def unlabelled_folder(root: str | Path) -> list[Path]:
+    """Every image file under ROOT (any depth, sorted): an unlabelled set such as rank distillation's D."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"image folder not found: {root} (pass a folder of photos)")
+    paths = sorted(p for p in root.rglob("*") if _is_image(p))
+    if not paths:
+        raise DatasetError(f"no images in {root} (extensions {', '.join(IMAGE_EXTENSIONS)}); put photos in it")
+    return paths
+
+
+def write_images(data: LabelledImages, root: str | Path) -> LabelledImages:
+    """The same set with every in-memory image written once as ROOT/<class>/<index>.png (file paths are what
+    a disk cache keys on); images that already are files keep their paths."""
+    root = Path(root)
+    paths: list[ImageSource] = []
+    for i, (source, label) in enumerate(data.items()):
+        if isinstance(source, (str, Path)):
+            paths.append(Path(source))
+            continue
+        path = root / data.classes[label] / f"{i:06d}.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            load_image(source).save(tmp, format="PNG")
+            tmp.replace(path)
+        paths.append(path)
+    return LabelledImages(paths, list(data.labels), data.classes)
+
+
 def _read_csv(csv_path: Path, required: Sequence[str], what: str) -> list[dict]:
     if not csv_path.is_file():
         raise DatasetError(f"{what} not found: {csv_path}")

@@ -15,6 +15,8 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
+from training.errors import TrainingError
+
 Difficulty = Literal["easy", "medium", "hard"]
 DIFFICULTIES: tuple[Difficulty, ...] = ("easy", "medium", "hard")
 _GND_QUERY_KEYS = ("bbx", "easy", "hard", "junk")
@@ -72,7 +74,7 @@ class RevisitedGT:
             return [QueryGT(np.concatenate([q.easy, q.hard]), q.junk) for q in self.gnd]
         if difficulty == "hard":
             return [QueryGT(q.hard, np.concatenate([q.junk, q.easy])) for q in self.gnd]
-        raise ValueError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
+        raise TrainingError(f"difficulty must be one of {DIFFICULTIES}, got {difficulty!r}")
 
 
 def load_gnd(path: str | Path) -> RevisitedGT:
@@ -87,16 +89,16 @@ def load_gnd(path: str | Path) -> RevisitedGT:
         with path.open("rb") as f:
             data = pickle.load(f)
     except Exception as exc:  # pickle raises many types for a file that is not a pickle
-        raise ValueError(f"{path} is not a readable pickle ({type(exc).__name__}: {exc}); "
+        raise TrainingError(f"{path} is not a readable pickle ({type(exc).__name__}: {exc}); "
                          "expected a revisitop gnd_*.pkl file") from exc
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path} holds a {type(data).__name__}, expected a dict with keys gnd, imlist, qimlist")
+        raise TrainingError(f"{path} holds a {type(data).__name__}, expected a dict with keys gnd, imlist, qimlist")
     missing = [k for k in ("gnd", "imlist", "qimlist") if k not in data]
     if missing:
-        raise ValueError(f"{path} lacks keys {missing}; a revisitop gnd file has keys gnd, imlist, qimlist")
+        raise TrainingError(f"{path} lacks keys {missing}; a revisitop gnd file has keys gnd, imlist, qimlist")
     imlist, qimlist, raw_gnd = list(data["imlist"]), list(data["qimlist"]), list(data["gnd"])
     if len(raw_gnd) != len(qimlist):
-        raise ValueError(f"{path}: gnd has {len(raw_gnd)} entries but qimlist has {len(qimlist)}; "
+        raise TrainingError(f"{path}: gnd has {len(raw_gnd)} entries but qimlist has {len(qimlist)}; "
                          "the file is inconsistent")
     n_db = len(imlist)
     gnd = [_read_gnd_query(entry, i, n_db, path) for i, entry in enumerate(raw_gnd)]
@@ -106,19 +108,19 @@ def load_gnd(path: str | Path) -> RevisitedGT:
 
 def _read_gnd_query(entry: object, i: int, n_db: int, path: Path) -> RevisitedQuery:
     if not isinstance(entry, Mapping):
-        raise ValueError(f"{path}: gnd[{i}] is a {type(entry).__name__}, expected a dict with keys "
+        raise TrainingError(f"{path}: gnd[{i}] is a {type(entry).__name__}, expected a dict with keys "
                          f"{list(_GND_QUERY_KEYS)}")
     missing = [k for k in _GND_QUERY_KEYS if k not in entry]
     if missing:
         hint = (" (this looks like an old-protocol ok/junk file; use the revisited gnd_r*.pkl)"
                 if "ok" in entry else "")
-        raise ValueError(f"{path}: gnd[{i}] lacks keys {missing}{hint}")
+        raise TrainingError(f"{path}: gnd[{i}] lacks keys {missing}{hint}")
     try:
         bbx = tuple(float(v) for v in entry["bbx"])
     except (TypeError, ValueError):
         bbx = ()
     if len(bbx) != 4:
-        raise ValueError(f"{path}: gnd[{i}]['bbx'] is {entry['bbx']!r}, expected 4 numbers (x1, y1, x2, y2)")
+        raise TrainingError(f"{path}: gnd[{i}]['bbx'] is {entry['bbx']!r}, expected 4 numbers (x1, y1, x2, y2)")
     lists = {k: _index_array(entry[k], f"{path}: gnd[{i}]['{k}']", n_db) for k in ("easy", "hard", "junk")}
     return RevisitedQuery(bbx=bbx, **lists)  # type: ignore[arg-type]
 
@@ -129,11 +131,11 @@ def _index_array(values: object, what: str, n_db: int | None) -> np.ndarray:
     if arr.size == 0:
         return np.zeros(0, dtype=np.int64)
     if arr.ndim != 1 or arr.dtype.kind not in "iu":
-        raise ValueError(f"{what} must be a 1-D list of integer database indices, got {arr.dtype} shape {arr.shape}")
+        raise TrainingError(f"{what} must be a 1-D list of integer database indices, got {arr.dtype} shape {arr.shape}")
     arr = arr.astype(np.int64)
     if n_db is not None and (arr.min() < 0 or arr.max() >= n_db):
         bad = arr[(arr < 0) | (arr >= n_db)][0]
-        raise ValueError(f"{what} holds index {bad}, out of range for a database of {n_db} images; "
+        raise TrainingError(f"{what} holds index {bad}, out of range for a database of {n_db} images; "
                          "the ground truth does not belong to this database")
     return arr
 
@@ -145,7 +147,7 @@ def _as_query_gt(entry: QueryGT | Mapping, i: int, n_db: int) -> QueryGT:
     elif isinstance(entry, Mapping) and "ok" in entry:
         ok, junk = entry["ok"], entry.get("junk", [])
     else:
-        raise ValueError(f"gnd[{i}] must be a QueryGT or a dict with an 'ok' key, got {type(entry).__name__}; "
+        raise TrainingError(f"gnd[{i}] must be a QueryGT or a dict with an 'ok' key, got {type(entry).__name__}; "
                          "for a RevisitedGT pass gt.setup('medium') (or use revisited_eval)")
     return QueryGT(_index_array(ok, f"gnd[{i}].ok", n_db), _index_array(junk, f"gnd[{i}].junk", n_db))
 
@@ -190,9 +192,9 @@ def ranks_from_scores(scores: np.ndarray) -> np.ndarray:
     """Rankings (n_queries, n_db) from similarities (n_queries, n_db): best first, ties in index order."""
     scores = np.asarray(scores)
     if scores.ndim != 2 or scores.dtype.kind not in "iuf":
-        raise ValueError(f"scores must be a 2-D real array (n_queries, n_db), got {scores.dtype} shape {scores.shape}")
+        raise TrainingError(f"scores must be a 2-D real array (n_queries, n_db), got {scores.dtype} shape {scores.shape}")
     if scores.dtype.kind == "f" and np.isnan(scores).any():
-        raise ValueError("scores contain NaN; check the embeddings for NaN before ranking")
+        raise TrainingError("scores contain NaN; check the embeddings for NaN before ranking")
     # Stable ascending sort of the mirrored row, read backwards: descending, equal scores by ascending index.
     n_db = scores.shape[1]
     mirrored = np.argsort(scores[:, ::-1], axis=1, kind="stable")
@@ -208,11 +210,11 @@ def compute_ap(positive_ranks: np.ndarray | Sequence[int], n_positives: int) -> 
     """
     ranks = np.asarray(positive_ranks)
     if ranks.size and (ranks.ndim != 1 or ranks.dtype.kind not in "iu"):
-        raise ValueError(f"positive_ranks must be a 1-D integer array, got {ranks.dtype} shape {ranks.shape}")
+        raise TrainingError(f"positive_ranks must be a 1-D integer array, got {ranks.dtype} shape {ranks.shape}")
     if ranks.size and (ranks.min() < 0 or np.any(np.diff(ranks) < 0)):
-        raise ValueError("positive_ranks must be 0-based ranks sorted ascending (best first)")
+        raise TrainingError("positive_ranks must be 0-based ranks sorted ascending (best first)")
     if n_positives < max(1, ranks.size):
-        raise ValueError(f"n_positives={n_positives} must be >= 1 and >= the {ranks.size} ranks given")
+        raise TrainingError(f"n_positives={n_positives} must be >= 1 and >= the {ranks.size} ranks given")
     return _ap(ranks.astype(np.int64), n_positives)
 
 
@@ -261,7 +263,7 @@ def compute_map(ranks: np.ndarray, gnd: Sequence[QueryGT | Mapping],
 
     valid = ~np.isnan(aps)
     if not valid.any():
-        raise ValueError("no query has a positive image: nothing to evaluate (check the gnd / difficulty setup)")
+        raise TrainingError("no query has a positive image: nothing to evaluate (check the gnd / difficulty setup)")
     return MapResult(map=float(aps[valid].mean()), aps=aps, mp_at_k=p_at_k[valid].mean(axis=0), p_at_k=p_at_k,
                      kappas=kappas, n_evaluated=int(valid.sum()))
 
@@ -281,33 +283,33 @@ def _check_ranks(ranks: np.ndarray, n_queries: int, n_db: int | None = None,
     """Rankings (n_queries, k) of distinct database ids in range(n_db); n_db None means a full ranking."""
     ranks = np.asarray(ranks)
     if ranks.dtype.kind not in "iu":
-        raise ValueError(f"ranks must be an integer array of database indices, got {ranks.dtype}; "
+        raise TrainingError(f"ranks must be an integer array of database indices, got {ranks.dtype}; "
                          "for similarity scores use ranks_from_scores(scores)")
     if ranks.ndim != 2:
-        raise ValueError(f"ranks must be 2-D (n_queries, k), got shape {ranks.shape}")
+        raise TrainingError(f"ranks must be 2-D (n_queries, k), got shape {ranks.shape}")
     if ranks.shape[0] != n_queries:
         hint = " (revisitop's layout is (k, n_queries): pass ranks.T)" if ranks.shape[1] == n_queries else ""
-        raise ValueError(f"ranks has shape {ranks.shape} but there are {n_queries} queries; "
+        raise TrainingError(f"ranks has shape {ranks.shape} but there are {n_queries} queries; "
                          f"expected (n_queries, k), one row per query{hint}")
     k = ranks.shape[1]
     n_db = k if n_db is None else n_db
     if k == 0:
-        raise ValueError("ranks has no columns: each query needs at least one ranked database index")
+        raise TrainingError("ranks has no columns: each query needs at least one ranked database index")
     if k > n_db:
-        raise ValueError(f"ranks list {k} ids per query but {what} has {n_db} images; "
+        raise TrainingError(f"ranks list {k} ids per query but {what} has {n_db} images; "
                          "k must be <= the database size")
     out = np.flatnonzero((ranks < 0).any(axis=1) | (ranks >= n_db).any(axis=1))
     if out.size:
         row = ranks[out[0]]
         bad = row[(row < 0) | (row >= n_db)][0]
-        raise ValueError(f"ranks row {out[0]} holds id {bad}, out of range for {what} of {n_db} images; "
+        raise TrainingError(f"ranks row {out[0]} holds id {bad}, out of range for {what} of {n_db} images; "
                          "ids are 0-based database indices")
     sorted_rows = np.sort(ranks, axis=1)
     dup = np.flatnonzero((sorted_rows[:, 1:] == sorted_rows[:, :-1]).any(axis=1))
     if dup.size:
         row = sorted_rows[dup[0]]
         bad = row[1:][row[1:] == row[:-1]][0]
-        raise ValueError(f"ranks row {dup[0]} lists id {bad} more than once; each database index may "
+        raise TrainingError(f"ranks row {dup[0]} lists id {bad} more than once; each database index may "
                          "appear at most once per query, best first")
     return ranks.astype(np.int64, copy=False)
 
@@ -315,9 +317,9 @@ def _check_ranks(ranks: np.ndarray, n_queries: int, n_db: int | None = None,
 def _check_ks(ks: Sequence[int], what: str, allow_empty: bool = False) -> tuple[int, ...]:
     ks = tuple(ks)
     if not ks and not allow_empty:
-        raise ValueError(f"{what} must list at least one k")
+        raise TrainingError(f"{what} must list at least one k")
     if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in ks):
-        raise ValueError(f"{what} must be positive integers, got {ks}")
+        raise TrainingError(f"{what} must be positive integers, got {ks}")
     return tuple(int(k) for k in ks)
 
 
@@ -354,7 +356,7 @@ def labelled_eval(query_emb: np.ndarray, query_labels: np.ndarray, gallery_emb: 
     ranked = _positive_ranks(query_emb, query_labels, gallery_emb, gallery_labels, exclude_self, chunk_size)
     valid = ~np.isnan(ranked.aps)
     if not valid.any():
-        raise ValueError("no query has a positive in the gallery (no label is shared): nothing to evaluate")
+        raise TrainingError("no query has a positive in the gallery (no label is shared): nothing to evaluate")
     first = ranked.first_hit[valid]
     recall = {k: float(np.mean(first < k)) for k in ks}
     return LabelledResult(map=float(ranked.aps[valid].mean()), aps=ranked.aps, recall=recall,
@@ -384,16 +386,16 @@ def _positive_ranks(query_emb, query_labels, gallery_emb, gallery_labels, exclud
     q = _check_embeddings(query_emb, "query")
     g = _check_embeddings(gallery_emb, "gallery")
     if q.shape[1] != g.shape[1]:
-        raise ValueError(f"query embedding dim {q.shape[1]} != gallery dim {g.shape[1]}: "
+        raise TrainingError(f"query embedding dim {q.shape[1]} != gallery dim {g.shape[1]}: "
                          "the models are not in one embedding space")
     q_labels = _check_labels(query_labels, q.shape[0], "query")
     g_labels = _check_labels(gallery_labels, g.shape[0], "gallery")
     if exclude_self:
         if q.shape[0] != g.shape[0] or not np.array_equal(q_labels, g_labels):
-            raise ValueError(f"exclude_self needs the queries to be the gallery itself (same items, same labels); "
+            raise TrainingError(f"exclude_self needs the queries to be the gallery itself (same items, same labels); "
                              f"got {q.shape[0]} queries and {g.shape[0]} gallery items")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise TrainingError(f"chunk_size must be >= 1, got {chunk_size}")
 
     n_q, n_g = q.shape[0], g.shape[0]
     aps = np.full(n_q, np.nan)
@@ -429,14 +431,14 @@ def _positive_ranks(query_emb, query_labels, gallery_emb, gallery_labels, exclud
 def _check_embeddings(emb: np.ndarray, what: str) -> np.ndarray:
     emb = np.asarray(emb)
     if emb.ndim != 2 or emb.dtype.kind not in "f" or emb.shape[0] == 0:
-        raise ValueError(f"{what} embeddings must be a non-empty 2-D float array (n, dim), "
+        raise TrainingError(f"{what} embeddings must be a non-empty 2-D float array (n, dim), "
                          f"got {emb.dtype} shape {emb.shape}")
     emb = emb.astype(np.float32, copy=False)
     if not np.isfinite(emb).all():
-        raise ValueError(f"{what} embeddings contain NaN or inf; check the model output")
+        raise TrainingError(f"{what} embeddings contain NaN or inf; check the model output")
     norms = np.linalg.norm(emb, axis=1)
     if np.any(np.abs(norms - 1.0) > _NORM_TOL):
-        raise ValueError(f"{what} embeddings are not L2-normalised (row norms {norms.min():.4g}..{norms.max():.4g}); "
+        raise TrainingError(f"{what} embeddings are not L2-normalised (row norms {norms.min():.4g}..{norms.max():.4g}); "
                          "divide each row by its norm first")
     return emb
 
@@ -444,7 +446,7 @@ def _check_embeddings(emb: np.ndarray, what: str) -> np.ndarray:
 def _check_labels(labels: np.ndarray, n: int, what: str) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.shape[0] != n:
-        raise ValueError(f"{what} labels must be 1-D with one label per embedding ({n}), got shape {labels.shape}")
+        raise TrainingError(f"{what} labels must be 1-D with one label per embedding ({n}), got shape {labels.shape}")
     return labels
 
 
@@ -488,7 +490,7 @@ def asymmetric_eval(query_emb_q: np.ndarray, gallery_emb_g: np.ndarray, query_la
     if query_emb_g is not None:
         n_q, n_qg = np.shape(query_emb_q)[0], np.shape(query_emb_g)[0]
         if n_q != n_qg:
-            raise ValueError(f"query_emb_g has {n_qg} rows but query_emb_q has {n_q}: both must embed the same queries")
+            raise TrainingError(f"query_emb_g has {n_qg} rows but query_emb_q has {n_q}: both must embed the same queries")
         sym = labelled_eval(query_emb_g, query_labels, gallery_emb_g, gallery_labels, ks=(1,),
                             exclude_self=exclude_self, chunk_size=chunk_size)
     return AsymmetricResult(

@@ -32,8 +32,8 @@ from training.checkpoint import save_atomic
 from training.errors import TrainingError
 
 DEVICES = ("cpu", "cuda", "mps")
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("cosine", "constant", "exp")
 FIT_STATE_FORMAT = "retrieval-sdk/fit-state"
 StepFn = Callable[[Any], Mapping[str, Tensor]]
 
@@ -50,10 +50,11 @@ class NonFiniteLossError(FitError):
 class OptimConfig:
     """Optimiser and schedule; learning rates travel in the param groups (one per group)."""
 
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # adamw | adam (L2 weight decay, as rank distillation's paper) | sgd
     weight_decay: float = 1e-4
     momentum: float = 0.9  # sgd only
-    schedule: str = "cosine"  # cosine (to 0 over the run) | constant
+    schedule: str = "cosine"  # cosine (to 0 over the run) | constant | exp (lr * exp(-exp_decay * epoch))
+    exp_decay: float = 0.01  # exp only: the paper's l0 * exp(-0.01 * epoch)
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS or self.schedule not in SCHEDULES:
@@ -112,13 +113,20 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.O
     """AdamW or SGD (with momentum) over `param_groups`, each group carrying its own lr."""
     if cfg.name == "sgd":
         return torch.optim.SGD(param_groups, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(param_groups, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
 
 
-def build_schedule(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The one learning-rate schedule: cosine from each group's lr to 0 over `total_steps` (or constant)."""
+def build_schedule(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                   steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """The one learning-rate schedule: cosine from each group's lr to 0 over `total_steps`, constant, or
+    exp (each group's lr times exp(-exp_decay * epoch), stepped once per epoch)."""
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    if cfg.schedule == "exp":
+        per = max(1, steps_per_epoch)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: math.exp(-cfg.exp_decay * (s // per)))
     total = max(1, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
 
@@ -179,13 +187,14 @@ def _load_state(cfg: FitConfig) -> dict | None:
 
 def fit(step: StepFn, data: Sized, modules: Mapping[str, nn.Module], param_groups: list[dict],
         optim: OptimConfig, cfg: FitConfig, *, on_epoch_start: Callable[[int], None] | None = None,
-        after_step: Callable[[], None] | None = None,
+        after_step: Callable[[], None] | None = None, on_epoch_end: Callable[[int], None] | None = None,
         log: Callable[[str], None] | None = print) -> list[dict[str, float]]:
     """Train `modules` (all moved to cfg.device; their state is what checkpoints hold) by minimising
     `step(batch)["loss"]` over `data`, one pass per epoch; return each epoch's mean of every logged term.
 
     on_epoch_start(epoch): set train/eval modes (default: every module in train mode);
-    after_step(): runs after each optimiser step (e.g. a momentum update of a buffer).
+    after_step(): runs after each optimiser step (e.g. a momentum update of a buffer);
+    on_epoch_end(epoch): runs after each epoch's last step, before its checkpoint (e.g. keep its weights).
     """
     device = resolve_device(cfg.device)
     if cfg.seed is not None:
@@ -196,7 +205,7 @@ def fit(step: StepFn, data: Sized, modules: Mapping[str, nn.Module], param_group
     for m in modules.values():
         m.to(device=device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     opt = build_optimizer(param_groups, optim)
-    sched = build_schedule(opt, optim, per_epoch * cfg.epochs)
+    sched = build_schedule(opt, optim, per_epoch * cfg.epochs, per_epoch)
     autocast, scaler = _autocast(device, cfg.amp)
     params = [p for g in opt.param_groups for p in g["params"]]
     state = _load_state(cfg)
@@ -251,6 +260,8 @@ def fit(step: StepFn, data: Sized, modules: Mapping[str, nn.Module], param_group
             if i == per_epoch - 1:
                 history.append({k: float(np.mean(v)) for k, v in sums.items()})
                 sums = {}
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch)
             every = cfg.checkpoint_every
             if cfg.checkpoint_dir and (i == per_epoch - 1 or (every and step_no % every == 0)):
                 save_atomic({"format": FIT_STATE_FORMAT, "run_key": cfg.run_key, "step": step_no, "history": history,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.pooling import GeM, MAC, SPoC
+from training.errors import TrainingError
 
 __all__ = ["L2Norm", "learn_pca_whitening", "apply_pca_whitening", "Whitening", "CGDHead"]
 
@@ -47,19 +48,19 @@ def learn_pca_whitening(
     each component keeps the square root of its variance, so strong directions are damped, not erased.
     """
     if not 0.0 <= power <= 0.5:
-        raise ValueError(f"power must be in [0, 0.5] (0: PCA rotation only, 0.5: full whitening), got {power}")
+        raise TrainingError(f"power must be in [0, 0.5] (0: PCA rotation only, 0.5: full whitening), got {power}")
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
-        raise ValueError(f"features must be a 2-D array (N, D), got shape {x.shape}")
+        raise TrainingError(f"features must be a 2-D array (N, D), got shape {x.shape}")
     n, d = x.shape
     if n < 2:
-        raise ValueError(f"need at least 2 feature vectors to learn whitening, got {n}")
+        raise TrainingError(f"need at least 2 feature vectors to learn whitening, got {n}")
     if out_dim is None:
         out_dim = d
     if not 1 <= out_dim <= d:
-        raise ValueError(f"out_dim must be in [1, {d}] (the feature dim), got {out_dim}")
+        raise TrainingError(f"out_dim must be in [1, {d}] (the feature dim), got {out_dim}")
     if out_dim > n - 1:
-        raise ValueError(
+        raise TrainingError(
             f"out_dim={out_dim} but {n} features span at most {n - 1} directions with variance; "
             f"pass out_dim <= {n - 1} or learn from more features"
         )
@@ -86,7 +87,7 @@ class Whitening(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, bias: bool = True) -> None:
         super().__init__()
         if in_dim < 1 or out_dim < 1:
-            raise ValueError(f"in_dim and out_dim must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
+            raise TrainingError(f"in_dim and out_dim must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
         self.fc = nn.Linear(in_dim, out_dim, bias=bias)
 
     @property
@@ -103,7 +104,7 @@ class Whitening(nn.Module):
         projection = np.asarray(projection, dtype=np.float32)
         mean = np.asarray(mean, dtype=np.float32)
         if projection.ndim != 2 or mean.shape != (projection.shape[1],):
-            raise ValueError(
+            raise TrainingError(
                 f"expected mean (D,) and projection (out_dim, D), got {mean.shape} and {projection.shape}"
             )
         out_dim, in_dim = projection.shape
@@ -143,21 +144,21 @@ class CGDHead(nn.Module):
     ) -> None:
         super().__init__()
         if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+            raise TrainingError(f"in_channels must be >= 1, got {in_channels}")
         if not gd_config or any(c not in _GD_POOLINGS for c in gd_config):
-            raise ValueError(
+            raise TrainingError(
                 f"gd_config {gd_config!r} must be a non-empty string of the letters S (SPoC), M (MAC), "
                 "G (GeM), e.g. 'SMG'"
             )
         if len(set(gd_config)) != len(gd_config):
-            raise ValueError(f"gd_config {gd_config!r} repeats a descriptor; use each letter at most once")
+            raise TrainingError(f"gd_config {gd_config!r} repeats a descriptor; use each letter at most once")
         n = len(gd_config)
         if feature_dim < n or feature_dim % n:
-            raise ValueError(
+            raise TrainingError(
                 f"feature_dim={feature_dim} must be a positive multiple of the {n} branches in {gd_config!r}"
             )
         if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2 (or None for no auxiliary classifier), got {num_classes}")
+            raise TrainingError(f"num_classes must be >= 2 (or None for no auxiliary classifier), got {num_classes}")
 
         self.in_channels = in_channels
         self.gd_config = gd_config
@@ -178,7 +179,7 @@ class CGDHead(nn.Module):
         if feature_map.dim() != 4 or (
             not torch.jit.is_tracing() and feature_map.shape[1] != self.in_channels
         ):
-            raise ValueError(
+            raise TrainingError(
                 f"CGDHead expects a feature map (B, {self.in_channels}, H, W), got {tuple(feature_map.shape)}"
             )
         first_pooled = None

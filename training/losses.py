@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from training.errors import TrainingError
+
 __all__ = [
     "arcface_logits",
     "ArcFace",
@@ -29,11 +31,11 @@ _COS_CLAMP = 1e-6  # keeps sqrt(1 - cos^2) away from 0, where its gradient is in
 
 def _check_labels(labels: Tensor, batch: int, num_classes: int | None = None) -> None:
     if labels.dim() != 1 or labels.shape[0] != batch:
-        raise ValueError(f"labels must have shape ({batch},) to match the batch, got {tuple(labels.shape)}")
+        raise TrainingError(f"labels must have shape ({batch},) to match the batch, got {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+        raise TrainingError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
     if num_classes is not None and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
+        raise TrainingError(
             f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
         )
 
@@ -58,7 +60,7 @@ def arcface_logits(
     Computed in float32.
     """
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
-        raise ValueError(
+        raise TrainingError(
             f"expected embeddings (B, D) and weight (C, D) with the same D, "
             f"got {tuple(embeddings.shape)} and {tuple(weight.shape)}"
         )
@@ -100,13 +102,13 @@ class ArcFace(nn.Module):
     ) -> None:
         super().__init__()
         if embedding_dim < 1 or num_classes < 2:
-            raise ValueError(
+            raise TrainingError(
                 f"need embedding_dim >= 1 and num_classes >= 2, got {embedding_dim} and {num_classes}"
             )
         if s <= 0:
-            raise ValueError(f"ArcFace scale s must be > 0, got {s}")
+            raise TrainingError(f"ArcFace scale s must be > 0, got {s}")
         if not 0 <= m < math.pi:
-            raise ValueError(f"ArcFace margin m must be in [0, pi) radians, got {m}")
+            raise TrainingError(f"ArcFace margin m must be in [0, pi) radians, got {m}")
         self.embedding_dim = embedding_dim
         self.num_classes = num_classes
         self.easy_margin = easy_margin
@@ -154,11 +156,11 @@ def label_smoothing_cross_entropy(
     A temperature < 1 sharpens the softmax, which CGD uses to enlarge gradients for hard samples.
     """
     if not 0.0 <= smoothing < 1.0:
-        raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        raise TrainingError(f"smoothing must be in [0, 1), got {smoothing}")
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise TrainingError(f"temperature must be > 0, got {temperature}")
     if logits.dim() != 2:
-        raise ValueError(f"logits must have shape (B, num_classes), got {tuple(logits.shape)}")
+        raise TrainingError(f"logits must have shape (B, num_classes), got {tuple(logits.shape)}")
     _check_labels(labels, logits.shape[0], logits.shape[1])
     log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
     nll = -log_probs.gather(1, labels.long()[:, None]).squeeze(1)
@@ -179,10 +181,10 @@ def batch_hard_triplet_loss(
     `distance` is "euclidean" (||a - b||) or "cosine" (1 - a.b).
     """
     if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must have shape (B, D), got {tuple(embeddings.shape)}")
+        raise TrainingError(f"embeddings must have shape (B, D), got {tuple(embeddings.shape)}")
     _check_labels(labels, embeddings.shape[0])
     if distance not in ("euclidean", "cosine"):
-        raise ValueError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
+        raise TrainingError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
     x = F.normalize(embeddings.float(), dim=-1)
     cos = x @ x.T
     if distance == "cosine":
@@ -196,7 +198,7 @@ def batch_hard_triplet_loss(
     negative = ~same
     valid = positive.any(dim=1) & negative.any(dim=1)
     if not bool(valid.any()):
-        raise ValueError(
+        raise TrainingError(
             "batch-hard triplet loss found no anchor with both a positive and a negative; "
             "sample batches with >= 2 images for some class and >= 2 classes (P x K sampling)"
         )
@@ -218,11 +220,11 @@ def embedding_kl(
     Unit-norm embeddings give near-uniform softmaxes at T=1, so a small T is usual for them.
     """
     if student.shape != teacher.shape or student.dim() != 2:
-        raise ValueError(
+        raise TrainingError(
             f"student and teacher must both have shape (B, D), got {tuple(student.shape)} and {tuple(teacher.shape)}"
         )
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise TrainingError(f"temperature must be > 0, got {temperature}")
     if detach_teacher:
         teacher = teacher.detach()
     log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
@@ -244,11 +246,11 @@ def soft_binned_ap(scores: Tensor, labels: Tensor, n_bins: int = 20, mask: Tenso
     without a positive get NaN. As the bins get finer this tends to the exact AP of the hard ranking.
     """
     if scores.dim() != 2 or labels.shape != scores.shape:
-        raise ValueError(f"scores and labels must both be (Q, N), got {tuple(scores.shape)} and {tuple(labels.shape)}")
+        raise TrainingError(f"scores and labels must both be (Q, N), got {tuple(scores.shape)} and {tuple(labels.shape)}")
     if mask is not None and mask.shape != scores.shape:
-        raise ValueError(f"mask must be (Q, N) like scores, got {tuple(mask.shape)}")
+        raise TrainingError(f"mask must be (Q, N) like scores, got {tuple(mask.shape)}")
     if n_bins < 2:
-        raise ValueError(f"n_bins must be >= 2, got {n_bins}")
+        raise TrainingError(f"n_bins must be >= 2, got {n_bins}")
     scores = scores.float()
     keep = torch.ones_like(scores) if mask is None else mask.to(scores.dtype)
     positive = labels.to(scores.dtype) * keep

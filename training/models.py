@@ -19,6 +19,7 @@ from training.backbones import create_backbone
 from training.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint  # noqa: F401
 from training.heads import CGDHead, L2Norm, Whitening
 from training.pooling import build_pooling
+from training.errors import TrainingError
 
 POOLINGS = ("gem", "spoc", "mac", "cgd")
 
@@ -36,7 +37,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+            raise TrainingError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,12 +12,14 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from training.errors import TrainingError
+
 __all__ = ["gem", "spoc", "mac", "GeM", "SPoC", "MAC", "build_pooling", "POOLINGS"]
 
 
 def _check_feature_map(x: Tensor) -> None:
     if x.dim() != 4:
-        raise ValueError(
+        raise TrainingError(
             f"pooling expects a feature map (B, C, H, W), got shape {tuple(x.shape)}; "
             "pool the backbone's last conv output, not its flattened features"
         )
@@ -31,7 +33,7 @@ def gem(x: Tensor, p: float | Tensor = 3.0, eps: float = 1e-6) -> Tensor:
     """
     _check_feature_map(x)
     if isinstance(p, (int, float)) and p <= 0:
-        raise ValueError(f"GeM power p must be > 0, got {p}")
+        raise TrainingError(f"GeM power p must be > 0, got {p}")
     return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
@@ -53,7 +55,7 @@ class GeM(nn.Module):
     def __init__(self, p: float = 3.0, learnable: bool = True, eps: float = 1e-6) -> None:
         super().__init__()
         if p <= 0:
-            raise ValueError(f"GeM power p must be > 0, got {p}")
+            raise TrainingError(f"GeM power p must be > 0, got {p}")
         self.eps = eps
         self.learnable = learnable
         p_tensor = torch.full((1,), float(p))
@@ -90,5 +92,5 @@ def build_pooling(name: str, **kwargs) -> nn.Module:
     """Build a pooling module by name ("gem", "spoc" or "mac"); kwargs go to its constructor."""
     key = name.lower()
     if key not in POOLINGS:
-        raise ValueError(f"unknown pooling {name!r}; choose one of {sorted(POOLINGS)}")
+        raise TrainingError(f"unknown pooling {name!r}; choose one of {sorted(POOLINGS)}")
     return POOLINGS[key](**kwargs)

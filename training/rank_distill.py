@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from training.losses import listwise_ap_loss
+from training.errors import TrainingError
 
 
 @dataclass(frozen=True)
@@ -49,15 +50,15 @@ class RankDistillConfig:
 
     def __post_init__(self) -> None:
         if not -1.0 < self.tau < 1.0:
-            raise ValueError(f"tau must lie in (-1, 1) (a cosine threshold), got {self.tau}")
+            raise TrainingError(f"tau must lie in (-1, 1) (a cosine threshold), got {self.tau}")
         if self.mix_iterations < 0:
-            raise ValueError(f"mix_iterations must be >= 0, got {self.mix_iterations}")
+            raise TrainingError(f"mix_iterations must be >= 0, got {self.mix_iterations}")
         if self.alpha <= 0:
-            raise ValueError(f"alpha must be > 0 (Beta(alpha, alpha)), got {self.alpha}")
+            raise TrainingError(f"alpha must be > 0 (Beta(alpha, alpha)), got {self.alpha}")
         if min(self.symmetric_weight, self.cross_weight, self.pull_weight) < 0:
-            raise ValueError("loss weights must be >= 0")
+            raise TrainingError("loss weights must be >= 0")
         if self.symmetric_weight + self.cross_weight + self.pull_weight == 0:
-            raise ValueError("at least one of symmetric_weight, cross_weight, pull_weight must be > 0")
+            raise TrainingError("at least one of symmetric_weight, cross_weight, pull_weight must be > 0")
 
     @property
     def asymmetric(self) -> bool:
@@ -79,7 +80,7 @@ def mixup_labels(labels: Tensor, partner: Tensor) -> Tensor:
     mixed sample k~ (of k and r = partner[k]) gets P_k~r u P_k u P_r; the result is made symmetric."""
     b = partner.numel()
     if labels.shape != (2 * b, 2 * b):
-        raise ValueError(f"labels must be (2B, 2B) = ({2 * b}, {2 * b}) for B = {b} partners, "
+        raise TrainingError(f"labels must be (2B, 2B) = ({2 * b}, {2 * b}) for B = {b} partners, "
                          f"got {tuple(labels.shape)}")
     k = torch.arange(b, device=labels.device)
     out = labels.clone()
@@ -98,13 +99,13 @@ def distill_loss(student: Tensor, teacher: Tensor, cfg: RankDistillConfig,
     figures to log. `student` (B, Ds) carries the gradient; `teacher` (B, Dt) is a constant; `rng` draws
     each mixing's lambda and partners (seeded by the caller, so a resumed run repeats them)."""
     if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
-        raise ValueError(f"student (B, Ds) and teacher (B, Dt) must embed the same batch, got "
+        raise TrainingError(f"student (B, Ds) and teacher (B, Dt) must embed the same batch, got "
                          f"{tuple(student.shape)} and {tuple(teacher.shape)}")
     if cfg.asymmetric and student.shape[1] != teacher.shape[1]:
-        raise ValueError(f"asymmetric mode ranks the student against the teacher's embeddings, so their dims "
+        raise TrainingError(f"asymmetric mode ranks the student against the teacher's embeddings, so their dims "
                          f"must match: student {student.shape[1]}, teacher {teacher.shape[1]}")
     if student.shape[0] < 2:
-        raise ValueError("a rank-distillation batch needs at least 2 images")
+        raise TrainingError("a rank-distillation batch needs at least 2 images")
     student = F.normalize(student.float(), dim=-1)
     teacher = F.normalize(teacher.detach().float(), dim=-1)
     b = student.shape[0]
@@ -143,12 +144,12 @@ def average_weights(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]
     """The mean of several state dicts of one model (the paper averages the weights of its 20th and 30th
     epochs); integer buffers such as BatchNorm's num_batches_tracked come from the last state."""
     if not states:
-        raise ValueError("average_weights needs at least one state dict")
+        raise TrainingError("average_weights needs at least one state dict")
     keys = list(states[-1])
     for i, state in enumerate(states):
         if set(state) != set(keys):
             extra, missing = sorted(set(state) - set(keys)), sorted(set(keys) - set(state))
-            raise ValueError(f"state {i} does not match the last one (extra {extra[:3]}, missing {missing[:3]}): "
+            raise TrainingError(f"state {i} does not match the last one (extra {extra[:3]}, missing {missing[:3]}): "
                              "average checkpoints of the same model only")
     out = {}
     for key in keys:

@@ -13,6 +13,8 @@ import torch
 from timm.models import register_model
 from torch import nn
 
+from training.errors import TrainingError
+
 
 class ShuffleNetV2(nn.Module):
     """torchvision ShuffleNetV2 without its classifier, exposing timm's feature interface."""
@@ -51,12 +53,12 @@ class ShuffleNetV2(nn.Module):
 @register_model
 def shufflenet_v2_x1_0(pretrained: bool = False, **kwargs) -> ShuffleNetV2:
     if pretrained:
-        raise ValueError("no pretrained ShuffleNetV2 weights are available here; pass a local file instead")
+        raise TrainingError("no pretrained ShuffleNetV2 weights are available here; pass a local file instead")
     return ShuffleNetV2("1_0", **{k: v for k, v in kwargs.items() if k in ("num_classes", "global_pool")})
 
 
 @register_model
 def shufflenet_v2_x0_5(pretrained: bool = False, **kwargs) -> ShuffleNetV2:
     if pretrained:
-        raise ValueError("no pretrained ShuffleNetV2 weights are available here; pass a local file instead")
+        raise TrainingError("no pretrained ShuffleNetV2 weights are available here; pass a local file instead")
     return ShuffleNetV2("0_5", **{k: v for k, v in kwargs.items() if k in ("num_classes", "global_pool")})

@@ -156,3 +156,41 @@ def checkpoint_teacher(path: str | Path, batch_size: int = 32) -> Teacher:
     return Teacher(path.name, fingerprint,
                    lambda ps: embed_images(model, list(ps), model.spec, batch_size=batch_size, progress=False),
                    dim=model.embedding_dim)
+
+
+def server_teacher(url: str, api_key: str | None = None, batch_size: int = 32) -> Teacher:
+    """A running `retrieval-sdk serve` as the teacher: its gallery model embeds each image (POST /v1/embed,
+    a write-scope key); the fingerprint is its embedding space and gallery model file."""
+    from sdk.client import Client
+    from sdk.errors import SdkError
+
+    try:
+        client = Client(url, api_key=api_key, retries=1)
+    except SdkError as e:
+        raise TeacherError(f"teacher {url} is unreachable: {e}") from e
+    model = client.server_model
+    role = model["gallery_model"]
+    entry = model["manifest"]["models"][role]
+    files = ",".join(sorted(str(f.get("sha256", "")) for f in entry.get("files", [])))
+    fingerprint = hashlib.sha256(f"server:{model['embedding_space']}:{role}:{files}".encode()).hexdigest()
+    return Teacher(f"{url} ({role})", fingerprint,
+                   lambda ps: client.embed(list(ps), role=role, batch_size=batch_size), dim=int(model["embedding_dim"]))
+
+
+def resolve_teacher(spec: str | Path, api_key: str | None = None) -> Teacher:
+    """The teacher a user names: a project checkpoint (.safetensors), a bundle folder (manifest.json) or
+    the URL of a running `retrieval-sdk serve`."""
+    if str(spec).startswith(("http://", "https://")):
+        return server_teacher(str(spec), api_key)
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "manifest.json").is_file():
+            raise TeacherError(f"teacher {path} is a folder without manifest.json: pass a bundle folder "
+                               "(retrieval-sdk export) or a .safetensors checkpoint")
+        return bundle_teacher(path)
+    if path.is_file():
+        try:
+            return checkpoint_teacher(path)
+        except TrainingError as e:
+            raise TeacherError(f"teacher {path} is not a usable checkpoint: {e}") from e
+    raise TeacherError(f"teacher {spec} not found: pass a .safetensors checkpoint, a bundle folder or a serve URL")

@@ -20,6 +20,8 @@ from PIL import Image, ImageEnhance
 
 from sdk.preprocess import PreprocessSpec, load_image, normalize, preprocess_image
 
+from training.errors import TrainingError
+
 ImageSource = Union[str, Path, bytes, Image.Image]
 
 _RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
@@ -86,14 +88,14 @@ def color_jitter(img: Image.Image, strength: float, rng: random.Random) -> Image
 
 def _check_range(name: str, value: tuple[float, float], lo: float, hi: float) -> tuple[float, float]:
     if len(value) != 2 or not (lo < value[0] <= value[1] <= hi):
-        raise ValueError(f"{name} must be (low, high) with {lo} < low <= high <= {hi}, got {value}")
+        raise TrainingError(f"{name} must be (low, high) with {lo} < low <= high <= {hi}, got {value}")
     return (float(value[0]), float(value[1]))
 
 
 def _check_size(name: str, size: int | tuple[int, int]) -> tuple[int, int]:
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(hw) != 2 or min(hw) <= 0:
-        raise ValueError(f"{name} must be a positive int or (height, width), got {size}")
+        raise TrainingError(f"{name} must be a positive int or (height, width), got {size}")
     return (int(hw[0]), int(hw[1]))
 
 
@@ -144,7 +146,7 @@ class TrainTransform:
         self.scale = _check_range("scale", self.scale, 0.0, 1.0)
         self.ratio = _check_range("ratio", self.ratio, 0.0, math.inf)
         if not 0.0 <= self.color_jitter < 1.0:
-            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
+            raise TrainingError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
 
     def __call__(self, source: ImageSource) -> torch.Tensor:
         rng = _seeded_rng(self.seed, self._state)
@@ -190,16 +192,16 @@ class MultiCropTransform:
 
     def __post_init__(self) -> None:
         if not isinstance(self.n_global, int) or self.n_global < 1:
-            raise ValueError(f"n_global must be an int >= 1 (the teacher sees global crops), got {self.n_global}")
+            raise TrainingError(f"n_global must be an int >= 1 (the teacher sees global crops), got {self.n_global}")
         if not isinstance(self.n_local, int) or self.n_local < 0:
-            raise ValueError(f"n_local must be an int >= 0, got {self.n_local}")
+            raise TrainingError(f"n_local must be an int >= 0, got {self.n_local}")
         self.global_size = _check_size("global_size", self.global_size)
         self.local_size = _check_size("local_size", self.local_size)
         self.global_scale = _check_range("global_scale", self.global_scale, 0.0, 1.0)
         self.local_scale = _check_range("local_scale", self.local_scale, 0.0, 1.0)
         self.ratio = _check_range("ratio", self.ratio, 0.0, math.inf)
         if not 0.0 <= self.color_jitter < 1.0:
-            raise ValueError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
+            raise TrainingError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
 
     def _crop(self, img: Image.Image, size, scale, rng: random.Random) -> torch.Tensor:
         out = random_resized_crop(img, size, scale, self.ratio, rng, _RESAMPLE[self.spec.interpolation])

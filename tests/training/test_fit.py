@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -100,6 +102,19 @@ def test_cosine_schedule_goes_from_lr_to_zero():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
+
+
+def test_exp_schedule_decays_once_per_epoch():
+    """Rank distillation's l0 * exp(-0.01 * epoch): constant within an epoch, one decay step per epoch."""
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_schedule(opt, OptimConfig("adam", schedule="exp", exp_decay=0.5), total_steps=6, steps_per_epoch=2)
+    lrs = []
+    for _ in range(6):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1.0, 1.0, math.exp(-0.5), math.exp(-0.5), math.exp(-1.0), math.exp(-1.0)])
+    assert isinstance(opt, torch.optim.Adam)
 
 
 def test_bad_or_absent_device_is_a_one_line_error():

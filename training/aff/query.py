@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from training.backbones import resolve_backbone
 from training.losses import ArcFace, arcface_logits
 from training.models import EmbeddingModel, ModelConfig
+from training.errors import TrainingError
 
 QUERY_BACKBONES = ("mobilenetv2_100", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2",
                    "shufflenet_v2_x1_0")
@@ -33,7 +34,7 @@ def build_query_model(backbone: str, embedding_dim: int, image_size: int | None 
                       pretrained: bool | str = True) -> EmbeddingModel:
     """backbone + GeM + whitening FC (-> embedding_dim) + L2, as an exportable EmbeddingModel."""
     if resolve_backbone(backbone).arch not in QUERY_BACKBONES and not backbone.startswith("tiny_"):
-        raise ValueError(f"query backbone must be one of {QUERY_BACKBONES} (or tiny_* for tests), got {backbone!r}")
+        raise TrainingError(f"query backbone must be one of {QUERY_BACKBONES} (or tiny_* for tests), got {backbone!r}")
     return EmbeddingModel(ModelConfig(backbone, "gem", embedding_dim=embedding_dim, input_size=image_size),
                           pretrained=pretrained)
 
@@ -49,9 +50,9 @@ class QueryClassifier(nn.Module):
     def __init__(self, source: ArcFace, mode: ClassifierMode = "momentum", alpha: float = 0.99):
         super().__init__()
         if mode not in CLASSIFIER_MODES:
-            raise ValueError(f"classifier mode must be one of {CLASSIFIER_MODES}, got {mode!r}")
+            raise TrainingError(f"classifier mode must be one of {CLASSIFIER_MODES}, got {mode!r}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"momentum alpha must be in [0, 1], got {alpha}")
+            raise TrainingError(f"momentum alpha must be in [0, 1], got {alpha}")
         self.mode, self.alpha = mode, float(alpha)
         self.source = [source]  # a list, so the mixer's ArcFace is not registered twice as a submodule
         self.register_buffer("weight", source.weight.detach().clone())

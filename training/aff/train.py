@@ -48,6 +48,7 @@ from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.losses import ArcFace
 from training.models import new_space_id
 from training.transforms import eval_transform, train_transform
+from training.errors import TrainingError
 
 Log = Callable[[str], None]
 DEFAULT_LAYOUT = {"cvnet": "cvnet", "dolg": "dolg-pytorch", "delg": "delg-pytorch"}
@@ -87,6 +88,8 @@ def split_images(data: LabelledImages, held_out: float, seed: int = 0) -> tuple[
 
 
 def load_splits(cfg: AFFConfig) -> Splits:
+    """The training and evaluation splits of `cfg.data`, files written under `cfg.out` (any config with
+    those two fields: `train distill` reads its labelled sets here too)."""
     d = cfg.data
     out = Path(cfg.out)
     if d.kind == "fashion_mnist":
@@ -372,7 +375,7 @@ def _variant_config(joint: JointConfig, ablation: str) -> JointConfig:
         return replace(joint, classifier="shared")
     if ablation == "two_stage":
         return replace(joint, schedule="two_stage")
-    raise ValueError(f"unknown ablation {ablation!r}")
+    raise TrainingError(f"unknown ablation {ablation!r}")
 
 
 def _variant_name(joint: JointConfig) -> str:
