@@ -3,10 +3,15 @@ concurrent clients, against a real `retrieval-sdk serve` process.
 
     python benchmarks/server_bench.py                        # 100k x 512 HNSW32, 8 clients, 20 s
     python benchmarks/server_bench.py --n 1000000 --config HNSW32 --index /path/to/keep
+    python benchmarks/server_bench.py --clients 4 --with-writes   # + the same run under writes and compaction
 
 Setup (not timed): a bundle with a 512-d tiny model (export/, needs the train extra), an index of N
 clustered vectors written with GalleryIndex, then the server in a subprocess on 127.0.0.1. Each client
 is its own process (no shared GIL) with one keep-alive connection, sending one query at a time.
+
+--with-writes: after the search-only run, the same clients search again while a writer process replaces
+gallery items at --write-rate items/s (each replacement leaves a tombstone) and another process keeps a
+compaction running through POST /v1/index/compact; the p99 of both runs and their ratio are printed.
 """
 
 from __future__ import annotations
@@ -85,6 +90,59 @@ def client(url: str, queries: np.ndarray, k: int, encoding: str, start: float, s
     out.put((lat, took, errors))
 
 
+def writer(url: str, ids: list[str], vectors: np.ndarray, rate: float, start: float, stop: float, out) -> None:
+    """Replace items (batches of 50, base64) at `rate` items/s; deletes and re-adds a few each batch."""
+    import httpx
+
+    rng = np.random.default_rng(7)
+    sent, errors, lat = 0, 0, []
+    with httpx.Client(base_url=url, timeout=60) as http:
+        while time.time() < start:
+            time.sleep(0.001)
+        while time.time() < stop:
+            pick = rng.choice(len(ids), 50, replace=False)
+            items = [{"id": ids[j], "embedding_b64": base64.b64encode(vectors[j].tobytes()).decode(),
+                      "metadata": {"n": int(j)}} for j in pick]
+            t0 = time.perf_counter()
+            r = http.post("/v1/items", json={"space": SPACE, "items": items})
+            ok = r.status_code == 200
+            for j in pick[:3]:
+                ok &= http.delete(f"/v1/items/{ids[j]}").status_code == 200
+            lat.append(time.perf_counter() - t0)
+            sent, errors = sent + 50, errors + (not ok)
+            time.sleep(max(0.0, sent / rate - (time.time() - start)))
+    out.put(("writer", sent, errors, lat))
+
+
+def compactor(url: str, start: float, stop: float, out) -> None:
+    """Keep a compaction running: POST /v1/index/compact again as soon as the last one returns."""
+    import httpx
+
+    runs, dropped, seconds = 0, 0, []
+    with httpx.Client(base_url=url, timeout=600) as http:
+        while time.time() < start:
+            time.sleep(0.001)
+        while time.time() < stop:
+            t0 = time.perf_counter()
+            r = http.post("/v1/index/compact").json()
+            seconds.append(time.perf_counter() - t0)
+            runs, dropped = runs + 1, dropped + r["dropped"]
+            if r["dropped"] == 0:
+                time.sleep(0.2)
+    out.put(("compactor", runs, dropped, seconds))
+
+
+def summarise(results: list, seconds: float) -> dict:
+    lat = np.concatenate([np.asarray(r[0]) for r in results]) * 1000
+    took = np.concatenate([np.asarray(r[1]) for r in results])
+    return {"requests": int(len(lat)), "errors": int(sum(r[2] for r in results)),
+            "qps": round(len(lat) / seconds, 1),
+            "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 3), "p90": round(float(np.percentile(lat, 90)), 3),
+                           "p99": round(float(np.percentile(lat, 99)), 3), "mean": round(float(lat.mean()), 3)},
+            "server_search_ms": {"p50": round(float(np.percentile(took, 50)), 3),
+                                 "p99": round(float(np.percentile(took, 99)), 3)}}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -103,6 +161,9 @@ def main() -> None:
     ap.add_argument("--index", type=Path, default=None, help="reuse/keep the index here (default: a temp folder)")
     ap.add_argument("--threads", type=int, default=1, help="ONNX/faiss threads of the server")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--with-writes", action="store_true",
+                    help="also run the clients under writes + a running compaction and print the p99 ratio")
+    ap.add_argument("--write-rate", type=float, default=500.0, help="items replaced per second (--with-writes)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="server_bench_"))
@@ -130,34 +191,51 @@ def main() -> None:
         else:
             raise SystemExit("server did not start")
         items = httpx.get(url + "/healthz").json()["items"]
-        # warm-up (connections, caches), then the timed run
+        # warm-up (connections, caches), then the timed run(s)
         ctx = mp.get_context("fork")
         out = ctx.Queue()
-        for phase, seconds in (("warm-up", 2.0), ("run", args.seconds)):
+        phases = [("warm-up", 2.0), ("search only", args.seconds)]
+        if args.with_writes:
+            phases.append(("with writes and compaction", args.seconds))
+        runs = {}
+        for phase, seconds in phases:
             start = time.time() + 1.0
             procs = [ctx.Process(target=client, args=(url, queries, args.k, args.encoding, start, start + seconds, i, out))
                      for i in range(args.clients)]
+            if phase.startswith("with writes"):
+                rows = np.random.default_rng(3).choice(items, min(items, 20_000), replace=False)
+                fresh = sample(len(rows), centres, basis, 1.0, 0.3, np.random.default_rng(4))
+                procs += [ctx.Process(target=writer, args=(url, [f"item-{j}" for j in rows], fresh, args.write_rate,
+                                                           start, start + seconds, out)),
+                          ctx.Process(target=compactor, args=(url, start, start + seconds, out))]
             for p in procs:
                 p.start()
-            results = [out.get() for _ in procs]
+            got = [out.get() for _ in procs]
             for p in procs:
                 p.join()
-        lat = np.concatenate([np.asarray(r[0]) for r in results]) * 1000
-        took = np.concatenate([np.asarray(r[1]) for r in results])
-        errors = sum(r[2] for r in results)
+            runs[phase] = {**summarise([r for r in got if not isinstance(r[0], str)], seconds),
+                           **{r[0]: {"items" if r[0] == "writer" else "runs": r[1],
+                                     "errors" if r[0] == "writer" else "dropped": r[2],
+                                     "seconds_p50": round(float(np.median(r[3])), 3) if r[3] else None,
+                                     "seconds_max": round(float(np.max(r[3])), 3) if r[3] else None}
+                              for r in got if isinstance(r[0], str)}}
+        base = runs["search only"]
         report = {
             "items": items, "d": args.d, "config": args.config, "clients": args.clients, "k": args.k,
-            "encoding": args.encoding, "seconds": args.seconds, "requests": int(len(lat)), "errors": int(errors),
-            "qps": round(len(lat) / args.seconds, 1),
-            "latency_ms": {"p50": round(float(np.percentile(lat, 50)), 3), "p90": round(float(np.percentile(lat, 90)), 3),
-                           "p99": round(float(np.percentile(lat, 99)), 3), "mean": round(float(lat.mean()), 3)},
-            "server_search_ms": {"p50": round(float(np.percentile(took, 50)), 3),
-                                 "p99": round(float(np.percentile(took, 99)), 3)},
-            "cpus": os.cpu_count(),
+            "encoding": args.encoding, "seconds": args.seconds, **base, "cpus": os.cpu_count(),
         }
+        if args.with_writes:
+            report["with_writes"] = runs["with writes and compaction"]
         print(json.dumps(report, indent=2))
         print(f"p99 {report['latency_ms']['p99']:.1f} ms (target <= 20 ms for k=10): "
               f"{'met' if report['latency_ms']['p99'] <= 20 else 'NOT met'}")
+        if args.with_writes:
+            loaded = report["with_writes"]
+            print(f"search p99 with {args.clients} clients: {base['latency_ms']['p99']:.1f} ms search only, "
+                  f"{loaded['latency_ms']['p99']:.1f} ms with writes ({loaded['writer']['items']} items replaced) and "
+                  f"{loaded['compactor']['runs']} compactions ({loaded['compactor']['dropped']} tombstones dropped); "
+                  f"ratio {loaded['latency_ms']['p99'] / base['latency_ms']['p99']:.2f}; errors "
+                  f"{base['errors']} / {loaded['errors']}")
         if args.out:
             args.out.write_text(json.dumps(report, indent=2))
     finally:

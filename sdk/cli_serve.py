@@ -68,14 +68,34 @@ def index_info(path: Path = typer.Argument(..., help="Index folder.")) -> None:
 
 
 @index_app.command("compact")
-def index_compact(path: Path = typer.Argument(..., help="Index folder.")) -> None:
-    """Drop deleted/replaced vectors (tombstones) and write a fresh snapshot."""
-    from sdk.index import GalleryIndex
+def index_compact(
+    path: Optional[Path] = typer.Argument(None, help="Index folder (not served by a running server)."),
+    server: Optional[str] = typer.Option(None, "--server", help="URL of the `retrieval-sdk serve` holding the index."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RETRIEVAL_SDK_API_KEY",
+                                          help="A write key for --server (or $RETRIEVAL_SDK_API_KEY)."),
+) -> None:
+    """Drop deleted/replaced vectors (tombstones) and write a fresh snapshot: of an index folder, or of the
+    index a running server holds (--server URL; it keeps answering searches meanwhile)."""
+    from sdk.index import GalleryIndex, IndexLockedError
 
-    with user_errors(INTERRUPTED), GalleryIndex.open(path) as idx:
-        dropped = idx.compact()
-        idx.save()
-        typer.echo(f"dropped {dropped} tombstones; {len(idx)} items")
+    with user_errors(INTERRUPTED):
+        if (path is None) == (server is None):
+            fail("give an index folder or --server URL (for an index a running server holds), not both")
+        if server is not None:
+            from sdk.client import Client
+
+            with Client(server, api_key=api_key, check_space=False) as c:
+                r = c.compact()
+            typer.echo(f"dropped {r['dropped']} tombstones; {r['items']} items")
+            return
+        try:
+            idx = GalleryIndex.open(path)
+        except IndexLockedError as e:
+            fail(f"{e}; if a server holds it, run `retrieval-sdk index compact --server URL`")
+        with idx:
+            dropped = idx.compact()
+            idx.save()
+            typer.echo(f"dropped {dropped} tombstones; {len(idx)} items")
 
 
 @index_app.command("search")

@@ -27,7 +27,7 @@ from sdk import __version__
 from sdk.embedder import Embedder, ImageInput
 from sdk.errors import SdkError, SpaceMismatchError
 
-RETRY_STATUS = (500, 502, 503, 504)
+RETRY_STATUS = (429, 500, 502, 503, 504)  # 429: the server said when to retry (Retry-After)
 
 
 class ClientError(SdkError, RuntimeError):
@@ -134,7 +134,7 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
     # --------------------------------------------------------------------------------------- transport
     def _request(self, method: str, path: str, *, idempotent_404: bool = False, **kwargs):
         httpx = self._httpx
-        last = None
+        last = answered = None  # the last failure; the last 5xx/429 answer
         for attempt in range(self.retries + 1):
             if attempt:
                 delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
@@ -147,13 +147,15 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
                 last = e
                 continue
             if response.status_code in RETRY_STATUS:
-                last = response
+                last = answered = response
                 continue
             if response.status_code == 404 and idempotent_404 and attempt:
                 return response  # an earlier attempt did it; its answer was lost
             if response.status_code >= 400:
                 raise _error(response)
             return response
+        if answered is not None:  # a server answered: report its answer, not a later dropped connection
+            last = answered
         if isinstance(last, Exception):
             raise ServerUnavailableError(f"cannot reach {self.url}{path} after {self.retries + 1} attempts "
                                          f"({last.__class__.__name__}: {last}); is the server running?") from None
@@ -249,6 +251,10 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
     def model(self) -> dict:
         return self._request("GET", "/v1/model").json()
 
+    def compact(self) -> dict:
+        """Make the server drop its index's tombstones now: {'dropped', 'items', 'tombstones'} (write key)."""
+        return self._request("POST", "/v1/index/compact").json()
+
     def health(self) -> dict:
         return self._request("GET", "/healthz").json()
 
@@ -264,9 +270,16 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
 
 
 def _quote(item_id: str) -> str:
+    """An id as one opaque path segment: '/' is encoded too, and '.' / '..' as %2E so that no URL
+    normalisation can turn the id into a path step (the server reads it back whole; sdk/server_asgi.py)."""
     from urllib.parse import quote
 
-    return quote(item_id, safe="/")
+    try:
+        segment = quote(item_id, safe="")
+    except UnicodeEncodeError:
+        raise SdkError(f"item id {item_id[:60]!r} is not valid Unicode (a lone surrogate) and cannot be sent; "
+                       "the server never stores such ids") from None
+    return {".": "%2E", "..": "%2E%2E"}.get(segment, segment)
 
 
 def _detail(response) -> str:

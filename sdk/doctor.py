@@ -230,6 +230,7 @@ def _run_checks() -> list[Check]:
         *([tflite_support_env()] if _version("onnx") else []),  # the env is built by the export extra
         _package("fastapi", "fastapi", "server"),
         _package("uvicorn", "uvicorn", "server"),
+        _package("prometheus-client", "prometheus-client", "server"),
         _package("pytest", "pytest", "dev"),
         _package("playwright", "playwright", "dev"),
         chromium(),

@@ -27,7 +27,8 @@ import numpy as np
 from sdk.errors import (DimensionError, GalleryIndexError, IndexCorruptError, IndexLockedError,  # noqa: F401
                         SpaceMismatchError, UnknownIdError)
 from sdk.index_store import DB_NAME, INDEX_FORMAT, INDEX_VERSION, IndexStore, read_info
-from sdk.vector_index import VectorIndex, build_faiss_index
+from sdk.json_limits import MAX_METADATA_DEPTH, JSONLimitError, check_json
+from sdk.vector_index import VectorIndex, build_faiss_index, one_omp_thread
 from sdk.vectors import l2_normalize
 
 MAX_ID_LEN = 512
@@ -147,21 +148,47 @@ def _check_id(item_id) -> str:
     if not isinstance(item_id, str) or not item_id or len(item_id) > MAX_ID_LEN or "\x00" in item_id:
         raise GalleryIndexError(f"item ids must be non-empty strings of at most {MAX_ID_LEN} characters "
                                 f"without NUL, got {str(item_id)[:60]!r}")
+    try:
+        item_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise GalleryIndexError(f"item id {item_id[:60]!r} is not valid Unicode (a lone surrogate); "
+                                "send UTF-8 text") from None
     return item_id
 
 
 def _dump_metadata(meta) -> str | None:
+    """Metadata -> stored JSON text, refused unless it can always be served back (size, depth, integers,
+    strings, finite numbers; sdk/json_limits.py)."""
     if meta is None:
         return None
     if not isinstance(meta, dict):
         raise GalleryIndexError(f"metadata must be a JSON object (dict), got {type(meta).__name__}")
     try:
         text = json.dumps(meta, allow_nan=False, separators=(",", ":"))
+    except RecursionError:
+        raise GalleryIndexError(f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep; flatten it") from None
     except (TypeError, ValueError) as e:
         raise GalleryIndexError(f"metadata is not JSON-serialisable ({e})") from None
     if len(text.encode()) > MAX_METADATA_BYTES:
         raise GalleryIndexError(f"metadata is larger than {MAX_METADATA_BYTES // 1024} KiB")
+    try:
+        check_json(meta, MAX_METADATA_DEPTH, "metadata")
+    except JSONLimitError as e:
+        raise GalleryIndexError(str(e)) from None
     return text
+
+
+def _id_maps(pairs: Sequence[tuple[str, int]], n: int) -> tuple[list[str | None], dict[str, int]]:
+    """(label -> id or None, id -> label) for `n` labels from the (id, label) pairs of the live items."""
+    id_of: list[str | None] = [None] * n
+    label_of: dict[str, int] = {}
+    for item_id, label in pairs:
+        if not 0 <= label < n:
+            raise IndexCorruptError(f"item {item_id!r} points at vector {label}, but the index holds {n}; "
+                                    "restore or rebuild the index")
+        id_of[label] = item_id
+        label_of[item_id] = label
+    return id_of, label_of
 
 
 class GalleryIndex(AbstractContextManager):  # `with` returns the object and closes it
@@ -187,6 +214,12 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
         self._unsaved = 0  # vectors in the log, not in the snapshot
         self.version = 0  # bumped on every change (caches such as diffusion key on it)
         self._closed = False
+        self._compact_lock = threading.Lock()  # one compaction at a time
+        # Writers take `_writer` for the whole change (the durable SQLite commit included) and the
+        # read/write lock only to mirror the committed change in memory, so searches wait for
+        # microseconds, not for an fsync or a snapshot.
+        self._writer = threading.Lock()
+        self._compacting = False  # checkpoints wait while a compaction writes its snapshot
 
     # ------------------------------------------------------------------------------------------ open
     @classmethod
@@ -259,15 +292,7 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
 
     def _after_load(self, pairs: Sequence[tuple[str, int]] = ()) -> None:
         """Rebuild the id maps and the tombstone bitmap from (id, label) pairs of the live items."""
-        n = self._vectors.total
-        self._id_of = [None] * n
-        self._label_of = {}
-        for item_id, label in pairs:
-            if not 0 <= label < n:
-                raise IndexCorruptError(f"item {item_id!r} points at vector {label}, but the index holds {n}; "
-                                        "restore or rebuild the index")
-            self._id_of[label] = item_id
-            self._label_of[item_id] = label
+        self._id_of, self._label_of = _id_maps(pairs, self._vectors.total)
         self._vectors.set_live(np.fromiter(self._label_of.values(), np.int64, len(self._label_of)))
 
     # ------------------------------------------------------------------------------------- internals
@@ -304,32 +329,37 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
             raise GalleryIndexError("metadata and thumbnails need one entry per id")
         if not ids:
             return {"added": 0, "updated": 0}
-        with self._lock.write():
+        with self._writer:
             start = self._vectors.total
             labels = np.arange(start, start + len(ids), dtype=np.int64)
             old = [self._label_of.get(i) for i in ids]
             self._store.add(ids, labels, x, metas, thumbs, time.time())
             # Committed: from here on the change is durable; mirror it in memory.
-            self._vectors.append(x)
-            self._id_of.extend(ids)
-            dead = np.array([o for o in old if o is not None], np.int64)
-            for o in dead:
-                self._id_of[o] = None
-            for i, lb in zip(ids, labels):
-                self._label_of[i] = int(lb)
-            self._vectors.mark(dead, live=False)
-            self._vectors.mark(labels, live=True)
-            self._unsaved += len(ids) if self.path is not None else 0
-            self.version += 1
+            with self._lock.write():
+                self._mirror_add(ids, labels, x, old)
             if self.path is not None and self.config.checkpoint_every and self._unsaved >= self.config.checkpoint_every:
                 self._checkpoint()
-        return {"added": len(ids) - len(dead), "updated": len(dead)}
+        return {"added": sum(o is None for o in old), "updated": sum(o is not None for o in old)}
+
+    def _mirror_add(self, ids: list[str], labels: np.ndarray, x: np.ndarray, old: list[int | None]) -> None:
+        """The in-memory side of a committed add (caller holds both locks)."""
+        self._vectors.append(x)
+        self._id_of.extend(ids)
+        dead = np.array([o for o in old if o is not None], np.int64)
+        for o in dead:
+            self._id_of[o] = None
+        for i, lb in zip(ids, labels):
+            self._label_of[i] = int(lb)
+        self._vectors.mark(dead, live=False)
+        self._vectors.mark(labels, live=True)
+        self._unsaved += len(ids) if self.path is not None else 0
+        self.version += 1
 
     def remove(self, ids: Sequence[str] | str, missing_ok: bool = False) -> int:
         """Delete items; durable when it returns. Unknown ids raise UnknownIdError unless missing_ok."""
         self._check_writable()
         ids = [ids] if isinstance(ids, str) else list(ids)
-        with self._lock.write():
+        with self._writer:
             unknown = [i for i in ids if i not in self._label_of]
             if unknown and not missing_ok:
                 raise UnknownIdError(f"unknown id {unknown[0]!r}" + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""))
@@ -337,11 +367,12 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
             if not known:
                 return 0
             self._store.remove(known)
-            labels = np.array([self._label_of.pop(i) for i in known], np.int64)
-            for lb in labels:
-                self._id_of[lb] = None
-            self._vectors.mark(labels, live=False)
-            self.version += 1
+            with self._lock.write():
+                labels = np.array([self._label_of.pop(i) for i in known], np.int64)
+                for lb in labels:
+                    self._id_of[lb] = None
+                self._vectors.mark(labels, live=False)
+                self.version += 1
         return len(known)
 
     delete = remove
@@ -349,7 +380,7 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
     def update_metadata(self, item_id: str, metadata: dict | None) -> None:
         self._check_writable()
         text = _dump_metadata(metadata)
-        with self._lock.write():
+        with self._writer:
             if item_id not in self._label_of:
                 raise UnknownIdError(f"unknown id {item_id!r}")
             self._store.set_metadata(item_id, text, time.time())
@@ -357,44 +388,84 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
     def save(self) -> None:
         """Write a snapshot now (otherwise every `checkpoint_every` adds and on close)."""
         self._check_writable()
-        with self._lock.write():
+        with self._writer:
             self._checkpoint()
 
     def _checkpoint(self) -> None:
-        """Snapshot the faiss index and drop the log rows it covers (caller holds the write lock)."""
-        if self.path is None or self._unsaved == 0 or not self._vectors.ready:
+        """Snapshot the faiss index and drop the log rows it covers. The caller holds the writer lock:
+        no change can happen meanwhile, while searches go on (writing the index only reads it)."""
+        if self.path is None or self._unsaved == 0 or not self._vectors.ready or self._compacting:
             return
         self._store.commit_snapshot(self._store.write_snapshot(self._vectors.index), self._vectors.index.ntotal)
         self._unsaved = 0
 
     def compact(self) -> int:
-        """Rebuild without tombstones (deleted or replaced vectors); returns how many were dropped."""
+        """Rebuild without tombstones (deleted or replaced vectors); returns how many were dropped.
+
+        Online: the live vectors are copied (writers wait), the new faiss index is built and
+        snapshotted with no lock held (searches and writes go on), then, with writers held off, the
+        vectors added meanwhile are appended, what was deleted meanwhile is tombstoned and the items
+        are relabelled in one transaction; searches wait only for the final swap of a few references.
+        A crash before that transaction leaves the old index.
+        """
         self._check_writable()
-        with self._lock.write():
-            dropped = self._vectors.n_dead
-            if dropped == 0:
-                return 0
-            order = sorted(self._label_of.items(), key=lambda kv: kv[1])
-            vectors = self._vectors.reconstruct(np.array([lb for _, lb in order], np.int64))
-            old_vectors, old_gen = self._vectors, self._store.snapshot_gen
-            index, _ = build_faiss_index(self.dim, self._factory, self.config.ef_construction)
-            self._vectors = VectorIndex(index, self.dim, self.config.train_size)
-            if len(order):
-                self._vectors.append(vectors)
-            new_pairs = [(item_id, j) for j, (item_id, _) in enumerate(order)]
-            if self.path is not None:
-                try:
-                    snapshot = None
-                    if self._vectors.ready and self._vectors.index.ntotal > 0:
-                        snapshot = self._store.write_snapshot(self._vectors.index)
-                    self._store.relabel(new_pairs, snapshot, vectors)
-                except BaseException:
-                    self._vectors, self._store.snapshot_gen = old_vectors, old_gen
-                    raise
-                self._unsaved = 0 if snapshot else len(order)
-            self._after_load(new_pairs)
-            self.version += 1
-            return dropped
+        with self._compact_lock:
+            with self._writer:
+                if self._vectors.n_dead == 0:
+                    return 0
+                order = sorted(self._label_of.items(), key=lambda kv: kv[1])
+                base_total, dead_before = self._vectors.total, self._vectors.n_dead
+                vectors = self._vectors.reconstruct(np.array([lb for _, lb in order], np.int64))
+                self._compacting = True  # checkpoints (which hold the writer lock) skip until the swap
+            try:
+                return self._compact_swap(order, base_total, dead_before, vectors)
+            finally:
+                self._compacting = False
+
+    def _compact_swap(self, order, base_total: int, dead_before: int, vectors: np.ndarray) -> int:
+        index, _ = build_faiss_index(self.dim, self._factory, self.config.ef_construction)
+        new = VectorIndex(index, self.dim, self.config.train_size)
+        if len(order):
+            with one_omp_thread():  # the build runs beside searches: it leaves them the other cores
+                new.append(vectors)
+        old_gen = self._store.snapshot_gen
+        snapshot = None
+        if self.path is not None and new.ready and new.index.ntotal > 0:
+            snapshot = self._store.write_snapshot(new.index)
+        position = {item_id: j for j, (item_id, _) in enumerate(order)}
+        with self._writer:  # no change can commit meanwhile; searches go on until the swap
+            try:
+                # Catch up with the writes made while the new index was built: labels >= base_total are
+                # vectors added since (appended now, in label order); older live labels were in `order`.
+                pairs, added = [], []
+                for item_id, label in self._label_of.items():
+                    if label < base_total:
+                        pairs.append((item_id, position[item_id]))
+                    else:
+                        added.append((label, item_id))
+                added.sort()
+                if added:
+                    new.append(self._vectors.reconstruct(np.array([lb for lb, _ in added], np.int64)))
+                pairs += [(item_id, len(order) + j) for j, (_, item_id) in enumerate(added)]
+                covered = len(order) if snapshot else 0  # labels the snapshot holds; the log has the rest
+                if self.path is not None:
+                    log = new.reconstruct(np.arange(covered, new.total, dtype=np.int64))
+                    self._store.relabel(pairs, snapshot, covered, log)
+            except BaseException:
+                self._store.snapshot_gen = old_gen
+                if snapshot:
+                    (self.path / snapshot[0]).unlink(missing_ok=True)
+                raise
+            id_of, label_of = _id_maps(pairs, new.total)
+            new.set_live(np.fromiter(label_of.values(), np.int64, len(label_of)))
+            with self._lock.write():  # the swap: searches wait only for these assignments
+                self._vectors, self._id_of, self._label_of = new, id_of, label_of
+                self._unsaved = new.total - covered if self.path is not None else 0
+                self.version += 1
+            self._compacting = False
+            if self.path is not None and self.config.checkpoint_every and self._unsaved >= self.config.checkpoint_every:
+                self._checkpoint()
+            return dead_before
 
     # ----------------------------------------------------------------------------------------- reads
     def __len__(self) -> int:
@@ -511,7 +582,7 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
             return
         try:
             if self._store is not None and not self.read_only:
-                with self._lock.write():
+                with self._writer:
                     self._checkpoint()
         finally:
             self._closed = True

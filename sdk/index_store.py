@@ -93,6 +93,13 @@ class IndexStore:
                                        "ingest run); stop it first, or open read-only") from None
         try:
             self.db = self._connect()
+            # Reads (metadata, items, thumbnails) go through their own connection: in WAL mode they see
+            # the last committed state and never wait for a writer's transaction or its fsync.
+            self.reader, self._read_lock = self.db, self._lock
+            if path is not None and not read_only:
+                self.reader = sqlite3.connect(f"file:{path / DB_NAME}?mode=ro", uri=True, check_same_thread=False,
+                                              timeout=30)
+                self._read_lock = threading.Lock()
         except BaseException:
             self.close()
             raise
@@ -119,6 +126,9 @@ class IndexStore:
             db.executemany("INSERT INTO info(key, value) VALUES (?, ?)", info.items())
 
     def close(self) -> None:
+        reader = getattr(self, "reader", None)
+        if reader is not None and reader is not getattr(self, "db", None):
+            reader.close()
         if getattr(self, "db", None) is not None:
             self.db.close()
         if self._lockfile is not None:
@@ -241,41 +251,44 @@ class IndexStore:
         with self.transaction() as db:
             db.execute("UPDATE items SET metadata = ?, updated = ? WHERE id = ?", (text, now, item_id))
 
-    def relabel(self, new_pairs: Sequence[tuple[str, int]], snapshot: tuple[str, int, str] | None,
-                vectors: np.ndarray) -> None:
-        """After compaction: items point at their new labels; the log holds `vectors` (untrained or empty
-        index) or the new `snapshot` covers them; one transaction."""
+    def relabel(self, pairs: Sequence[tuple[str, int]], snapshot: tuple[str, int, str] | None, covered: int,
+                log: np.ndarray) -> None:
+        """After compaction, in one transaction: items point at their new labels, the new `snapshot` (or
+        none) holds labels < `covered`, and the log holds `log`, the vectors of labels covered, covered+1, ..."""
         with self.transaction() as db:
-            db.execute("UPDATE items SET label = -label - 1")
-            db.executemany("UPDATE items SET label = ? WHERE id = ?", ((j, i) for i, j in new_pairs))
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS relabel (id TEXT PRIMARY KEY, label INTEGER NOT NULL)")
+            db.execute("DELETE FROM temp.relabel")
+            db.executemany("INSERT INTO temp.relabel(id, label) VALUES (?, ?)", pairs)
+            db.execute("UPDATE items SET label = -1 - (SELECT r.label FROM temp.relabel r WHERE r.id = items.id)")
+            db.execute("UPDATE items SET label = -1 - label")
+            db.execute("DELETE FROM temp.relabel")
             db.execute("DELETE FROM log")
-            if snapshot is None:  # untrained or empty: the log keeps the vectors
-                db.executemany("INSERT INTO log(label, vector) VALUES (?, ?)",
-                               ((j, vectors[j].tobytes()) for _, j in new_pairs))
+            db.executemany("INSERT INTO log(label, vector) VALUES (?, ?)",
+                           ((covered + j, log[j].tobytes()) for j in range(len(log))))
             name, size, digest = snapshot or ("", 0, "")
             db.executemany("INSERT OR REPLACE INTO info(key, value) VALUES (?, ?)",
-                           self.snapshot_rows(name, len(new_pairs) if snapshot else 0, size, digest))
+                           self.snapshot_rows(name, covered if snapshot else 0, size, digest))
         self.remove_orphans(snapshot[0] if snapshot else "")
 
     def metadata(self, ids: Sequence[str]) -> dict[str, dict | None]:
         """{id: metadata} for the ids that exist."""
         out = {}
-        with self._lock:
+        with self._read_lock:
             for start in range(0, len(ids), 500):
                 chunk = list(ids[start:start + 500])
-                rows = self.db.execute(f"SELECT id, metadata FROM items WHERE id IN ({','.join('?' * len(chunk))})",
+                rows = self.reader.execute(f"SELECT id, metadata FROM items WHERE id IN ({','.join('?' * len(chunk))})",
                                        chunk).fetchall()
                 out.update({i: (json.loads(m) if m else None) for i, m in rows})
         return out
 
     def item(self, item_id: str) -> dict:
-        with self._lock:
-            row = self.db.execute("SELECT metadata, updated FROM items WHERE id = ?", (item_id,)).fetchone()
+        with self._read_lock:
+            row = self.reader.execute("SELECT metadata, updated FROM items WHERE id = ?", (item_id,)).fetchone()
         if row is None:
             raise UnknownIdError(f"unknown id {item_id!r}")
         return {"id": item_id, "metadata": json.loads(row[0]) if row[0] else None, "updated": row[1]}
 
     def thumbnail(self, item_id: str) -> tuple[bytes, str] | None:
-        with self._lock:
-            row = self.db.execute("SELECT data, mime FROM thumbnails WHERE id = ?", (item_id,)).fetchone()
+        with self._read_lock:
+            row = self.reader.execute("SELECT data, mime FROM thumbnails WHERE id = ?", (item_id,)).fetchone()
         return None if row is None else (bytes(row[0]), row[1])

@@ -7,7 +7,6 @@ starts, and a re-run skips images already in the index with the same size and mo
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from pathlib import Path
 
 from sdk.bundle import read_manifest
 from sdk.index import GalleryIndex, GalleryIndexError, IndexConfig
+from sdk.preprocess import ImageError, thumbnail_jpeg
 from sdk.vector_index import build_faiss_index
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -50,16 +50,9 @@ def list_images(root: str | Path) -> list[Path]:
 
 
 def _thumbnail(path: Path, size: int) -> bytes | None:
-    from PIL import Image
-
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            img.thumbnail((size, size))
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=85)
-            return buf.getvalue()
-    except Exception:  # noqa: BLE001  (the embedder already reported unreadable files)
+        return thumbnail_jpeg(path, size)
+    except ImageError:  # the embedder already reported unreadable files
         return None
 
 

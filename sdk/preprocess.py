@@ -82,22 +82,40 @@ class PreprocessSpec:
         return cls(**d)
 
 
+def _open(source: str | Path | bytes, draft: int | None = None) -> Image.Image:
+    """The image decoded (not yet converted; a JPEG at the smallest scale >= `draft` when given); every
+    decoding failure is an ImageError naming the file."""
+    try:
+        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        if draft:
+            img.draft("RGB", (draft, draft))
+        img.load()
+        return img
+    except FileNotFoundError:
+        raise ImageError(f"image not found: {source} (check the path)") from None
+    except Image.DecompressionBombError:
+        name = "<bytes>" if isinstance(source, bytes) else str(source)
+        raise ImageError(f"image {name} has too many pixels (a decompression bomb?); send a smaller image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
+            ZeroDivisionError, OverflowError) as e:  # what Pillow's decoders raise on damaged or hostile files
+        name = "<bytes>" if isinstance(source, bytes) else str(source)
+        raise ImageError(f"cannot read image {name}: {e} (is it a valid JPEG/PNG file?)") from None
+
+
 def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
     """Open an image as RGB, with a one-line error naming the file when it is missing or not an image."""
     if isinstance(source, Image.Image):
         return source.convert("RGB")
-    try:
-        if isinstance(source, bytes):
-            img = Image.open(io.BytesIO(source))
-        else:
-            img = Image.open(source)
-        img.load()
-    except FileNotFoundError:
-        raise ImageError(f"image not found: {source} (check the path)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        name = "<bytes>" if isinstance(source, bytes) else str(source)
-        raise ImageError(f"cannot read image {name}: {e} (is it a valid JPEG/PNG file?)") from None
-    return img.convert("RGB")
+    return _open(source).convert("RGB")
+
+
+def thumbnail_jpeg(source: str | Path | bytes, size: int) -> bytes:
+    """A JPEG thumbnail at most size x size (JPEGs are decoded at a reduced scale: cheap for big photos)."""
+    img = _open(source, draft=size).convert("RGB")
+    img.thumbnail((size, size))
+    out = io.BytesIO()
+    img.save(out, "JPEG", quality=85)
+    return out.getvalue()
 
 
 def resize_image(img: Image.Image, spec: PreprocessSpec) -> Image.Image:

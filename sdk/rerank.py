@@ -15,6 +15,7 @@ numpy (+ faiss for kNN); scipy only for diffusion on galleries larger than `trun
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -201,31 +202,103 @@ class RerankConfig:
     alpha: float = 3.0  # alphaQE exponent (Radenovic et al.)
     diffusion: DiffusionConfig = DiffusionConfig()
     diffusion_max_items: int = 20000  # above this the offline diffusion is too costly to fit on demand
+    # Background refits (a server's DiffusionCache): at most one at a time, starting no sooner than
+    # max(refit_interval_s, refit_factor x the last fit's time) after the last one ended, so refits take
+    # at most ~1/(1 + refit_factor) of one core however fast the gallery changes.
+    diffusion_refit_interval_s: float = 5.0
+    diffusion_refit_factor: float = 4.0
+    diffusion_wait_s: float = 2.0  # how long a search waits for the first fit before a 'retry later'
+
+
+class DiffusionNotReady(SdkError):
+    """The gallery's first diffusion model is still being fitted (in the background): retry later."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class DiffusionCache:
-    """A Diffusion fitted on an index's live vectors, refitted when the index has changed."""
+    """A Diffusion fitted on an index's live vectors, refitted when the index has changed.
 
-    def __init__(self) -> None:
+    background=False (the default: the CLI, tests): a changed index is refitted in the calling thread.
+    background=True (the server): fits run in a background thread, one at a time and rate-limited
+    (RerankConfig.diffusion_refit_*); searches use the latest fitted model and never wait for a refit:
+    items deleted since the fit are dropped from its hits and items added since join at the next fit.
+    Only before the first fit does a search wait (up to diffusion_wait_s), then DiffusionNotReady.
+    """
+
+    def __init__(self, background: bool = False) -> None:
+        self.background = background
         self._lock = threading.Lock()
-        self._key = None
+        self._key = None  # (index id, index version) the model was fitted on
         self._ids: list[str] = []
         self._model: Diffusion | None = None
+        self._fitting: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._next_fit = 0.0  # monotonic time before which no refit starts
+        self.fits = 0
+        self.last_fit_s = 0.0
 
     def get(self, index, config: RerankConfig) -> tuple[list[str], Diffusion]:
+        n = len(index)
+        if n > config.diffusion_max_items:
+            raise SdkError(f"diffusion re-ranking is limited to galleries of {config.diffusion_max_items} "
+                           f"items (this one has {n}); use rerank 'aqe' or 'alpha_qe'")
+        if n < 2:
+            raise SdkError("diffusion re-ranking needs at least 2 gallery items")
+        key = (id(index), index.version)
+        if not self.background:
+            with self._lock:
+                if self._key != key or self._model is None:
+                    self._fit(index, config, key)
+                return self._ids, self._model
         with self._lock:
-            key = (id(index), index.version)
-            if self._key != key or self._model is None:
-                n = len(index)
-                if n > config.diffusion_max_items:
-                    raise SdkError(f"diffusion re-ranking is limited to galleries of {config.diffusion_max_items} "
-                                     f"items (this one has {n}); use rerank 'aqe' or 'alpha_qe'")
-                if n < 2:
-                    raise SdkError("diffusion re-ranking needs at least 2 gallery items")
-                ids, vectors = index.live_vectors()
-                self._model = Diffusion(vectors, config.diffusion)
-                self._ids, self._key = ids, key
-            return self._ids, self._model
+            if self._key != key and self._fitting is None and time.monotonic() >= self._next_fit:
+                self._fitting = threading.Thread(target=self._fit_in_background, args=(index, config, key),
+                                                 name="diffusion-fit", daemon=True)
+                self._fitting.start()
+            if self._model is not None and self._key[0] == id(index):
+                return self._ids, self._model
+            fitting = self._fitting
+        if fitting is not None:
+            fitting.join(config.diffusion_wait_s)
+        with self._lock:
+            if self._model is not None and self._key[0] == id(index):
+                return self._ids, self._model
+            error, self._error = self._error, None
+        if error is not None:  # the fit failed (e.g. scipy missing): say why, once; the next search retries
+            raise error
+        wait = max(1.0, round(self.last_fit_s or 2 * config.diffusion_wait_s))
+        raise DiffusionNotReady(f"the diffusion model of this gallery ({n} items) is being fitted; retry in "
+                                f"{wait:.0f} s, or use rerank 'aqe' meanwhile", retry_after=wait)
+
+    def _fit(self, index, config: RerankConfig, key) -> None:
+        t0 = time.monotonic()
+        ids, vectors = index.live_vectors()
+        model = Diffusion(vectors, config.diffusion)
+        self._ids, self._model, self._key = ids, model, key
+        self.fits += 1
+        self.last_fit_s = time.monotonic() - t0
+
+    def _fit_in_background(self, index, config: RerankConfig, key) -> None:
+        t0 = time.monotonic()
+        try:
+            ids, vectors = index.live_vectors()
+            model = Diffusion(vectors, config.diffusion) if len(ids) >= 2 else None
+            error = None
+        except BaseException as e:  # noqa: BLE001  (handed to the next search that waits for a model)
+            model, error = None, e
+        took = time.monotonic() - t0
+        with self._lock:
+            if model is not None:
+                self._ids, self._model, self._key = ids, model, key
+                self.fits += 1
+            self._error = error
+            self.last_fit_s = took
+            self._next_fit = time.monotonic() + max(config.diffusion_refit_interval_s,
+                                                    config.diffusion_refit_factor * took)
+            self._fitting = None
 
 
 def rerank_search(index, queries, k: int, method: Method = "none", *, space: str,
@@ -253,5 +326,7 @@ def rerank_search(index, queries, k: int, method: Method = "none", *, space: str
     # diffusion
     q, k = index._prepare_query(queries, k, space)
     ids, model = (cache or DiffusionCache()).get(index, config)
-    scores, idx = model.search(q, k)
-    return [[Hit(ids[j], float(s)) for s, j in zip(srow, irow) if ids[j] in index] for srow, irow in zip(scores, idx)]
+    # The model may predate the latest changes (a background cache): over-fetch, drop deleted items.
+    scores, idx = model.search(q, min(model.n, 2 * k))
+    return [[Hit(ids[j], float(s)) for s, j in zip(srow, irow) if ids[j] in index][:k]
+            for srow, irow in zip(scores, idx)]

@@ -9,6 +9,7 @@ Endpoints (OpenAPI at /openapi.json, docs at /docs):
   GET    /v1/items/{id}/thumbnail   the JPEG thumbnail stored with an image item
   POST   /v1/embed                  images -> the bundle's gallery (or query) embeddings (write scope)
   GET    /v1/model                  manifest, embedding-space id, index stats
+  POST   /v1/index/compact          drop tombstones now (also done in the background past a threshold)
   GET    /healthz, /metrics         liveness; Prometheus text metrics
 
 API keys (X-API-Key header or `Authorization: Bearer KEY`) carry scopes 'read' and/or 'write'; with
@@ -27,11 +28,11 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
+from urllib.parse import unquote
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
@@ -39,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -47,8 +49,10 @@ from sdk.bundle import BundleError, Manifest, read_manifest
 from sdk.errors import GalleryIndexError, SdkError, SpaceMismatchError, UnknownIdError
 from sdk.index import GalleryIndex, IndexConfig, check_vectors
 from sdk.index_store import DB_NAME
-from sdk.preprocess import ImageError
-from sdk.rerank import RERANK_METHODS, DiffusionCache, RerankConfig, rerank_search
+from sdk.json_limits import loads as parse_json
+from sdk.preprocess import ImageError, thumbnail_jpeg
+from sdk.rerank import RERANK_METHODS, DiffusionCache, DiffusionNotReady, RerankConfig, rerank_search
+from sdk.server_asgi import Metrics, ServiceMiddleware
 
 log = logging.getLogger("retrieval_sdk.server")
 
@@ -67,14 +71,20 @@ class ServerConfig:
     index_config: str = "Flat"  # factory for a new index (an existing one keeps its own)
     api_keys: dict[str, frozenset[str]] = field(default_factory=dict)  # key -> scopes
     max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this (slow senders get 408)
     max_image_bytes: int = 16 * 1024 * 1024
     max_image_pixels: int = 50_000_000
+    max_request_pixels: int = 100_000_000  # all images of one request together (decoding cost)
     max_items_per_request: int = 1000
     max_images_per_request: int = 64
     max_k: int = 1000
     thumbnail_size: int = 256
     threads: int | None = None  # ONNX Runtime threads per model
     checkpoint_every: int = 20000  # added vectors between index snapshots (the log covers the rest)
+    # Background compaction once tombstones are more than this share of all vectors (and at least
+    # compact_min_tombstones); a fraction >= 1 turns it off (POST /v1/index/compact still works).
+    compact_tombstone_fraction: float = 0.5
+    compact_min_tombstones: int = 1000
     rerank: RerankConfig = field(default_factory=RerankConfig)
     static: dict[str, Path] = field(default_factory=dict)  # URL prefix -> folder (e.g. the mobile demo)
 
@@ -230,124 +240,6 @@ def decode_embedding(values, b64: str | None, dtype: str, dim: int) -> np.ndarra
         raise HTTPException(400, str(e)) from None
 
 
-class _Metrics:
-    """Request counters and latency histograms in Prometheus text format (no extra dependency)."""
-
-    BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.count: dict[tuple[str, str, int], int] = defaultdict(int)
-        self.hist: dict[str, list[int]] = {}
-        self.sum: dict[str, float] = defaultdict(float)
-
-    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        with self.lock:
-            self.count[(method, route, status)] += 1
-            h = self.hist.setdefault(route, [0] * (len(self.BUCKETS) + 1))
-            for i, b in enumerate(self.BUCKETS):
-                if seconds <= b:
-                    h[i] += 1
-                    break
-            else:
-                h[-1] += 1
-            self.sum[route] += seconds
-
-    def render(self, index: GalleryIndex) -> str:
-        lines = ["# HELP retrieval_requests_total HTTP requests by method, route and status.",
-                 "# TYPE retrieval_requests_total counter"]
-        with self.lock:
-            for (method, route, status), n in sorted(self.count.items()):
-                lines.append(f'retrieval_requests_total{{method="{method}",route="{route}",status="{status}"}} {n}')
-            lines += ["# HELP retrieval_request_seconds Request latency.", "# TYPE retrieval_request_seconds histogram"]
-            for route, h in sorted(self.hist.items()):
-                cum = 0
-                for b, c in zip(self.BUCKETS, h):
-                    cum += c
-                    lines.append(f'retrieval_request_seconds_bucket{{route="{route}",le="{b}"}} {cum}')
-                cum += h[-1]
-                lines.append(f'retrieval_request_seconds_bucket{{route="{route}",le="+Inf"}} {cum}')
-                lines.append(f'retrieval_request_seconds_sum{{route="{route}"}} {self.sum[route]:.6f}')
-                lines.append(f'retrieval_request_seconds_count{{route="{route}"}} {cum}')
-        st = index.stats()
-        lines += ["# HELP retrieval_index_items Live items in the gallery index.", "# TYPE retrieval_index_items gauge",
-                  f"retrieval_index_items {st.count}",
-                  "# HELP retrieval_index_tombstones Deleted or replaced vectors awaiting compaction.",
-                  "# TYPE retrieval_index_tombstones gauge", f"retrieval_index_tombstones {st.tombstones}",
-                  "# HELP retrieval_index_unsaved Vectors in the write-ahead log since the last snapshot.",
-                  "# TYPE retrieval_index_unsaved gauge", f"retrieval_index_unsaved {st.unsaved}"]
-        return "\n".join(lines) + "\n"
-
-
-class _BodyTooLarge(HTTPException):
-    """Raised from the receive channel once a streamed body passes the limit (FastAPI re-raises
-    HTTPExceptions from body parsing, so this becomes a 413)."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body is larger than {limit} bytes")
-
-
-class LimitsAndMetrics:
-    """ASGI middleware: refuse bodies over `max_body` with 413 (Content-Length or streamed), and time
-    every request for /metrics."""
-
-    def __init__(self, app, max_body: int, metrics: _Metrics):
-        self.app, self.max_body, self.metrics = app, max_body, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = {"code": 500}
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                too_big = int(length) > self.max_body
-            except ValueError:
-                too_big = False
-            if too_big:
-                # Read and drop a moderately oversized body first, so the client (which sends it
-                # all before reading) gets the 413 instead of a reset connection.
-                if int(length) <= 4 * self.max_body:
-                    more = True
-                    while more:
-                        message = await receive()
-                        more = message.get("more_body", False) and message["type"] == "http.request"
-                return await self._reject(scope, send, start)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise _BodyTooLarge(self.max_body)
-            return message
-
-        async def tracking_send(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            return await self._reject(scope, send, start)
-        finally:
-            route = scope.get("route")
-            name = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe(scope.get("method", ""), name, status["code"], time.perf_counter() - start)
-
-    async def _reject(self, scope, send, start):
-        body = json.dumps({"detail": f"request body is larger than {self.max_body} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-        self.metrics.observe(scope.get("method", ""), "rejected", 413, time.perf_counter() - start)
-
-
 # ------------------------------------------------------------------------------------------------ state
 class ServerState:
     """What the endpoints share: the manifest, the index, lazily loaded embedders, caches, metrics."""
@@ -374,8 +266,12 @@ class ServerState:
                                     f"{self.space!r}; serve it with the bundle it was built with")
         self._embedders: dict[str, object] = {}
         self._embed_lock = threading.Lock()
-        self.diffusion = DiffusionCache()
-        self.metrics = _Metrics()
+        self.diffusion = DiffusionCache(background=True)
+        self._compact_guard = threading.Lock()
+        self._compactor: threading.Thread | None = None  # the latest compaction
+        self._compactors: list[threading.Thread] = []  # all that may still run (joined on close)
+        self.compactions = 0
+        self.metrics = Metrics(self.index.stats)
 
     def embedder(self, role: str):
         with self._embed_lock:
@@ -386,11 +282,60 @@ class ServerState:
                                                              threads=self.config.threads, workers=1, verify=False)
             return self._embedders[role]
 
+    def after_write(self) -> None:
+        """After each add or delete: start a background compaction once tombstones pass the configured
+        share of the index (searches and writes go on meanwhile; GalleryIndex.compact)."""
+        st = self.index.stats()
+        if (st.tombstones < self.config.compact_min_tombstones
+                or st.tombstones <= self.config.compact_tombstone_fraction * (st.count + st.tombstones)):
+            return
+        with self._compact_guard:
+            if self._compactor is not None and self._compactor.is_alive():
+                return
+            self._start_compaction({})
+
+    def compact(self) -> int:
+        """Compact now and wait for it (after any compaction already running; searches answer throughout)."""
+        with self._compact_guard:
+            result: dict = {}
+            thread = self._start_compaction(result)
+        thread.join()
+        if "error" in result:
+            raise result["error"]
+        return result["dropped"]
+
+    def _start_compaction(self, result: dict) -> threading.Thread:
+        """Run index.compact() in a new thread at lowered CPU priority, so that the rebuild takes the
+        cycles searches leave; `result` gets 'dropped' or 'error' (caller holds _compact_guard)."""
+
+        def work() -> None:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only (Linux)
+            except (AttributeError, OSError):
+                pass
+            try:
+                result["dropped"] = self.index.compact()
+                self.compactions += 1
+                log.info("compaction dropped %d tombstones", result["dropped"])
+            except Exception as e:  # noqa: BLE001  (logged; the index is unchanged and a later write retries)
+                result["error"] = e
+                log.exception("compaction failed")
+
+        self._compactor = threading.Thread(target=work, name="compaction", daemon=True)
+        self._compactor.start()
+        self._compactors = [t for t in self._compactors if t.is_alive()] + [self._compactor]
+        return self._compactor
+
     def close(self) -> None:
+        with self._compact_guard:
+            compactors = list(self._compactors)
+        for thread in compactors:
+            thread.join()
         self.index.close()
 
 
-def _read_image_bytes(data: bytes, config: ServerConfig, name: str) -> bytes:
+def _read_image_bytes(data: bytes, config: ServerConfig, name: str) -> tuple[bytes, int]:
+    """(the upload's bytes, its pixel count), checked to be a readable image within the size limits."""
     if not data:
         raise HTTPException(400, f"upload {name!r} is empty")
     if len(data) > config.max_image_bytes:
@@ -404,16 +349,21 @@ def _read_image_bytes(data: bytes, config: ServerConfig, name: str) -> bytes:
         raise HTTPException(400, f"upload {name!r} is not a readable image (send JPEG, PNG or WebP)") from None
     if w * h > config.max_image_pixels:
         raise HTTPException(413, f"image {name!r} is {w}x{h}; the limit is {config.max_image_pixels} pixels")
-    return data
+    return data, w * h
 
 
-def _thumbnail(data: bytes, size: int) -> bytes:
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
-        img.thumbnail((size, size))
-        out = io.BytesIO()
-        img.save(out, "JPEG", quality=85)
-        return out.getvalue()
+async def _read_uploads(uploads, config: ServerConfig) -> list[bytes]:
+    """The uploads' bytes, each checked, and all of them together within the request's pixel budget
+    (decoding costs CPU by the pixels an image claims, however small its file)."""
+    blobs, pixels = [], 0
+    for u in uploads:
+        data, n = _read_image_bytes(await u.read(config.max_image_bytes + 1), config, u.filename or "image")
+        pixels += n
+        if pixels > config.max_request_pixels:
+            raise HTTPException(413, f"the images of one request may hold {config.max_request_pixels} pixels in "
+                                     "all; send fewer or smaller images per request")
+        blobs.append(data)
+    return blobs
 
 
 def _embed_images(state: ServerState, role: str, blobs: list[bytes]) -> np.ndarray:
@@ -473,7 +423,7 @@ def run_search(state: ServerState, q: np.ndarray, k: int, rerank: str, with_meta
         hits = rerank_search(state.index, q, k, rerank, space=state.space, config=state.config.rerank,
                              cache=state.diffusion)[0]
     except (ValueError, ImportError) as e:
-        if isinstance(e, (GalleryIndexError, SpaceMismatchError)):
+        if isinstance(e, SdkError):  # answered by ERROR_STATUS (DiffusionNotReady: 429 + Retry-After)
             raise
         raise HTTPException(400, str(e)) from None
     if with_metadata:
@@ -483,13 +433,34 @@ def run_search(state: ServerState, q: np.ndarray, k: int, rerank: str, with_meta
                           took_ms=round(took, 3), space=state.space, rerank=rerank)
 
 
+async def _json_body(request: Request, model: type[BaseModel]):
+    """The request's JSON body as `model`; read only now, after the API key was checked (the routes take
+    no body parameter, so FastAPI does not read the body before their dependencies run)."""
+    body = await request.body()
+
+    def parse():  # in a worker thread: a large body must not stall the event loop (and /healthz)
+        try:
+            return model.model_validate(parse_json(body, "request body"))
+        except ValidationError as e:  # answered like every other invalid body (_invalid_request)
+            raise RequestValidationError(e.errors()) from None
+
+    return await run_in_threadpool(parse)
+
+
+def _json_request_body(name: str) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
 @router.post("/v1/search", response_model=SearchResponse, dependencies=[READ], tags=["search"],
-             responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR})
-def search(req: SearchRequest, state: State) -> SearchResponse:
+             responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR, 429: _ERROR},
+             openapi_extra=_json_request_body("SearchRequest"))
+async def search(request: Request, state: State) -> SearchResponse:
     """Search with a query embedding computed on the device (same embedding space)."""
+    req = await _json_body(request, SearchRequest)
     _check_space(state, req.space, "embed the query with the bundle the server uses")
     q = decode_embedding(req.embedding, req.embedding_b64, req.dtype, state.dim)
-    return run_search(state, q, req.k, req.rerank, req.with_metadata)
+    return await run_in_threadpool(run_search, state, q, req.k, req.rerank, req.with_metadata)
 
 
 @router.post("/v1/search/image", response_model=SearchResponse, dependencies=[READ], tags=["search"],
@@ -501,7 +472,7 @@ async def search_image(request: Request, state: State) -> SearchResponse:
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise HTTPException(400, "send the image as a multipart file field named 'image'")
-    data = _read_image_bytes(await upload.read(config.max_image_bytes + 1), config, upload.filename or "image")
+    data = (await _read_uploads([upload], config))[0]
     k = _int_field(form, "k", 10, 1, 100000)
     rerank = str(form.get("rerank", "none"))
     if rerank not in RERANK_METHODS:
@@ -525,12 +496,6 @@ def _uploads(form, config: ServerConfig) -> list:
     return uploads
 
 
-async def _uploaded_images(form, config: ServerConfig) -> list[bytes]:
-    """The bytes of every uploaded image, each checked against the size limit."""
-    return [_read_image_bytes(await u.read(config.max_image_bytes + 1), config, u.filename or "image")
-            for u in _uploads(form, config)]
-
-
 @router.post("/v1/embed", response_model=EmbedResponse, dependencies=[WRITE], tags=["search"],
              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 413: _ERROR})
 async def embed(request: Request, state: State) -> EmbedResponse:
@@ -541,7 +506,7 @@ async def embed(request: Request, state: State) -> EmbedResponse:
     role = str(form.get("role", state.gallery_role))
     if role not in state.manifest.models:
         raise HTTPException(400, f"role must be one of {', '.join(sorted(state.manifest.models))}, got {role!r}")
-    blobs = await _uploaded_images(form, state.config)
+    blobs = await _read_uploads(_uploads(form, state.config), state.config)
     vectors = await run_in_threadpool(_embed_images, state, role, blobs)
     return EmbedResponse(space=state.space, role=role, dim=int(vectors.shape[1]),
                          embeddings_b64=[base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors])
@@ -549,14 +514,7 @@ async def embed(request: Request, state: State) -> EmbedResponse:
 
 async def _add_embeddings(request: Request, state: ServerState) -> AddItemsResponse:
     """POST /v1/items with JSON: precomputed gallery embeddings."""
-    try:
-        raw = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
-        raise HTTPException(400, "request body is not valid JSON") from None
-    try:
-        req = AddItemsRequest.model_validate(raw)
-    except ValidationError as e:  # answered like every other invalid body (_invalid_request)
-        raise RequestValidationError(e.errors()) from None
+    req = await _json_body(request, AddItemsRequest)
     if len(req.items) > state.config.max_items_per_request:
         raise HTTPException(413, f"at most {state.config.max_items_per_request} items per request")
     _check_space(state, req.space, "embed the gallery with the server's bundle")
@@ -564,6 +522,7 @@ async def _add_embeddings(request: Request, state: ServerState) -> AddItemsRespo
     ids = [it.id for it in req.items]
     metas = [it.metadata for it in req.items]
     result = await run_in_threadpool(state.index.add, ids, vectors, space=state.space, metadata=metas)
+    state.after_write()
     return AddItemsResponse(ids=ids, **result)
 
 
@@ -577,12 +536,14 @@ async def _add_images(request: Request, state: ServerState) -> AddItemsResponse:
         raise HTTPException(400, f"{len(ids)} ids for {len(uploads)} images; send one 'ids' field per image")
     ids = ids or [u.filename or "" for u in uploads]
     metas = _form_metadata(form.get("metadata"), ids)
-    blobs = await _uploaded_images(form, config)
+    blobs = await _read_uploads(uploads, config)
 
     def work():
         vectors = _embed_images(state, state.gallery_role, blobs)
-        thumbs = [_thumbnail(b, config.thumbnail_size) for b in blobs]
-        return state.index.add(ids, vectors, space=state.space, metadata=metas, thumbnails=thumbs)
+        thumbs = [thumbnail_jpeg(b, config.thumbnail_size) for b in blobs]
+        result = state.index.add(ids, vectors, space=state.space, metadata=metas, thumbnails=thumbs)
+        state.after_write()
+        return result
 
     return AddItemsResponse(ids=ids, **await run_in_threadpool(work))
 
@@ -607,22 +568,40 @@ async def add_items(request: Request, state: State) -> AddItemsResponse:
             response_class=Response, responses={200: {"content": {"image/jpeg": {}}}, 404: _ERROR})
 def thumbnail(item_id: str, state: State) -> Response:
     """The JPEG thumbnail kept for an item added as an image."""
-    data, mime = state.index.thumbnail(item_id)
+    data, mime = state.index.thumbnail(unquote(item_id))
     return Response(data, media_type=mime)
 
 
 @router.get("/v1/items/{item_id:path}", response_model=ItemResponse, dependencies=[READ], tags=["items"],
             responses={404: _ERROR})
 def get_item(item_id: str, state: State) -> ItemResponse:
-    return ItemResponse(**state.index.get(item_id))
+    """An item's metadata (the id is one percent-encoded path segment; see sdk/server_asgi.py)."""
+    return ItemResponse(**state.index.get(unquote(item_id)))
 
 
 @router.delete("/v1/items/{item_id:path}", response_model=DeleteResponse, dependencies=[WRITE], tags=["items"],
                responses={404: _ERROR})
 def delete_item(item_id: str, state: State) -> DeleteResponse:
     """Delete an item (durable when this returns)."""
+    item_id = unquote(item_id)
     state.index.remove([item_id])
+    state.after_write()
     return DeleteResponse(deleted=item_id)
+
+
+class CompactResponse(BaseModel):
+    dropped: int
+    items: int
+    tombstones: int
+
+
+@router.post("/v1/index/compact", response_model=CompactResponse, dependencies=[WRITE], tags=["service"],
+             responses={401: _ERROR, 403: _ERROR})
+async def compact(state: State) -> CompactResponse:
+    """Drop tombstones (deleted or replaced vectors) now; searches and writes are answered meanwhile."""
+    dropped = await run_in_threadpool(state.compact)
+    st = state.index.stats()
+    return CompactResponse(dropped=dropped, items=st.count, tombstones=st.tombstones)
 
 
 @router.get("/v1/model", response_model=ModelResponse, dependencies=[READ], tags=["service"])
@@ -642,7 +621,7 @@ def healthz(state: State) -> Health:
 
 @router.get("/metrics", response_class=PlainTextResponse, tags=["service"])
 def metrics(state: State) -> PlainTextResponse:
-    return PlainTextResponse(state.metrics.render(state.index), media_type="text/plain; version=0.0.4")
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _invalid_request(request, exc):
@@ -656,13 +635,16 @@ async def _invalid_request(request, exc):
 
 def _status_handler(status: int):
     async def handle(request, exc):
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        retry = getattr(exc, "retry_after", None)
+        headers = {"Retry-After": str(int(retry))} if retry else None
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
     return handle
 
 
 # The runtime's errors as HTTP answers (a more specific class first); anything else is a 500.
-ERROR_STATUS = {SpaceMismatchError: 409, UnknownIdError: 404, GalleryIndexError: 400}
+ERROR_STATUS = {SpaceMismatchError: 409, UnknownIdError: 404, GalleryIndexError: 400, DiffusionNotReady: 429,
+                SdkError: 400}
 
 
 # ------------------------------------------------------------------------------------------------ the app
@@ -685,7 +667,8 @@ def create_app(config: ServerConfig, state: ServerState | None = None) -> FastAP
     for prefix, folder in config.static.items():
         mount_static(app, folder, prefix)
     _add_form_schema(app)
-    app.add_middleware(LimitsAndMetrics, max_body=config.max_body_bytes, metrics=state.metrics)
+    app.add_middleware(ServiceMiddleware, max_body=config.max_body_bytes, body_timeout=config.body_timeout_s,
+                       metrics=state.metrics)
     return app
 
 
@@ -730,10 +713,7 @@ def _form_metadata(raw, ids: list[str]) -> list[dict | None]:
         return [None] * len(ids)
     if not isinstance(raw, str):
         raise HTTPException(400, "the 'metadata' field must be a JSON string")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise HTTPException(400, "the 'metadata' field is not valid JSON") from None
+    value = parse_json(raw, "the 'metadata' field")
     if isinstance(value, list) and len(value) == len(ids) and all(v is None or isinstance(v, dict) for v in value):
         return value
     if isinstance(value, dict) and all(isinstance(v, dict) or v is None for v in value.values()):
@@ -750,9 +730,10 @@ def _add_form_schema(app: FastAPI) -> None:
             return app.openapi_schema
         schema = base()
         comps = schema.setdefault("components", {}).setdefault("schemas", {})
-        add = AddItemsRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        comps.update(add.pop("$defs", {}))
-        comps["AddItemsRequest"] = add
+        for model in (AddItemsRequest, SearchRequest):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            comps.update(body.pop("$defs", {}))
+            comps[model.__name__] = body
         comps["AddImagesForm"] = {
             "type": "object", "required": ["images"],
             "properties": {

@@ -8,6 +8,9 @@ index rather than by parsing the factory string.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 
 from sdk.errors import GalleryIndexError
@@ -19,6 +22,19 @@ def faiss_module():
     import faiss
 
     return faiss
+
+
+@contextmanager
+def one_omp_thread() -> Iterator[None]:
+    """faiss calls made inside run on one OpenMP thread (omp_set_num_threads only affects the calling
+    thread's later parallel regions, so other threads keep theirs)."""
+    faiss = faiss_module()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def downcast(index):
@@ -173,10 +189,5 @@ class VectorIndex:
             return target.search(q, k, params=params)
         # A few queries: one OpenMP thread. Parallel regions for a single query cost more than they
         # save and stall under load (a server runs many such searches at once on its own threads).
-        # omp_set_num_threads only affects the calling thread's later parallel regions.
-        before = faiss.omp_get_max_threads()
-        faiss.omp_set_num_threads(1)
-        try:
+        with one_omp_thread():
             return target.search(q, k, params=params)
-        finally:
-            faiss.omp_set_num_threads(before)

@@ -39,12 +39,12 @@ def api_schema(live_api):
 # each gets its own test id; schemathesis' pytest plugin does not support this pytest version.
 _OPERATIONS = [("POST", "/v1/search"), ("POST", "/v1/search/image"), ("POST", "/v1/items"),
                ("GET", "/v1/items/{item_id}"), ("DELETE", "/v1/items/{item_id}"),
-               ("GET", "/v1/items/{item_id}/thumbnail"), ("GET", "/v1/model"), ("GET", "/healthz"),
-               ("GET", "/metrics")]
+               ("GET", "/v1/items/{item_id}/thumbnail"), ("POST", "/v1/embed"), ("GET", "/v1/model"),
+               ("POST", "/v1/index/compact"), ("GET", "/healthz"), ("GET", "/metrics")]
 
 
 EXAMPLES = int(os.environ.get("RETRIEVAL_SDK_FUZZ_EXAMPLES", "40"))  # per operation and mode; raise for a deep run
-_NO_INPUT = {("GET", "/healthz"), ("GET", "/metrics")}  # nothing to make invalid
+_NO_INPUT = {("GET", "/healthz"), ("GET", "/metrics"), ("POST", "/v1/index/compact")}  # nothing to make invalid
 
 
 @pytest.mark.slow

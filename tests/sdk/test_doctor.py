@@ -13,8 +13,8 @@ from sdk import doctor
 from .conftest import CLI
 
 PARTS = ("python", "numpy", "onnxruntime", "faiss", "threads", "torch", "timm", "onnx", "ai-edge-litert",
-         "litert-torch", "coremltools", "libusb-1.0", "tflite-support env", "fastapi", "uvicorn", "pytest",
-         "playwright", "chromium", "node", "Fashion-MNIST")
+         "litert-torch", "coremltools", "libusb-1.0", "tflite-support env", "fastapi", "uvicorn",
+         "prometheus-client", "pytest", "playwright", "chromium", "node", "Fashion-MNIST")
 
 
 @pytest.mark.slow

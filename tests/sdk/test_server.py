@@ -199,7 +199,7 @@ def test_model_openapi_metrics(server):
     http.post("/v1/search", json={"space": SPACE, "embedding": [0.1] * 32}, headers=R)
     text = http.get("/metrics").text
     assert 'retrieval_requests_total{method="POST",route="/v1/search",status="200"}' in text
-    assert "retrieval_request_seconds_bucket" in text and "retrieval_index_items 0" in text
+    assert "retrieval_request_seconds_bucket" in text and "retrieval_index_items 0.0" in text
 
 
 def test_concurrent_searches_during_adds(server):
