@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from sdk.preprocess import ImageError, load_image
 from training.aff.config import ConfigError, DataConfig, _check_keys, _construct, apply_overrides, read_config_file
 from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, save_checkpoint
 from training.data import DatasetError, LabelledImages, image_folder, unlabelled_folder, write_images
@@ -157,12 +157,11 @@ def _labelled_split(cfg: DistillConfig) -> tuple[LabelledImages, LabelledImages]
 
 
 def _readable(path: Path) -> bool:
-    """Whether PIL recognises the file as an image (header check, no full decode)."""
+    """Whether the SDK's one image decoder (`sdk.preprocess.load_image`) reads the file."""
     try:
-        with Image.open(path) as img:
-            img.verify()
+        load_image(path)
         return True
-    except Exception:  # any decoder error: the file is skipped and reported, not trained on
+    except ImageError:
         return False
 
 
@@ -175,14 +174,14 @@ def load_distill_data(cfg: DistillConfig, log: Callable[[str], None] | None = No
         paths += [Path(p) for p in teacher_set.paths]
     if cfg.images:
         found = unlabelled_folder(cfg.images)
-        readable = [p for p in found if _readable(p)]
-        if not readable:
+        ok = [_readable(p) for p in found]
+        bad = [p for p, good in zip(found, ok) if not good]
+        if len(bad) == len(found):
             raise DatasetError(f"none of the {len(found)} files in {cfg.images} is a readable image "
                                f"(first: {found[0].name}); use JPEG/PNG photos")
-        if len(readable) < len(found) and log is not None:
-            log(f"skipped {len(found) - len(readable)} unreadable files in {cfg.images} "
-                f"(first: {next(p for p in found if p not in set(readable)).name})")
-        paths += readable
+        if bad and log is not None:
+            log(f"skipped {len(bad)} unreadable files in {cfg.images} (first: {bad[0].name})")
+        paths += [p for p, good in zip(found, ok) if good]
     if cfg.eval_images:
         evaluation = image_folder(cfg.eval_images)
     if len(paths) > cfg.max_images:
@@ -261,24 +260,23 @@ def train_student(cfg: DistillConfig, paths: Sequence[Path], targets: np.ndarray
     """The paper's training: batches of D, the rank-distillation loss, Adam with exp decay, averaged epochs."""
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, teacher_dim)
-    targets_t = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32))
+    targets_t = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)).to(resolve_device(device))
     batch = min(cfg.batch_size, len(paths))
     loader = DataLoader(_Indexed(paths, student.spec), batch_size=batch, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     run_dir = Path(cfg.out) / "runs" / cfg.name
-    kept: dict[int, Path] = {}
     epochs_kept = {e for e in cfg.average_epochs if 1 <= e <= cfg.epochs} or {cfg.epochs}
 
     def step(b) -> dict:
         x, idx = b
         # the mixing draws come from torch's RNG, which the loop checkpoints: a resumed run repeats them
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
-        loss, logged = distill_loss(student(x), targets_t.to(x.device)[idx], cfg.loss, rng)
+        loss, logged = distill_loss(student(x), targets_t[idx.to(targets_t.device)], cfg.loss, rng)
         return {"loss": loss, "positives": torch.tensor(logged["positives_per_query"])}
 
     def keep(epoch: int) -> None:
         if epoch + 1 in epochs_kept:
-            kept[epoch + 1] = save_checkpoint(student, run_dir / f"epoch{epoch + 1}.safetensors")
+            save_checkpoint(student, run_dir / f"epoch{epoch + 1}.safetensors")
 
     key = json.dumps([cfg.to_dict(), len(paths)], sort_keys=True)
     history = fit(step, loader, {"student": student}, [{"params": list(student.parameters()), "lr": cfg.lr}],
@@ -351,8 +349,7 @@ def run_distill(cfg: DistillConfig, device: str = "cpu", progress: bool = True,
     key = os.environ.get(TEACHER_KEY_ENV) or None
     teacher: Teacher | None = resolve_teacher(cfg.teacher, key) if cfg.teacher else None  # a bad teacher fails first
     data = load_distill_data(cfg, log)
-    teacher_spec = cfg.teacher or str(train_teacher(cfg, data.teacher_train, device, progress, log))
-    teacher = teacher or resolve_teacher(teacher_spec)
+    teacher = teacher or resolve_teacher(str(train_teacher(cfg, data.teacher_train, device, progress, log)))
     if teacher.dim is not None:
         _student_dim(cfg, teacher.dim)  # a dim mismatch stops the run before any teacher call
     eval_paths = [] if data.eval is None else [Path(p) for p in data.eval.paths]
@@ -378,7 +375,7 @@ def run_distill(cfg: DistillConfig, device: str = "cpu", progress: bool = True,
             if "asymmetric_map" in row:
                 row["asym_over_teacher"] = row["asymmetric_map"] / teacher_map
         file = out / ("student.safetensors" if name == "main" else f"student_{name}.safetensors")
-        space = _teacher_space(teacher_spec) if variant.loss.asymmetric else ""
+        space = teacher.space if variant.loss.asymmetric else ""
         save_checkpoint(student, file, CheckpointMeta(embedding_space=space, role="query", name=f"student-{name}",
                                                       extra={k: v for k, v in row.items() if k != "run"}))
         rows.append(row)
@@ -389,12 +386,3 @@ def run_distill(cfg: DistillConfig, device: str = "cpu", progress: bool = True,
     log(_table(rows, teacher_map))
     return results
 
-
-def _teacher_space(spec: str) -> str:
-    """The embedding-space id the teacher's gallery lives in (an asymmetric student inherits it)."""
-    path = Path(spec)
-    if path.is_dir() and (path / "manifest.json").is_file():
-        return json.loads((path / "manifest.json").read_text()).get("embedding_space", "")
-    if path.is_file():
-        return read_header(path)["meta"].embedding_space
-    return ""

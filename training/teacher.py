@@ -37,6 +37,7 @@ class Teacher:
     fingerprint: str
     embed: Callable[[Sequence[Path]], np.ndarray]  # paths -> (N, D) float32, rows L2-normalised
     dim: int | None = None
+    space: str = ""  # the embedding-space id of the teacher's gallery ("" when it has none)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def bundle_teacher(bundle: str | Path, role: str = "gallery", threads: int | Non
     embedder = Embedder.from_bundle(bundle, role=role, threads=threads)
     fingerprint = hashlib.sha256(f"bundle:{manifest.embedding_space}:{mfile.sha256}".encode()).hexdigest()
     return Teacher(f"{bundle.name}/{mfile.path}", fingerprint, lambda ps: embedder.embed(list(ps)),
-                   dim=entry.embedding_dim)
+                   dim=entry.embedding_dim, space=manifest.embedding_space)
 
 
 def checkpoint_teacher(path: str | Path, batch_size: int = 32) -> Teacher:
@@ -155,7 +156,7 @@ def checkpoint_teacher(path: str | Path, batch_size: int = 32) -> Teacher:
     fingerprint = hashlib.sha256(f"checkpoint:{sha256_path(path)}".encode()).hexdigest()
     return Teacher(path.name, fingerprint,
                    lambda ps: embed_images(model, list(ps), model.spec, batch_size=batch_size, progress=False),
-                   dim=model.embedding_dim)
+                   dim=model.embedding_dim, space=meta.embedding_space)
 
 
 def server_teacher(url: str, api_key: str | None = None, batch_size: int = 32) -> Teacher:
@@ -174,7 +175,8 @@ def server_teacher(url: str, api_key: str | None = None, batch_size: int = 32) -
     files = ",".join(sorted(str(f.get("sha256", "")) for f in entry.get("files", [])))
     fingerprint = hashlib.sha256(f"server:{model['embedding_space']}:{role}:{files}".encode()).hexdigest()
     return Teacher(f"{url} ({role})", fingerprint,
-                   lambda ps: client.embed(list(ps), role=role, batch_size=batch_size), dim=int(model["embedding_dim"]))
+                   lambda ps: client.embed(list(ps), role=role, batch_size=batch_size), dim=int(model["embedding_dim"]),
+                   space=model["embedding_space"])
 
 
 def resolve_teacher(spec: str | Path, api_key: str | None = None) -> Teacher:

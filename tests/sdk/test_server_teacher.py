@@ -33,7 +33,7 @@ def test_server_teacher_matches_the_bundle_and_needs_a_write_key(tiny_bundle, tm
     cfg = ServerConfig(bundle=tiny_bundle, index=tmp_path / "index", api_keys=KEYS)
     with server_in_thread(cfg) as (url, app):
         teacher = resolve_teacher(url, api_key=WRITE)
-        assert teacher.dim == 32
+        assert teacher.dim == 32 and teacher.space == bundle_teacher(tiny_bundle).space == "test-space"
         run = teacher_embeddings(teacher, photos, cache=tmp_path / "cache", batch_size=2, progress=False)
         local = bundle_teacher(tiny_bundle).embed(photos)
         np.testing.assert_allclose(run.embeddings, local, atol=1e-5)
