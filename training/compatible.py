@@ -90,7 +90,7 @@ def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, im
         raise TrainingError("the query model needs a whitening FC (ModelConfig(embedding_dim=...)) to be fitted")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    crops = _crops(images, cfg, rng) + (_crops(photos, cfg, rng, cfg.photo_views) if photos else [])
+    crops = _crops(images, cfg, rng) + _crops(photos, cfg, rng, cfg.photo_views)
     targets = embed_images(gallery, crops, gallery_spec, desc="gallery targets", progress=progress)
     pooled = embed_images(query.pooled, crops, query.spec, desc="query features", progress=progress)
     _set_head(query, *fit_linear_map(pooled, targets, cfg.ridge))

@@ -69,9 +69,8 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     progress = cfg.progress
     photos = (package_photos() if cfg.photos else []) + (unlabelled_folder(cfg.unlabelled) if cfg.unlabelled else [])
     if photos:
-        log(f"real photos: {len(photos)} unlabelled ({'packaged' if cfg.photos else ''}"
-            f"{' + ' if cfg.photos and cfg.unlabelled else ''}{cfg.unlabelled or ''}), "
-            f"{cfg.compat.photo_views} random crops each")
+        sources = " + ".join(s for s in ("packaged" if cfg.photos else "", str(cfg.unlabelled or "")) if s)
+        log(f"real photos: {len(photos)} unlabelled ({sources}), {cfg.compat.photo_views} random crops each")
     dim = min(cfg.embedding_dim, len(train.paths) + len(photos) - 1)
     gallery = EmbeddingModel(
         ModelConfig(cfg.gallery_backbone, "gem", embedding_dim=dim, input_size=cfg.image_size), pretrained=True
