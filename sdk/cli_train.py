@@ -96,6 +96,8 @@ def aff(
         False, help="Re-extract feature caches that belong to another dataset instead of stopping."),
     threads: Optional[int] = THREADS,
     device: str = typer.Option("cpu", help="Where to train: cpu | cuda | mps (mixed precision on cuda)."),
+    resume: bool = typer.Option(True, help="Continue an interrupted run from OUT/checkpoints (--no-resume: start "
+                                           "every stage afresh)."),
     progress: bool = PROGRESS,
 ) -> None:
     """AFF: train DELG/DOLG/CVNet gallery extractors, fuse their features with a dynamic mixer and train a light
@@ -110,7 +112,8 @@ def aff(
         overrides = list(set_) + ([f"out={json.dumps(str(out))}"] if out is not None else [])
         cfg = load_config(config, overrides)
         set_threads(threads)
-        run_aff(cfg, progress=progress, overwrite_cache=overwrite_cache, log=typer.echo, device=device)
+        run_aff(cfg, progress=progress, overwrite_cache=overwrite_cache, log=typer.echo, device=device,
+                resume=resume)
 
 
 @train_app.command("distill")

@@ -24,7 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from sdk.preprocess import ImageError, load_image
-from training.aff.config import ConfigError, DataConfig, _check_keys, _construct, apply_overrides, read_config_file
+from training.aff.config import DataConfig
+from training.config import ConfigError, load_config_file, to_dict
 from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, save_checkpoint
 from training.data import DatasetError, LabelledImages, image_folder, unlabelled_folder, write_images
 from training.embed import embed_images, embed_multiscale
@@ -111,29 +112,12 @@ class DistillConfig:
             raise ConfigError("no images to distil on: pass --images DIR (unlabelled photos) or a config with `data`")
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self), default=str))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DistillConfig":
-        d = {k: v for k, v in d.items() if not k.startswith("$")}
-        _check_keys(cls, d, "distill config")
-        sections = {"student": StudentConfig, "loss": RankDistillConfig, "eval": EvalConfig, "data": DataConfig}
-        kw = dict(d)
-        for key, sub in sections.items():
-            if isinstance(kw.get(key), dict):
-                _check_keys(sub, kw[key], key)
-                kw[key] = _construct(sub, _tuples(kw[key]), key)
-        return _construct(cls, _tuples(kw), "distill config")
-
-
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return to_dict(self)
 
 
 def load_distill_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DistillConfig:
     """Defaults, updated by a JSON/YAML file and then by dotted `--set key=value` overrides."""
-    base = {} if path is None else read_config_file(path)
-    return DistillConfig.from_dict(apply_overrides(base, list(overrides)))
+    return load_config_file(DistillConfig, path, overrides)
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -15,6 +15,8 @@ is replayed, so `data` must be deterministic given its seeds). Plain torch (see 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import random
 import time
@@ -85,6 +87,27 @@ class FitConfig:
         if self.epochs < 0 or self.checkpoint_every < 0 or (self.max_steps or 1) < 1 or (self.grad_clip or 1) <= 0:
             raise FitError(f"fit needs epochs >= 0, checkpoint_every >= 0, max_steps >= 1 and grad_clip > 0 (or None); "
                            f"got {self.epochs}, {self.checkpoint_every}, {self.max_steps}, {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    """Where a multi-stage run keeps each stage's last.pt: root/<stage>-<hash of what the stage is>, so a
+    changed config trains into a folder of its own instead of hitting another run's checkpoint."""
+
+    root: Path
+    resume: bool = True  # False: every stage starts afresh (and overwrites its folder)
+    every: int = 50  # steps between checkpoints, besides each epoch's end
+
+    def stage(self, name: str, key: object) -> dict:
+        """FitConfig arguments for the stage `name` whose settings and data are `key` (JSON-able)."""
+        text = json.dumps(key, sort_keys=True, default=str)
+        folder = self.root / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        return {"checkpoint_dir": folder, "run_key": text, "resume": self.resume, "checkpoint_every": self.every}
+
+
+def stage_fit(checkpoints: "Checkpoints | None", name: str, key: object) -> dict:
+    """`Checkpoints.stage`, or no checkpointing when the caller passed none (a stage run on its own)."""
+    return {} if checkpoints is None else checkpoints.stage(name, key)
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

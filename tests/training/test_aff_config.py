@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from training.aff.config import AFFConfig, ConfigError, apply_overrides, load_config
+from training.aff.config import AFFConfig, load_config
+from training.config import ConfigError, apply_overrides
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -138,3 +138,40 @@ def test_cli_bad_input_is_one_line(tmp_path):
         lines = [line for line in result.output.splitlines() if line.strip()]
         assert result.exit_code == 2 and len(lines) == 1, result.output
         assert lines[0].startswith("error: ") and match in lines[0]
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_figures(tmp_path, monkeypatch):
+    """A run stopped inside the joint stage continues from OUT/checkpoints and ends with the figures of an
+    uninterrupted run; the finished run removes its checkpoints."""
+    from training.aff.query import QueryClassifier
+
+    tiny = [*TINY, "ablations=[]", "train.epochs=2"]
+
+    def run(out: Path, logs: list[str] | None = None) -> dict:
+        cfg = load_config(CONFIGS / "aff_small_instances.json", [*tiny, f"out={json.dumps(str(out))}"])
+        return run_aff(cfg, progress=False, log=(logs if logs is not None else []).append)
+
+    straight = run(tmp_path / "straight")
+    assert not (tmp_path / "straight" / "checkpoints").exists()
+
+    update, calls = QueryClassifier.update, []
+
+    def stop_at_second_step(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        update(self)
+
+    monkeypatch.setattr(QueryClassifier, "update", stop_at_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed")
+    monkeypatch.setattr(QueryClassifier, "update", update)
+    assert list((tmp_path / "resumed" / "checkpoints").glob("joint-*/last.pt"))
+    logs: list[str] = []
+    resumed = run(tmp_path / "resumed", logs)
+    assert any("joint: resuming from" in line and "at step 1" in line for line in logs), logs
+    assert sum("trained extractor reused" in line for line in logs) == 3
+    for key in ("mixer", "asym"):
+        assert resumed["variants"]["main"][key] == straight["variants"]["main"][key]
+    assert not (tmp_path / "resumed" / "checkpoints").exists()

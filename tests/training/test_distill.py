@@ -13,7 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 import training.distill as distill
-from training.aff.config import ConfigError, DataConfig
+from training.aff.config import DataConfig
+from training.config import ConfigError
 from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, save_checkpoint
 from training.data import DatasetError
 from training.models import EmbeddingModel, ModelConfig

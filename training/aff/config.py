@@ -8,21 +8,15 @@ and impossible values are errors that name the key.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from training.extractors.base import ExtractorConfig, ExtractorError, ExtractorTrainConfig
-from training.errors import TrainingError
+from training.config import ConfigError, from_dict, load_config_file, to_dict
+from training.extractors.base import ExtractorConfig, ExtractorTrainConfig
 
 DATA_KINDS = ("fashion_mnist", "instances", "folder", "csv", "gldv2")
 SPLITS = ("test", "classes", "images")
 ABLATIONS = ("shared", "two_stage")
-
-
-class ConfigError(TrainingError):
-    """A config file or override that cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -184,138 +178,14 @@ class AFFConfig:
             raise ConfigError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["extractors"] = [e.to_dict() for e in self.extractors]
-        d["ablations"] = list(self.ablations)
-        return json.loads(json.dumps(d))
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "AFFConfig":
-        if not isinstance(d, dict):
-            raise ConfigError(f"a config is a mapping of sections, got {type(d).__name__}")
-        _check_keys(cls, d, "config")
-        kw: dict[str, Any] = {k: v for k, v in d.items() if k not in _SECTIONS and k != "extractors"}
-        for key, section in _SECTIONS.items():
-            if key in d:
-                value = d[key]
-                if not isinstance(value, dict):
-                    raise ConfigError(f"config section '{key}' must be a mapping, got {type(value).__name__}")
-                _check_keys(section, value, key)
-                kw[key] = _construct(section, value, key)
-        if "extractors" in d:
-            if not isinstance(d["extractors"], list):
-                raise ConfigError("config 'extractors' must be a list of extractor configs")
-            try:
-                kw["extractors"] = tuple(ExtractorConfig.from_dict(e) for e in d["extractors"])
-            except ExtractorError as e:
-                raise ConfigError(str(e)) from None
-        if "ablations" in kw:
-            kw["ablations"] = tuple(kw["ablations"])
-        return _construct(cls, kw, "config")
-
-
-_SECTIONS = {"data": DataConfig, "mixer": MixerConfig, "query": QueryConfig, "train": JointConfig,
-             "baseline": BaselineConfig}
-
-
-def _check_keys(cls, d: dict, where: str) -> None:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; expected some of {sorted(known)}")
-
-
-def _construct(cls, kw: dict, where: str):
-    try:
-        return cls(**kw)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except ExtractorError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def apply_overrides(d: dict, overrides: list[str] | tuple[str, ...]) -> dict:
-    """Apply "a.b.c=value" overrides (value parsed as JSON, else kept as a string) to a nested dict;
-    list items are addressed by index ("extractors.0.epochs=1")."""
-    d = json.loads(json.dumps(d))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key.path=value")
-        path, _, raw = item.partition("=")
-        keys = path.strip().split(".")
-        node: Any = d
-        for i, key in enumerate(keys[:-1]):
-            node = _child(node, key, ".".join(keys[: i + 1]))
-        last = keys[-1]
-        if isinstance(node, list):
-            idx = _index(node, last, path)
-            node[idx] = _parse_value(raw)
-        elif isinstance(node, dict):
-            node[last] = _parse_value(raw)
-        else:
-            raise ConfigError(f"override {path!r}: {'.'.join(keys[:-1])} is not a section")
-    return d
-
-
-def _index(node: list, key: str, path: str) -> int:
-    if not key.lstrip("-").isdigit() or not -len(node) <= int(key) < len(node):
-        raise ConfigError(f"override {path!r}: {key!r} is not an index of a list of {len(node)}")
-    return int(key)
-
-
-def _child(node: Any, key: str, path: str) -> Any:
-    if isinstance(node, list):
-        return node[_index(node, key, path)]
-    if isinstance(node, dict):
-        if key not in node:
-            node[key] = {}
-        return node[key]
-    raise ConfigError(f"override path {path!r} goes through a value, not a section")
-
-
-def read_config_file(path: str | Path) -> dict:
-    """A JSON (.json) or YAML (.yaml/.yml) file as a dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ModuleNotFoundError:
-            raise ConfigError(f"{path} is YAML but PyYAML is not installed (pip install pyyaml), or use JSON") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of config sections")
-    return data
+        return from_dict(cls, d)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> AFFConfig:
     """Defaults, updated by the file at `path` (JSON/YAML) and then by dotted `overrides`."""
-    base = AFFConfig().to_dict() if path is None else read_config_file(path)
-    if path is not None:
-        base.pop("$comment", None)
-    return AFFConfig.from_dict(apply_overrides(base, list(overrides)))
+    return load_config_file(AFFConfig, path, overrides, defaults=AFFConfig().to_dict())
 
-
-def with_changes(cfg: AFFConfig, **sections: dict) -> AFFConfig:
-    """A copy with some section fields replaced, e.g. with_changes(cfg, train={"classifier": "shared"})."""
-    kw = {}
-    for name, changes in sections.items():
-        kw[name] = replace(getattr(cfg, name), **changes)
-    return replace(cfg, **kw)

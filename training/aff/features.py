@@ -318,6 +318,11 @@ class FeatureSet:
     def names(self) -> list[str]:
         return [c.name for c in self.caches]
 
+    @property
+    def fingerprint(self) -> list:
+        """What these features are: the images and each extractor's weights (a resumable stage's key)."""
+        return [self.caches[0].dataset, self.use_local, [(c.name, c.header["extractor"]["weights"]) for c in self.caches]]
+
     def specs(self) -> tuple[FeatureSpec, ...]:
         return tuple(s for c in self.caches for s in c.specs(self.use_local))
 

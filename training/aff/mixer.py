@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from training.config import from_dict, to_dict
 from training.errors import TrainingError
 
 
@@ -42,9 +43,6 @@ class FeatureSpec:
     @property
     def key(self) -> str:
         return f"{self.name}:local" if self.local else self.name
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def local_key(name: str) -> str:
@@ -114,15 +112,11 @@ class MixerArch:
     token_dropout: float = 0.0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["inputs"] = [s.to_dict() for s in self.inputs]
-        return d
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "MixerArch":
-        d = dict(d)
-        d["inputs"] = tuple(FeatureSpec(**s) for s in d["inputs"])
-        return cls(**d)
+        return from_dict(cls, d, "mixer")
 
 
 class DynamicMixer(nn.Module):

@@ -22,6 +22,7 @@ import copy
 import hashlib
 import json
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -44,7 +45,7 @@ from training.checkpoint import FORMAT, CheckpointError, CheckpointMeta, load_st
 from training.extractors import (ExtractorConfig, GalleryExtractor, build_extractor, load_extractor, load_released,
                                  save_extractor, train_extractor)
 from training.extractors.released import CLASSIFIERS
-from training.fit import FitConfig, OptimConfig, fit, resolve_device
+from training.fit import Checkpoints, FitConfig, OptimConfig, fit, resolve_device, stage_fit
 from training.losses import ArcFace
 from training.models import new_space_id
 from training.transforms import eval_transform, train_transform
@@ -131,7 +132,8 @@ def _extractor_fingerprint(ec: ExtractorConfig, train_fp: str, num_classes: int)
 
 
 def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str, out: Path, progress: bool,
-                      log: Log, device: str = "cpu") -> tuple[GalleryExtractor, Path, float]:
+                      log: Log, device: str = "cpu",
+                      checkpoints: Checkpoints | None = None) -> tuple[GalleryExtractor, Path, float]:
     """Train (or load the cached / released) extractor; returns it frozen, its checkpoint and seconds spent."""
     t0 = time.perf_counter()
     path = out / "extractors" / f"{ec.name}.safetensors"
@@ -163,9 +165,12 @@ def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str,
     log(f"  {ec.name}: {ec.kind.upper()} on {ec.backbone} ({ex.weights_source}), {params:.2f}M params, "
         f"{ex.global_dim}-d global" + (f" + {ex.num_local}x{ex.local_dim}-d local" if ex.num_local else "")
         + f", input {ex.spec.input_size[0]} px, scales {list(ec.scales)}")
-    history = train_extractor(ex, train, progress=progress, log=log, device=device) if ec.train.epochs else []
+    resume = stage_fit(checkpoints, f"extractor-{ec.name}", fingerprint)
+    history = train_extractor(ex, train, progress, log, device, resume) if ec.train.epochs else []
     ex.eval()
     save_extractor(ex, path, fingerprint, extra={"history": history})
+    if resume:  # the saved extractor is what a re-run reuses; its training state is no longer needed
+        shutil.rmtree(resume["checkpoint_dir"], ignore_errors=True)
     return ex, path, time.perf_counter() - t0
 
 
@@ -205,9 +210,10 @@ class TrainedPair:
 
 def train_fusion_model(model: torch.nn.Module, features: FeatureSet, num_classes: int, epochs: int, lr: float,
                        batch_size: int, s: float, m: float, seed: int, desc: str, progress: bool, log: Log,
-                       weight_decay: float = 1e-4, max_steps: int | None = None,
-                       device: str = "cpu") -> tuple[ArcFace, list[float]]:
-    """ArcFace training of a feature-only model (mixer warm-up, concat+MLP baseline) with `training.fit`."""
+                       weight_decay: float = 1e-4, max_steps: int | None = None, device: str = "cpu",
+                       checkpoint: dict | None = None) -> tuple[ArcFace, list[float]]:
+    """ArcFace training of a feature-only model (mixer warm-up, concat+MLP baseline) with `training.fit`;
+    `checkpoint`: FitConfig checkpoint arguments (`training.fit.stage_fit`) to make it resumable."""
     torch.manual_seed(seed)
     arc = ArcFace(model.embedding_dim, num_classes, s=s, m=m)
     rng = np.random.default_rng(seed)
@@ -216,7 +222,8 @@ def train_fusion_model(model: torch.nn.Module, features: FeatureSet, num_classes
     history = fit(lambda batch: {"loss": arc(model(batch[0]), batch[1])}, data, {"model": model, "arcface": arc},
                   [{"params": list(model.parameters()) + list(arc.parameters()), "lr": lr}],
                   OptimConfig("adamw", weight_decay=weight_decay),
-                  FitConfig(epochs=epochs, max_steps=max_steps, device=device, desc=desc, progress=progress), log=None)
+                  FitConfig(epochs=epochs, max_steps=max_steps, device=device, desc=desc, progress=progress,
+                            **(checkpoint or {})), log=None)
     model.cpu(), arc.cpu()
     losses = [h["loss"] for h in history]
     if epochs:
@@ -244,7 +251,8 @@ def _warm_key(cfg: AFFConfig, joint: JointConfig) -> tuple:
 
 
 def warm_up_mixer(cfg: AFFConfig, joint: JointConfig, features: FeatureSet, num_classes: int, desc: str,
-                  progress: bool = True, log: Log = print, device: str = "cpu") -> WarmMixer:
+                  progress: bool = True, log: Log = print, device: str = "cpu",
+                  checkpoints: Checkpoints | None = None) -> WarmMixer:
     """Stage 1: the dynamic mixer alone, ArcFace on the cached features (the joint schedule's warm-up, the
     two-stage schedule's first stage)."""
     torch.manual_seed(joint.seed)
@@ -255,13 +263,14 @@ def warm_up_mixer(cfg: AFFConfig, joint: JointConfig, features: FeatureSet, num_
     arc, history = train_fusion_model(
         mixer, features, num_classes, joint.mixer_epochs, joint.mixer_lr, joint.batch_size, joint.arcface_s,
         joint.arcface_m, joint.seed, f"{desc} mixer warm-up ({joint.mixer_epochs} epochs on features)",
-        progress, log, joint.weight_decay, joint.max_steps, device)
+        progress, log, joint.weight_decay, joint.max_steps, device,
+        stage_fit(checkpoints, "mixer-warm-up", [_warm_key(cfg, joint), features.fingerprint]))
     return WarmMixer(_warm_key(cfg, joint), mixer, arc, history)
 
 
 def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: FeatureSet, images: LabelledImages,
               progress: bool = True, log: Log = print, warm: WarmMixer | None = None,
-              device: str = "cpu") -> TrainedPair:
+              device: str = "cpu", checkpoints: Checkpoints | None = None) -> TrainedPair:
     """Train the dynamic mixer and the query model into one space with the classifier tie in `joint`.
 
     `warm`: a finished mixer-only stage to start from (copied, not modified), when its settings match."""
@@ -275,7 +284,7 @@ def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: Featur
 
     # stage 1: the mixer alone on the cached features (warm-up for joint, the first stage for two_stage)
     if warm is None or warm.key != _warm_key(cfg, joint):
-        warm = warm_up_mixer(cfg, joint, features, n_classes, f"[{variant}]", progress, log, device)
+        warm = warm_up_mixer(cfg, joint, features, n_classes, f"[{variant}]", progress, log, device, checkpoints)
     else:
         log(f"  [{variant}] mixer warm-up: starting from the same {joint.mixer_epochs}-epoch warm-up")
     mixer, arc, history["mixer_only"] = warm.copy()
@@ -322,7 +331,9 @@ def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: Featur
     epochs = fit(step, loader, {"query": query, "mixer": mixer, "arcface": arc, "classifier": qcls}, groups,
                  OptimConfig("adamw", weight_decay=joint.weight_decay),
                  FitConfig(epochs=joint.epochs, max_steps=joint.max_steps, device=device, channels_last=True,
-                           desc=f"[{variant}] {stage}", progress=progress),
+                           desc=f"[{variant}] {stage}", progress=progress,
+                           **stage_fit(checkpoints, stage, [cfg.mixer.__dict__, cfg.query.__dict__, cfg.embedding_dim, joint.__dict__,
+                                                        features.fingerprint])),
                  on_epoch_start=train_modes, after_step=qcls.update, log=log)  # W_q <- alpha W_q + (1-alpha) W_mix
     history["query"] = [e["query"] for e in epochs]
     history["mixer"] = [e["mixer"] for e in epochs if "mixer" in e]
@@ -383,14 +394,18 @@ def _variant_name(joint: JointConfig) -> str:
 
 
 def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False, log: Log = print,
-            device: str = "cpu") -> dict:
+            device: str = "cpu", resume: bool = True) -> dict:
     """Run the whole pipeline, training on `device` (cpu|cuda|mps); write checkpoints and results.json
-    under cfg.out; return the results."""
+    under cfg.out; return the results.
+
+    Every training stage checkpoints into cfg.out/checkpoints, so an interrupted run continues where it
+    stopped (`resume=False`: each stage starts afresh); the folder is removed once the run has finished."""
     resolve_device(device)  # an absent GPU stops the run here, not after the data and features
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoints = Checkpoints(out / "checkpoints", resume)
     torch.manual_seed(cfg.seed)
 
     t = time.perf_counter()
@@ -404,7 +419,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     log(f"gallery extractors ({len(cfg.extractors)}), trained with ArcFace on the training split, then frozen:")
     extractors: list[tuple[GalleryExtractor, Path]] = []
     for ec in cfg.extractors:
-        ex, path, sec = prepare_extractor(ec, splits.train, train_fp, out, progress, log, device)
+        ex, path, sec = prepare_extractor(ec, splits.train, train_fp, out, progress, log, device, checkpoints)
         extractors.append((ex, path))
         timings[f"extractor {ec.name}"] = sec
 
@@ -435,7 +450,9 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
         mlp = ConcatMLP(arch)
         train_fusion_model(mlp, train_set, len(splits.train.classes), cfg.baseline.epochs, cfg.baseline.lr,
                            cfg.train.batch_size, cfg.train.arcface_s, cfg.train.arcface_m, cfg.seed,
-                           "concat+MLP baseline", progress, log, max_steps=cfg.train.max_steps, device=device)
+                           "concat+MLP baseline", progress, log, max_steps=cfg.train.max_steps, device=device,
+                           checkpoint=checkpoints.stage("concat-mlp", [arch.__dict__, cfg.baseline.__dict__,
+                                                                       cfg.train.__dict__, train_set.fingerprint]))
         rows.append({"name": "concat+MLP (ArcFace on features)", "kind": "concat_mlp", "protocol": "symmetric",
                      **symmetric(embed_features(mlp, eval_set), eval_labels)})
     timings["baselines"] = time.perf_counter() - t
@@ -449,7 +466,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
         name = _variant_name(joint)
         log(f"AFF training [{name}]: mixer {cfg.mixer.depth}x{cfg.mixer.dim}-d over {len(train_set.specs())} inputs, "
             f"query {cfg.query.backbone} @ {cfg.query.image_size} px, {joint.epochs} epochs")
-        pair = train_aff(cfg, name, joint, train_set, splits.train, progress, log, warm=warm, device=device)
+        pair = train_aff(cfg, name, joint, train_set, splits.train, progress, log, warm, device, checkpoints)
         warm = pair.warm
         t = time.perf_counter()
         results[key] = evaluate_pair(pair, eval_set, splits.eval, cfg.extract_batch_size, progress)
@@ -468,6 +485,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     timings["total"] = time.perf_counter() - t_start
     report = build_report(cfg, splits, rows, results, timings, space, gallery_path, query_path)
     (out / "results.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(checkpoints.root, ignore_errors=True)  # finished: the outputs above are what a user keeps
     log("")
     log(format_report(report))
     return report

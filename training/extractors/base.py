@@ -10,7 +10,7 @@ tests and CPU runs use tiny variants of the same architectures.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from sdk.preprocess import PreprocessSpec
 from training.backbones import Backbone, create_backbone
 from training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from training.config import from_dict, to_dict
 from training.errors import TrainingError
 
 KINDS = ("delg", "dolg", "cvnet")
@@ -100,7 +101,7 @@ class ExtractorConfig:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
         if isinstance(self.train, dict):
-            object.__setattr__(self, "train", _from_dict(ExtractorTrainConfig, self.train, f"extractor {self.name}.train"))
+            object.__setattr__(self, "train", from_dict(ExtractorTrainConfig, self.train, f"extractor {self.name}.train"))
         if self.dim < 1 or self.local_dim < 1 or self.num_local < 0 or self.attention_hidden < 1:
             raise ExtractorError(f"extractor {self.name}: dim, local_dim, attention_hidden must be >= 1 and num_local >= 0")
         if not self.scales or min(self.scales) <= 0:
@@ -109,33 +110,12 @@ class ExtractorConfig:
             raise ExtractorError(f"extractor {self.name}: only DELG produces local features (num_local), not {self.kind}")
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["scales"], d["dilations"] = list(self.scales), list(self.dilations)
-        return d
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExtractorConfig":
-        return _from_dict(cls, d, f"extractor {d.get('name') or d.get('kind', '?')}")
+        return from_dict(cls, d, f"extractor {d.get('name') or d.get('kind', '?')}" if isinstance(d, dict) else "extractor")
 
-
-
-def _from_dict(cls, d: dict, what: str):
-    if not isinstance(d, dict):
-        raise ExtractorError(f"{what}: expected a mapping, got {type(d).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ExtractorError(f"{what}: unknown keys {unknown}; expected some of {sorted(known)}")
-    d = dict(d)
-    for key in ("scales", "dilations"):
-        if key in d and isinstance(d[key], list):
-            d[key] = tuple(d[key])
-    if "train" in d and isinstance(d["train"], dict):
-        d["train"] = _from_dict(ExtractorTrainConfig, d["train"], f"{what}.train")
-    try:
-        return cls(**d)
-    except TypeError as e:
-        raise ExtractorError(f"{what}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ trunk

@@ -29,8 +29,10 @@ def _param_groups(extractor: GalleryExtractor) -> list[dict]:
 
 
 def train_extractor(extractor: GalleryExtractor, data: LabelledImages, progress: bool = True,
-                    log: Callable[[str], None] = print, device: str = "cpu") -> list[dict[str, float]]:
+                    log: Callable[[str], None] = print, device: str = "cpu",
+                    checkpoint: dict | None = None) -> list[dict[str, float]]:
     """Train in place for `config.train.epochs` epochs with `training.fit`; return each epoch's mean loss terms.
+    `checkpoint`: FitConfig checkpoint arguments (`training.fit.stage_fit`) to make the run resumable.
 
     AdamW with the cosine schedule; the backbone's learning rate is scaled by `backbone_lr_scale` and the
     layers below conv4 are frozen with `freeze_stem` (cheaper, and kinder to pretrained weights).
@@ -62,6 +64,6 @@ def train_extractor(extractor: GalleryExtractor, data: LabelledImages, progress:
     history = fit(step, loader, {"extractor": extractor}, _param_groups(extractor),
                   OptimConfig("adamw", weight_decay=t.weight_decay),
                   FitConfig(epochs=t.epochs, max_steps=t.max_steps, device=device, channels_last=True,
-                            desc=extractor.name, progress=progress), log=log)
+                            desc=extractor.name, progress=progress, **(checkpoint or {})), log=log)
     extractor.cpu()  # feature extraction and saving run on the CPU
     return [{k: v for k, v in h.items() if k != "loss"} for h in history]
