@@ -121,26 +121,29 @@ def open_index(url: str | Path, *, dim: int | None = None, space: str | None = N
     """
     scheme = url_scheme(url)
     exists = index_exists(url)
-    if not exists and not create:
-        raise GalleryIndexError(f"no index at {redact(str(url))}; create one with "
-                                "`retrieval-sdk index build BUNDLE IMAGES --index URL`")
     if scheme == "faiss":
         from sdk.index import GalleryIndex, IndexConfig
 
         path = faiss_path(url)
-        if exists:
+        if exists or not create:  # GalleryIndex.open says what is missing
             index = GalleryIndex.open(path, read_only=read_only)
         else:
             cfg = config if isinstance(config, IndexConfig) else IndexConfig(factory=config or "Flat")
             index = GalleryIndex.create(path, dim, space, cfg)
     else:
+        if config is not None:
+            raise GalleryIndexError(f"a faiss config ({getattr(config, 'factory', config)!r}) does not apply to "
+                                    f"{scheme}:// indexes; set m, ef_construction and ef_search as URL parameters")
+        if not exists and not create:
+            raise GalleryIndexError(f"no index at {redact(str(url))}; create one with "
+                                    "`retrieval-sdk index build BUNDLE IMAGES --index URL`")
         backend = _backend(scheme)
         index = backend.open_collection(str(url)) if exists else backend.create_collection(str(url), dim, space)
     if (space is not None and index.space != space) or (dim is not None and index.dim != dim):
         index.close()
         raise GalleryIndexError(f"index {redact(str(url))} holds {index.dim}-d vectors of space {index.space!r}, "
-                                f"not {dim}-d space {space!r}; use the bundle it was built with, or another "
-                                "index URL")
+                                f"but the bundle is {dim}-d space {space!r}; serve it with the bundle it was built "
+                                "with (or use another index URL); nothing was written")
     return index
 
 
