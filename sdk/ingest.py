@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,34 +124,51 @@ def gallery_role(manifest) -> str:
     return "gallery" if "gallery" in manifest.models else "query"
 
 
+@dataclass
+class IngestRun:
+    """An ingestion under way: the open index, the bundle's space and embedding role, what is left to do."""
+
+    index: object
+    space: str
+    role: str
+    todo: Todo
+    report: IngestReport
+
+
+@contextmanager
+def ingest_run(bundle: str | Path, images_dir: str | Path, index_url: str | Path, create: bool, config: str | None,
+               log: Callable[[str], None]) -> Iterator[IngestRun]:
+    """Open (or create) the index for the bundle and plan the images still to embed; times the run."""
+    t0 = time.perf_counter()
+    manifest = read_manifest(bundle)
+    role = gallery_role(manifest)
+    report = IngestReport()
+    with open_gallery(index_url, manifest.embedding_space, manifest.model(role).embedding_dim, create, config) as index:
+        yield IngestRun(index, manifest.embedding_space, role, plan(index, images_dir, report, log), report)
+    report.seconds = time.perf_counter() - t0
+
+
 def ingest(bundle: str | Path, images_dir: str | Path, index_path: str | Path, *, create: bool = True,
            config: str | None = None, batch_size: int = 32, threads: int | None = None, thumbnails: int = 256,
            progress: bool = True, log: Callable[[str], None] = print) -> IngestReport:
     """Embed every image under images_dir into the index at index_path (created when `create`)."""
     from sdk.embedder import Embedder
 
-    t0 = time.perf_counter()
-    manifest = read_manifest(bundle)
-    role = gallery_role(manifest)
-    entry = manifest.model(role)
-    report = IngestReport()
-    with open_gallery(index_path, manifest.embedding_space, entry.embedding_dim, create, config) as index:
-        todo = plan(index, images_dir, report, log)
-        if todo:
-            embedder = Embedder.from_bundle(bundle, role=role, threads=threads, verify=False)
+    with ingest_run(bundle, images_dir, index_path, create, config, log) as run:
+        if run.todo:
+            embedder = Embedder.from_bundle(bundle, role=run.role, threads=threads, verify=False)
             bar = None
             if progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=len(todo), desc=f"embedding ({role} model)", unit="img")
+                bar = tqdm(total=len(run.todo), desc=f"embedding ({run.role} model)", unit="img")
             try:
-                for start in range(0, len(todo), batch_size):
-                    chunk = todo[start:start + batch_size]
-                    store(index, manifest.embedding_space, *embed_chunk(embedder, chunk, thumbnails), report, log)
+                for start in range(0, len(run.todo), batch_size):
+                    chunk = run.todo[start:start + batch_size]
+                    store(run.index, run.space, *embed_chunk(embedder, chunk, thumbnails), run.report, log)
                     if bar is not None:
                         bar.update(len(chunk))
             finally:
                 if bar is not None:
                     bar.close()
-    report.seconds = time.perf_counter() - t0
-    return report
+    return run.report

@@ -9,15 +9,13 @@ Embeddings are those of the single-process run: the actors run the same Embedder
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from sdk.bundle import read_manifest
 from sdk.errors import SdkError
-from sdk.ingest import IngestReport, embed_chunk, gallery_role, open_gallery, plan, store
+from sdk.ingest import IngestReport, embed_chunk, ingest_run, store
 
 
 class EmbedActor:
@@ -61,29 +59,22 @@ def ingest_ray(bundle: str | Path, images_dir: str | Path, index_url: str | Path
         raise SdkError("--runner ray needs Ray: pip install 'retrieval-sdk[scale]'") from None
     from sdk.ray_compat import actor_pool, init_local_ray
 
-    t0 = time.perf_counter()
-    manifest = read_manifest(bundle)
-    role = gallery_role(manifest)
-    entry = manifest.model(role)
-    report = IngestReport()
-    with open_gallery(index_url, manifest.embedding_space, entry.embedding_dim, create, config) as index:
-        todo = plan(index, images_dir, report, log)
-        if todo:
+    with ingest_run(bundle, images_dir, index_url, create, config, log) as run:
+        if run.todo:
             started = init_local_ray(workers, address)
             try:
-                ds = ray.data.from_items([{"path": str(p), "id": i, "meta": json.dumps(m)} for p, i, m in todo],
-                                         override_num_blocks=max(1, min(len(todo) // batch_size, 64)))
+                ds = ray.data.from_items([{"path": str(p), "id": i, "meta": json.dumps(m)} for p, i, m in run.todo],
+                                         override_num_blocks=max(1, min(len(run.todo) // batch_size, 64)))
                 ds = ds.map_batches(EmbedActor, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-                                    fn_constructor_args=(str(bundle), role, threads, thumbnails), **actor_pool(workers))
+                                    fn_constructor_args=(str(bundle), run.role, threads, thumbnails), **actor_pool(workers))
                 for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
                     ok = batch["ok"].astype(bool)
                     good = [(Path(p), str(i), json.loads(m))
                             for p, i, m, keep in zip(batch["path"], batch["id"], batch["meta"], ok) if keep]
                     thumbs = [bytes(t) or None for t in batch["thumb"][ok]] if thumbnails else None
                     failed = [(str(i), str(e)) for i, e, keep in zip(batch["id"], batch["error"], ok) if not keep]
-                    store(index, manifest.embedding_space, good, batch["vector"][ok], thumbs, failed, report, log)
+                    store(run.index, run.space, good, batch["vector"][ok], thumbs, failed, run.report, log)
             finally:
                 if started:
                     ray.shutdown()
-    report.seconds = time.perf_counter() - t0
-    return report
+    return run.report

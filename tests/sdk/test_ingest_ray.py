@@ -1,71 +1,83 @@
-"""`index build --runner ray`: a local Ray (2 CPUs, no dashboard, node on 127.0.0.1, checked to listen on
-loopback only) embeds real Fashion-MNIST images in an actor pool into a pgvector collection, giving the
+"""`index build --runner ray`: a local Ray (2 CPUs, no dashboard, in a network namespace holding only the
+loopback interface) embeds real Fashion-MNIST images in an actor pool into a pgvector collection, giving the
 single-process run's ids and embeddings; a re-run resumes (skips what is stored); the API shim picks one
 of Ray's two actor-pool spellings."""
 
 from __future__ import annotations
 
-import gzip
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
-import psutil
 import pytest
 from PIL import Image
 
 from sdk.index_url import open_index
 from sdk.ingest import ingest
-from sdk.ingest_ray import ingest_ray
-from sdk.ray_compat import actor_pool, init_local_ray
+from sdk.ray_compat import actor_pool
 
 from ..backends import pg_url, postgres_uri  # noqa: F401 (fixture)
+from ..servers import CLI, ROOT
 
 N_IMAGES = 96
 
 
 def fashion_images(folder, n: int, fashion_mnist_dir) -> None:
     """n real 28x28 Fashion-MNIST test images as PNG files in class subfolders."""
-    with gzip.open(fashion_mnist_dir / "t10k-images-idx3-ubyte.gz") as f:
-        pixels = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(fashion_mnist_dir / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8)
-    for j in range(n):
-        (folder / f"c{labels[j]}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(pixels[j]).convert("RGB").save(folder / f"c{labels[j]}" / f"{j:05d}.png")
+    from training.data import fashion_mnist_arrays
+
+    data = fashion_mnist_arrays(fashion_mnist_dir, split="test", limit=n)
+    for j, (pixels, label) in enumerate(zip(data.images, data.labels)):
+        (folder / f"c{label}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).convert("RGB").save(folder / f"c{label}" / f"{j:05d}.png")
 
 
-def ray_listeners() -> list[tuple[str, int]]:
-    """(address, port) of every TCP socket listening in this process and the Ray processes it started."""
-    procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
-    out = []
-    for proc in procs:
-        try:
-            out += [c.laddr[:2] for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
-        except psutil.Error:
-            pass
-    return out
+# Runs inside a new network namespace holding only the loopback interface, so every port Ray opens (it
+# binds some on all interfaces whatever its node IP) is reachable from this machine only.
+DRIVER = """
+import json, sys
+import psutil, ray
+from sdk.ingest_ray import ingest_ray
+from sdk.ray_compat import init_local_ray
+bundle, images, url = sys.argv[1:4]
+init_local_ray(2)
+procs = [psutil.Process(), *psutil.Process().children(recursive=True)]
+listening = sorted({c.laddr[0] for p in procs for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN})
+report = ingest_ray(bundle, images, url, batch_size=16, workers=2, log=lambda m: None)
+print(json.dumps({"interfaces": sorted(psutil.net_if_addrs()), "listening": listening,
+                  "cpus": ray.cluster_resources()["CPU"], "added": report.added, "skipped": report.skipped,
+                  "failed": [i for i, _ in report.failed]}))
+ray.shutdown()
+"""
+
+
+def in_loopback_namespace(*cmd: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    """Run cmd in a new network namespace with only `lo` up (unshare -n, as root)."""
+    script = 'ip link set lo up && exec "$@"'
+    proc = subprocess.run(["unshare", "-n", "sh", "-c", script, "sh", *cmd], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
 
 
 @pytest.mark.slow
 def test_ray_ingest_matches_single_process_and_resumes(tiny_bundle, tmp_path, postgres_uri, fashion_mnist_dir):  # noqa: F811
-    import ray
-
     images = tmp_path / "images"
     fashion_images(images, N_IMAGES, fashion_mnist_dir)
     (images / "broken.jpg").write_bytes(b"not an image")
     local = ingest(tiny_bundle, images, tmp_path / "local", progress=False, log=lambda m: None)
     url = pg_url(postgres_uri)
-    assert init_local_ray(2)  # started here, so the test can look at its sockets before the run ends
-    try:
-        listening = ray_listeners()
-        assert listening and all(addr in ("127.0.0.1", "::1") for addr, _ in listening), listening
-        assert ray.cluster_resources()["CPU"] == 2
-        logs: list[str] = []
-        report = ingest_ray(tiny_bundle, images, url, batch_size=16, workers=2, log=logs.append)
-        assert (report.added, report.skipped, [i for i, _ in report.failed]) == (N_IMAGES, 0, ["broken.jpg"])
-        again = ingest_ray(tiny_bundle, images, url, batch_size=16, workers=2, log=logs.append)
-        assert (again.added, again.skipped) == (0, N_IMAGES) and any("already indexed" in m for m in logs)
-    finally:
-        ray.shutdown()
+    run = json.loads(in_loopback_namespace(sys.executable, "-c", DRIVER, str(tiny_bundle), str(images), url)
+                     .stdout.strip().splitlines()[-1])
+    assert run["interfaces"] == ["lo"] and run["listening"] and run["cpus"] == 2, run
+    assert set(run["listening"]) <= {"0.0.0.0", "::", "127.0.0.1", "::1", "::ffff:127.0.0.1"}, run  # all: loopback here
+    assert (run["added"], run["skipped"], run["failed"]) == (N_IMAGES, 0, ["broken.jpg"])
+    # the CLI, resumed: everything is stored, nothing is embedded again
+    again = in_loopback_namespace(*CLI, "index", "build", str(tiny_bundle), str(images), "--index", url,
+                                  "--runner", "ray", "--workers", "2", "--batch-size", "16")
+    assert f"{N_IMAGES} already indexed" in again.stdout and "0 added" in again.stdout, again.stdout
     with open_index(tmp_path / "local") as a, open_index(url) as b:
         assert local.added == N_IMAGES and sorted(a.ids()) == sorted(b.ids())
         ids = sorted(a.ids())
