@@ -36,11 +36,11 @@ def test_two_replicas_share_writes_and_survive_kill_9(tiny_bundle, postgres_uri)
             x = unit(2, 32, seed=99)
             assert a.add(["via-a"], x[:1], metadata=[{"shop": 1}]).added == 1
             assert b.search_vector(x[0], k=1)[0].id == "via-a"
-            assert b.search_vector(x[0], k=1, filter={"shop": 2}).ids() == []
+            assert b.search_vector(x[0], k=1, filter={"shop": 2}).ids == []
             b.add(["via-b"], x[1:])
             assert a.search_vector(x[1], k=1)[0].id == "via-b"
             b.delete("via-a")
-            assert "via-a" not in a.search_vector(x[0], k=5).ids()
+            assert "via-a" not in a.search_vector(x[0], k=5).ids
             assert a.health()["items"] == b.health()["items"] == 1
         for cycle in range(2):  # kill -9 A, then B, each while both replicas take writes
             stop = threading.Event()
