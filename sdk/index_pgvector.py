@@ -166,22 +166,25 @@ class PgVectorIndex(ExternalIndex):
             raise self._mismatch(*row)
 
     def _add(self, ids, x, metas, thumbs, now):
+        """COPY the batch into a temporary table, then one upsert from it (a round trip per batch, not per row)."""
         t = self._table
         with self._conn() as conn, conn.transaction():
             self._lock_collection(conn)
-            known = {r[0] for r in conn.execute(f"SELECT id FROM {t} WHERE id = ANY(%s)", (ids,))}
-            with conn.cursor() as cur:
-                cur.executemany(
-                    f"INSERT INTO {t} (id, embedding, metadata, updated, thumb_mime, thumbnail) "
-                    "VALUES (%s, %s, %s::jsonb, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET embedding = excluded.embedding, "
-                    "metadata = excluded.metadata, updated = excluded.updated, "
-                    f"thumb_mime = COALESCE(excluded.thumb_mime, {t}.thumb_mime), "
-                    f"thumbnail = COALESCE(excluded.thumbnail, {t}.thumbnail)",
-                    [(i, x[j], metas[j], now, "image/jpeg" if thumbs[j] is not None else None, thumbs[j])
-                     for j, i in enumerate(ids)])
-            added = len(ids) - len(known)
+            conn.execute("CREATE TEMP TABLE IF NOT EXISTS rsdk_stage (id text, embedding vector, metadata jsonb, "
+                         "updated double precision, thumb_mime text, thumbnail bytea) ON COMMIT DELETE ROWS")
+            with conn.cursor() as cur, cur.copy("COPY rsdk_stage FROM STDIN") as copy:
+                for j, i in enumerate(ids):
+                    copy.write_row((i, x[j], metas[j], now, "image/jpeg" if thumbs[j] is not None else None, thumbs[j]))
+            known = conn.execute(f"SELECT count(*) FROM {t} JOIN rsdk_stage USING (id)").fetchone()[0]
+            conn.execute(
+                f"INSERT INTO {t} (id, embedding, metadata, updated, thumb_mime, thumbnail) SELECT id, embedding, "
+                "metadata, updated, thumb_mime, thumbnail FROM rsdk_stage ON CONFLICT (id) DO UPDATE SET "
+                "embedding = excluded.embedding, metadata = excluded.metadata, updated = excluded.updated, "
+                f"thumb_mime = COALESCE(excluded.thumb_mime, {t}.thumb_mime), "
+                f"thumbnail = COALESCE(excluded.thumbnail, {t}.thumbnail)")
+            added = len(ids) - known
             conn.execute("UPDATE rsdk_collections SET count = count + %s WHERE name = %s", (added, self.name))
-        return added, len(known)
+        return added, known
 
     def _remove(self, ids, missing_ok):
         with self._conn() as conn, conn.transaction():
