@@ -59,7 +59,7 @@ def _connect(conninfo: str, url: str):
     try:
         return psycopg.connect(conninfo, autocommit=True, connect_timeout=10)
     except psycopg.Error as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise BackendUnavailableError(f"cannot connect to PostgreSQL at {redact(url)}: {reason[:200]} "
                                       "(start the server or fix the URL)") from None
 

@@ -120,6 +120,9 @@ def open_index(url: str | Path, *, dim: int | None = None, space: str | None = N
     says so and nothing is written. `config` is a faiss IndexConfig or factory string (faiss only).
     """
     scheme = url_scheme(url)
+    if scheme != "faiss" and config is not None:
+        raise GalleryIndexError(f"a faiss config ({getattr(config, 'factory', config)!r}) does not apply to "
+                                f"{scheme}:// indexes; set m, ef_construction and ef_search as URL parameters")
     exists = index_exists(url)
     if scheme == "faiss":
         from sdk.index import GalleryIndex, IndexConfig
@@ -131,9 +134,6 @@ def open_index(url: str | Path, *, dim: int | None = None, space: str | None = N
             cfg = config if isinstance(config, IndexConfig) else IndexConfig(factory=config or "Flat")
             index = GalleryIndex.create(path, dim, space, cfg)
     else:
-        if config is not None:
-            raise GalleryIndexError(f"a faiss config ({getattr(config, 'factory', config)!r}) does not apply to "
-                                    f"{scheme}:// indexes; set m, ef_construction and ef_search as URL parameters")
         if not exists and not create:
             raise GalleryIndexError(f"no index at {redact(str(url))}; create one with "
                                     "`retrieval-sdk index build BUNDLE IMAGES --index URL`")

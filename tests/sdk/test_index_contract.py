@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
+
+from sdk.cli import app
 
 from sdk.errors import DimensionError, GalleryIndexError, SpaceMismatchError, UnknownIdError
 from sdk.index_url import BackendUnavailableError, UnknownSchemeError, open_index
@@ -157,3 +160,9 @@ def test_bad_urls_give_one_line_errors(tmp_path):
         with pytest.raises(err, match=match) as info:
             open_index(url)
         assert "\n" not in str(info.value) and "secret" not in str(info.value)
+    for url in ("mysql://localhost/db", "postgresql://u:secret@127.0.0.1:1/db"):
+        r = CliRunner().invoke(app, ["index", "info", url])
+        assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
+        assert "secret" not in r.output
+    with pytest.raises(GalleryIndexError, match="does not apply to postgresql:// indexes"):
+        open_index("postgresql://u@127.0.0.1:1/db", dim=D, space=S, config="HNSW32", create=True)
