@@ -18,7 +18,8 @@ INTERRUPTED = "interrupted; what was acknowledged is saved: run the same command
 
 
 def _ingest(bundle: Path, images: Path, index: str, create: bool, config: Optional[str], batch_size: int,
-            threads: Optional[int], progress: bool, runner: str = "local", workers: int = 2) -> None:
+            threads: Optional[int], progress: bool, runner: str = "local", workers: int = 2,
+            ray_address: Optional[str] = None) -> None:
     with user_errors(INTERRUPTED):
         if runner not in ("local", "ray"):
             fail(f"--runner must be 'local' or 'ray', got {runner!r}")
@@ -27,7 +28,7 @@ def _ingest(bundle: Path, images: Path, index: str, create: bool, config: Option
             from sdk.ingest_ray import ingest_ray
 
             report = ingest_ray(bundle, images, index, create=create, config=config, batch_size=batch_size,
-                                workers=workers, threads=threads, log=log)
+                                workers=workers, threads=threads, address=ray_address, log=log)
         else:
             from sdk.ingest import ingest
 
@@ -55,9 +56,11 @@ def index_build(
     runner: str = typer.Option("local", "--runner", help="local (this process) or ray (an actor pool of "
                                                          "embedders on a local or existing Ray cluster)."),
     workers: int = typer.Option(2, "--workers", min=1, help="--runner ray: embedding actors."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--runner ray: an existing cluster "
+                                              "(default: a local Ray with --workers CPUs on 127.0.0.1)."),
 ) -> None:
     """Embed IMAGES with the bundle's gallery model into a new index; re-run to resume after an interruption."""
-    _ingest(bundle, images, index, True, config, batch_size, threads, progress, runner, workers)
+    _ingest(bundle, images, index, True, config, batch_size, threads, progress, runner, workers, ray_address)
 
 
 @index_app.command("add")

@@ -51,8 +51,9 @@ def ingest_ray(bundle: str | Path, images_dir: str | Path, index_url: str | Path
                config: str | None = None, batch_size: int = 32, workers: int = 2, threads: int | None = 1,
                thumbnails: int = 256, address: str | None = None,
                log: Callable[[str], None] = print) -> IngestReport:
-    """Embed every image under images_dir into the index at index_url on Ray (`workers` actors; a local Ray
-    with `workers` CPUs on 127.0.0.1 unless `address` names a cluster)."""
+    """Embed every image under images_dir into the index at index_url on Ray (`workers` actors of `threads`
+    ONNX Runtime threads, default 1; a local Ray with `workers` CPUs on 127.0.0.1 unless `address` names a
+    cluster)."""
     try:
         import ray
     except ImportError:
@@ -66,7 +67,7 @@ def ingest_ray(bundle: str | Path, images_dir: str | Path, index_url: str | Path
                 ds = ray.data.from_items([{"path": str(p), "id": i, "meta": json.dumps(m)} for p, i, m in run.todo],
                                          override_num_blocks=max(1, min(len(run.todo) // batch_size, 64)))
                 ds = ds.map_batches(EmbedActor, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-                                    fn_constructor_args=(str(bundle), run.role, threads, thumbnails), **actor_pool(workers))
+                                    fn_constructor_args=(str(bundle), run.role, threads or 1, thumbnails), **actor_pool(workers))
                 for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
                     ok = batch["ok"].astype(bool)
                     good = [(Path(p), str(i), json.loads(m))
