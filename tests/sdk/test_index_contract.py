@@ -13,7 +13,7 @@ from sdk.cli import app
 from sdk.errors import DimensionError, GalleryIndexError, SpaceMismatchError, UnknownIdError
 from sdk.index_url import BackendUnavailableError, UnknownSchemeError, open_index
 
-from ..backends import BACKENDS, backend_url, postgres_uri  # noqa: F401 (fixtures)
+from ..backends import BACKENDS, pg_url
 from .conftest import unit
 
 D, S = 16, "space-a"
@@ -126,10 +126,8 @@ def test_space_dim_and_bad_input_change_nothing(backend_url):
         assert len(idx) == 2 and sorted(idx.ids()) == ["a", "b"]
 
 
-def test_recreated_collection_is_never_written(postgres_uri, tmp_path):  # noqa: F811
+def test_recreated_collection_is_never_written(postgres_uri, tmp_path):
     """A replica holding a collection that was dropped and re-created with another space writes nothing."""
-    from ..backends import pg_url
-
     for url in (pg_url(postgres_uri), f"qdrant+local://{tmp_path / 'q'}/recreated"):
         first = open_index(url, dim=D, space=S, create=True)
         first.add(["a"], unit(1, D), space=S)

@@ -18,7 +18,7 @@ from sdk.index_url import open_index
 from sdk.ingest import ingest
 from sdk.ray_compat import actor_pool
 
-from ..backends import pg_url, postgres_uri  # noqa: F401 (fixture)
+from ..backends import pg_url
 from ..servers import CLI, ROOT
 
 N_IMAGES = 96
@@ -63,7 +63,7 @@ def in_loopback_namespace(*cmd: str, timeout: float = 420) -> subprocess.Complet
 
 
 @pytest.mark.slow
-def test_ray_ingest_matches_single_process_and_resumes(tiny_bundle, tmp_path, postgres_uri, fashion_mnist_dir):  # noqa: F811
+def test_ray_ingest_matches_single_process_and_resumes(tiny_bundle, tmp_path, postgres_uri, fashion_mnist_dir):
     images = tmp_path / "images"
     fashion_images(images, N_IMAGES, fashion_mnist_dir)
     (images / "broken.jpg").write_bytes(b"not an image")

@@ -14,13 +14,13 @@ import pytest
 
 from sdk.client import Client
 
-from ..backends import pg_url, postgres_uri  # noqa: F401 (fixture)
+from ..backends import pg_url
 from .conftest import server_process, unit
 from .test_crash import check, writer
 
 
 @pytest.mark.slow
-def test_two_replicas_share_writes_and_survive_kill_9(tiny_bundle, postgres_uri):  # noqa: F811
+def test_two_replicas_share_writes_and_survive_kill_9(tiny_bundle, postgres_uri):
     url = pg_url(postgres_uri)
     vectors = {f"{p}{c}": unit(2000, 32, seed=10 * c + k) for c in range(2) for k, p in enumerate("ab")}
     acked_add: dict[str, int] = {}
