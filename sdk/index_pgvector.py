@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from sdk.errors import GalleryIndexError, UnknownIdError
-from sdk.index import Hit, check_new_index
+from sdk.index import Hit, _dump_metadata, check_new_index
 from sdk.index_external import ExternalIndex
 from sdk.index_url import (BackendUnavailableError, HnswConfig, check_collection, hnsw_config, redact,
                            split_options)
@@ -155,7 +155,7 @@ class PgVectorIndex(ExternalIndex):
         return self._pool.connection()
 
     # ---------------------------------------------------------------------------------------- writes
-    def _lock_collection(self, conn, count_delta_sql: str = "") -> None:
+    def _lock_collection(self, conn) -> None:
         """Lock this collection's row for the transaction (writers serialise), bump its version and check
         that it still is the collection that was opened."""
         row = conn.execute("UPDATE rsdk_collections SET version = version + 1 WHERE name = %s RETURNING dim, space",
@@ -190,15 +190,14 @@ class PgVectorIndex(ExternalIndex):
         with self._conn() as conn, conn.transaction():
             self._lock_collection(conn)
             gone = conn.execute(f"DELETE FROM {self._table} WHERE id = ANY(%s) RETURNING id", (ids,)).fetchall()
-            unknown = [i for i in ids if i not in {r[0] for r in gone}]
+            deleted = {r[0] for r in gone}
+            unknown = [i for i in ids if i not in deleted]
             if unknown and not missing_ok:  # raising rolls the delete back: nothing changes
                 raise UnknownIdError(f"unknown id {unknown[0]!r}" + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""))
             conn.execute("UPDATE rsdk_collections SET count = count - %s WHERE name = %s", (len(gone), self.name))
         return len(gone)
 
     def update_metadata(self, item_id: str, metadata: dict | None) -> None:
-        from sdk.index import _dump_metadata
-
         text = _dump_metadata(metadata)
         with self._conn() as conn, conn.transaction():
             self._lock_collection(conn)

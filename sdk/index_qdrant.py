@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 import numpy as np
 
 from sdk.errors import GalleryIndexError, UnknownIdError
-from sdk.index import Hit, check_new_index, matches_filter
+from sdk.index import Hit, _dump_metadata, check_new_index, matches_filter
 from sdk.index_external import ExternalIndex
 from sdk.index_url import BackendUnavailableError, HnswConfig, check_collection, hnsw_config, redact
 
@@ -244,8 +244,6 @@ class QdrantIndex(ExternalIndex):
         return len(known)
 
     def update_metadata(self, item_id: str, metadata: dict | None) -> None:
-        from sdk.index import _dump_metadata
-
         text = _dump_metadata(metadata)
         with self._write_lock:
             if not self._retrieve([item_id], payload=["id"]):
