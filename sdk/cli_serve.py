@@ -11,17 +11,29 @@ import typer
 
 from sdk.cli_errors import fail, user_errors
 
-index_app = typer.Typer(help="Build and inspect gallery indexes (faiss + SQLite, crash-safe).", no_args_is_help=True)
+index_app = typer.Typer(help="Build and inspect gallery indexes: a folder (faiss + SQLite, crash-safe) or a "
+                        "postgresql:// / qdrant:// URL (docs/scale-out.md).", no_args_is_help=True)
+INDEX_URL = "Index folder, faiss:///PATH, postgresql://...?collection=NAME or qdrant://HOST:PORT/COLLECTION"
 INTERRUPTED = "interrupted; what was acknowledged is saved: run the same command again to resume"
 
 
-def _ingest(bundle: Path, images: Path, index: Path, create: bool, config: Optional[str], batch_size: int,
-            threads: Optional[int], progress: bool) -> None:
-    from sdk.ingest import ingest
-
+def _ingest(bundle: Path, images: Path, index: str, create: bool, config: Optional[str], batch_size: int,
+            threads: Optional[int], progress: bool, runner: str = "local", workers: int = 2,
+            ray_address: Optional[str] = None) -> None:
     with user_errors(INTERRUPTED):
-        report = ingest(bundle, images, index, create=create, config=config, batch_size=batch_size, threads=threads,
-                        progress=progress, log=lambda m: typer.echo(m, err=True))
+        if runner not in ("local", "ray"):
+            fail(f"--runner must be 'local' or 'ray', got {runner!r}")
+        log = lambda m: typer.echo(m, err=True)  # noqa: E731
+        if runner == "ray":
+            from sdk.ingest_ray import ingest_ray
+
+            report = ingest_ray(bundle, images, index, create=create, config=config, batch_size=batch_size,
+                                workers=workers, threads=threads, address=ray_address, log=log)
+        else:
+            from sdk.ingest import ingest
+
+            report = ingest(bundle, images, index, create=create, config=config, batch_size=batch_size,
+                            threads=threads, progress=progress, log=log)
     typer.echo(report.summary())
     if report.failed:
         typer.secho(f"{len(report.failed)} files could not be read (listed above as warnings)", err=True,
@@ -37,19 +49,25 @@ PROGRESS = typer.Option(True, "--progress/--no-progress", help="Show a progress 
 def index_build(
     bundle: Path = typer.Argument(..., help="Model bundle folder (manifest.json + gallery.onnx)."),
     images: Path = typer.Argument(..., help="Folder of gallery images (searched recursively)."),
-    index: Path = typer.Option(..., "--index", help="Index folder to create (or resume)."),
-    config: str = typer.Option("Flat", "--config", help="faiss config: Flat, HNSW32, IVF1024,Flat, IVF1024,PQ64 ..."),
+    index: str = typer.Option(..., "--index", help=INDEX_URL + " (created, or resumed)."),
+    config: Optional[str] = typer.Option(None, "--config", help="faiss config of a new faiss index (default Flat): "
+                                         "Flat, HNSW32, IVF1024,Flat, IVF1024,PQ64 ..."),
     batch_size: int = BATCH, threads: Optional[int] = THREADS, progress: bool = PROGRESS,
+    runner: str = typer.Option("local", "--runner", help="local (this process) or ray (an actor pool of "
+                                                         "embedders on a local or existing Ray cluster)."),
+    workers: int = typer.Option(2, "--workers", min=1, help="--runner ray: embedding actors."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="--runner ray: an existing cluster "
+                                              "(default: a local Ray with --workers CPUs on 127.0.0.1)."),
 ) -> None:
     """Embed IMAGES with the bundle's gallery model into a new index; re-run to resume after an interruption."""
-    _ingest(bundle, images, index, True, config, batch_size, threads, progress)
+    _ingest(bundle, images, index, True, config, batch_size, threads, progress, runner, workers, ray_address)
 
 
 @index_app.command("add")
 def index_add(
     bundle: Path = typer.Argument(..., help="Model bundle folder."),
     images: Path = typer.Argument(..., help="Folder of images to add (unchanged, already indexed files are skipped)."),
-    index: Path = typer.Option(..., "--index", help="Existing index folder."),
+    index: str = typer.Option(..., "--index", help=INDEX_URL + " (existing)."),
     batch_size: int = BATCH, threads: Optional[int] = THREADS, progress: bool = PROGRESS,
 ) -> None:
     """Add new or changed images to an existing index (ids are paths relative to IMAGES)."""
@@ -57,26 +75,27 @@ def index_add(
 
 
 @index_app.command("info")
-def index_info(path: Path = typer.Argument(..., help="Index folder.")) -> None:
+def index_info(path: str = typer.Argument(..., help=INDEX_URL + ".")) -> None:
     """Print an index's embedding space, config and counts as JSON."""
     from dataclasses import asdict
 
-    from sdk.index import GalleryIndex
+    from sdk.index_url import open_index
 
-    with user_errors(INTERRUPTED), GalleryIndex.open(path, read_only=True) as idx:
+    with user_errors(INTERRUPTED), open_index(path, read_only=True) as idx:
         typer.echo(json.dumps(asdict(idx.stats()), indent=2))
 
 
 @index_app.command("compact")
 def index_compact(
-    path: Optional[Path] = typer.Argument(None, help="Index folder (not served by a running server)."),
+    path: Optional[str] = typer.Argument(None, help="Index folder or URL (not served by a running server)."),
     server: Optional[str] = typer.Option(None, "--server", help="URL of the `retrieval-sdk serve` holding the index."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="RETRIEVAL_SDK_API_KEY",
                                           help="A write key for --server (or $RETRIEVAL_SDK_API_KEY)."),
 ) -> None:
     """Drop deleted/replaced vectors (tombstones) and write a fresh snapshot: of an index folder, or of the
     index a running server holds (--server URL; it keeps answering searches meanwhile)."""
-    from sdk.index import GalleryIndex, IndexLockedError
+    from sdk.index import IndexLockedError
+    from sdk.index_url import open_index
 
     with user_errors(INTERRUPTED):
         if (path is None) == (server is None):
@@ -89,7 +108,7 @@ def index_compact(
             typer.echo(f"dropped {r['dropped']} tombstones; {r['items']} items")
             return
         try:
-            idx = GalleryIndex.open(path)
+            idx = open_index(path)
         except IndexLockedError as e:
             fail(f"{e}; if a server holds it, run `retrieval-sdk index compact --server URL`")
         with idx:
@@ -102,16 +121,16 @@ def index_compact(
 def index_search(
     bundle: Path = typer.Argument(..., help="Model bundle folder."),
     image: Path = typer.Argument(..., help="Query image."),
-    index: Path = typer.Option(..., "--index", help="Index folder."),
+    index: str = typer.Option(..., "--index", help=INDEX_URL + "."),
     k: int = typer.Option(10, "-k", min=1, help="Results to print."),
     rerank: str = typer.Option("none", help="none, aqe, alpha_qe or diffusion."),
 ) -> None:
     """Embed IMAGE with the query model and print the top-k ids and scores."""
     from sdk.embedder import Embedder
-    from sdk.index import GalleryIndex
+    from sdk.index_url import open_index
     from sdk.rerank import rerank_search
 
-    with user_errors(INTERRUPTED), GalleryIndex.open(index, read_only=True) as idx:
+    with user_errors(INTERRUPTED), open_index(index, read_only=True) as idx:
         emb = Embedder.from_bundle(bundle, role="query")
         for hit in rerank_search(idx, emb.embed_one(image), k, rerank, space=emb.space)[0]:
             typer.echo(f"{hit.score:.4f}  {hit.id}")
@@ -119,7 +138,8 @@ def index_search(
 
 def serve(
     bundle: Path = typer.Option(..., "--bundle", help="Model bundle folder (query + gallery models)."),
-    index: Path = typer.Option(..., "--index", help="Index folder (created empty if absent)."),
+    index: str = typer.Option(..., "--index", help=INDEX_URL + " (created empty if absent; a database URL "
+                                                    "lets several stateless replicas serve one gallery)."),
     host: str = typer.Option("127.0.0.1", help="Interface to bind; anything but loopback should use API keys."),
     port: int = typer.Option(8000, min=0, max=65535),
     api_keys_file: Optional[Path] = typer.Option(
@@ -137,6 +157,7 @@ def serve(
     ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile", help="PEM private key for --ssl-certfile."),
 ) -> None:
     """Serve the gallery: search by embedding or image, add/delete items, /docs for the API."""
+    from sdk.index_url import redact
     from sdk.server import ServerConfig, load_api_keys
     from sdk.server import serve as run
 
@@ -152,7 +173,7 @@ def serve(
                            max_body_bytes=int(max_body_mb * 1024 * 1024))
         scheme = "https" if ssl_certfile else "http"
         shown = "<this machine's address>" if host in ("0.0.0.0", "::") else host
-        ready = (f"serving {index} with bundle {bundle} on {scheme}://{shown}:{port} "
+        ready = (f"serving {redact(index)} with bundle {bundle} on {scheme}://{shown}:{port} "
                  f"({str(len(keys)) + ' API keys' if keys else 'no API keys: open access'}); API docs at /docs")
 
         def on_ready(app) -> None:

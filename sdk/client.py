@@ -163,13 +163,17 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
                                      f"{_detail(last)}", status=last.status_code)
 
     # ------------------------------------------------------------------------------------------ search
-    def search_vector(self, vector, k: int = 10, rerank: str = "none", with_metadata: bool = True) -> SearchResult:
-        """Search with an embedding of the server's space (sent as base64 float32)."""
+    def search_vector(self, vector, k: int = 10, rerank: str = "none", with_metadata: bool = True,
+                      filter: dict | None = None) -> SearchResult:
+        """Search with an embedding of the server's space (sent as base64 float32); `filter` keeps only items
+        whose metadata has one of the given values per key ({"color": "red", "shop": [1, 2]})."""
         x = np.asarray(vector, dtype=np.float32).reshape(-1)
         if self.dim is not None and x.shape[0] != self.dim:
             raise SdkError(f"embedding has {x.shape[0]} dims; the server's space has {self.dim}")
         body = {"space": self.space, "embedding_b64": base64.b64encode(x.astype("<f4").tobytes()).decode(),
                 "dtype": "float32", "k": int(k), "rerank": rerank, "with_metadata": with_metadata}
+        if filter:
+            body["filter"] = filter
         return _result(self._request("POST", "/v1/search", json=body).json())
 
     def search_image(self, image: ImageInput, k: int = 10, rerank: str = "none", with_metadata: bool = True,

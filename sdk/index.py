@@ -15,6 +15,7 @@ index until `train_size` vectors have arrived, then train on them.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -178,6 +179,87 @@ def _dump_metadata(meta) -> str | None:
     return text
 
 
+def prepare_items(ids, vectors, dim: int, metadata=None, thumbnails=None
+                  ) -> tuple[list[str], np.ndarray, list[str | None], list[bytes | None]]:
+    """An add request checked whole, before anything is stored: (ids, normalised vectors, metadata JSON
+    texts, thumbnails), one-line errors for bad ids, vectors, metadata or mismatched lengths."""
+    ids = [_check_id(i) for i in (ids if not isinstance(ids, str) else [ids])]
+    x = check_vectors(vectors, dim)
+    if len(ids) != x.shape[0]:
+        raise GalleryIndexError(f"{len(ids)} ids but {x.shape[0]} vectors")
+    if len(set(ids)) != len(ids):
+        raise GalleryIndexError("duplicate ids in one add")
+    metas = [_dump_metadata(m) for m in (metadata if metadata is not None else [None] * len(ids))]
+    thumbs = list(thumbnails) if thumbnails is not None else [None] * len(ids)
+    if len(metas) != len(ids) or len(thumbs) != len(ids):
+        raise GalleryIndexError("metadata and thumbnails need one entry per id")
+    return ids, x, metas, thumbs
+
+
+def check_new_index(dim, space) -> None:
+    """One-line errors for the dim and embedding space a new index is created with."""
+    if not isinstance(dim, int) or dim < 1:
+        raise GalleryIndexError(f"dim must be a positive integer, got {dim!r}")
+    if not space or not isinstance(space, str):
+        raise GalleryIndexError("an index needs the embedding-space id of the bundle (manifest 'embedding_space')")
+
+
+def check_space(space: str | None, expected: str) -> None:
+    """SpaceMismatchError unless `space` is the index's embedding space."""
+    if space != expected:
+        raise SpaceMismatchError(f"embedding space {space!r} does not match the index's {expected!r}: "
+                                 "query and gallery must come from models of the same bundle")
+
+
+def check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise GalleryIndexError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+FilterValue = str | int | bool
+_FILTER_KEY = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def parse_filter(where) -> dict[str, list[FilterValue]] | None:
+    """A metadata filter {key: value or [values]} -> {key: [values]}: an item matches when, for every key,
+    its metadata's top-level value equals one of the values (strings, integers, booleans; types are
+    compared too, so 1 matches neither true nor "1"). None or {} -> None (no filter)."""
+    if where is None or where == {}:
+        return None
+    if not isinstance(where, dict):
+        raise GalleryIndexError(f"a filter must be a JSON object {{key: value}}, got {type(where).__name__}")
+    out = {}
+    for key, value in where.items():
+        if not isinstance(key, str) or not _FILTER_KEY.match(key):
+            raise GalleryIndexError(f"filter key {str(key)[:40]!r} must be 1-64 letters, digits, '_' or '-' "
+                                    "(a top-level metadata key)")
+        values = value if isinstance(value, list) else [value]
+        if not values or len(values) > 1000:
+            raise GalleryIndexError(f"filter key {key!r} needs 1 to 1000 values")
+        for v in values:
+            if not isinstance(v, (str, int)) or (isinstance(v, int) and not isinstance(v, bool)
+                                                  and not -2**63 <= v < 2**63):
+                raise GalleryIndexError(f"filter values must be strings, integers or booleans; {key!r} has "
+                                        f"{type(v).__name__} {str(v)[:40]}")
+        out[key] = values
+    return out
+
+
+def matches_filter(meta: dict | None, where: dict[str, list[FilterValue]]) -> bool:
+    """Whether metadata passes a parsed filter (type-exact equality, see parse_filter)."""
+    if not meta:
+        return False
+    for key, values in where.items():
+        v = meta.get(key, _MISSING)
+        if not any(type(v) is type(w) and v == w for w in values):
+            return False
+    return True
+
+
+_MISSING = object()
+
+
 def _id_maps(pairs: Sequence[tuple[str, int]], n: int) -> tuple[list[str | None], dict[str, int]]:
     """(label -> id or None, id -> label) for `n` labels from the (id, label) pairs of the live items."""
     id_of: list[str | None] = [None] * n
@@ -228,10 +310,7 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
         """A new, empty index at `path` (a folder, created) for `dim`-d vectors of embedding space `space`."""
         if isinstance(config, str):
             config = IndexConfig(factory=config)
-        if not isinstance(dim, int) or dim < 1:
-            raise GalleryIndexError(f"dim must be a positive integer, got {dim!r}")
-        if not space or not isinstance(space, str):
-            raise GalleryIndexError("an index needs the embedding-space id of the bundle (manifest 'embedding_space')")
+        check_new_index(dim, space)
         self = cls(Path(path) if path is not None else None, dim, space, config)
         if self.path is not None:
             if (self.path / DB_NAME).exists():
@@ -303,9 +382,7 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
             raise GalleryIndexError(f"index {self.path} is open read-only (mmap); open it without mmap to change it")
 
     def _check_space(self, space: str | None) -> None:
-        if space != self.space:
-            raise SpaceMismatchError(f"embedding space {space!r} does not match the index's {self.space!r}: "
-                                     "query and gallery must come from models of the same bundle")
+        check_space(space, self.space)
 
     # ---------------------------------------------------------------------------------------- writes
     def add(self, ids: Sequence[str], vectors, *, space: str, metadata: Sequence[dict | None] | None = None,
@@ -317,16 +394,7 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
         """
         self._check_writable()
         self._check_space(space)
-        ids = [_check_id(i) for i in (ids if not isinstance(ids, str) else [ids])]
-        x = check_vectors(vectors, self.dim)
-        if len(ids) != x.shape[0]:
-            raise GalleryIndexError(f"{len(ids)} ids but {x.shape[0]} vectors")
-        if len(set(ids)) != len(ids):
-            raise GalleryIndexError("duplicate ids in one add")
-        metas = [_dump_metadata(m) for m in (metadata if metadata is not None else [None] * len(ids))]
-        thumbs = list(thumbnails) if thumbnails is not None else [None] * len(ids)
-        if len(metas) != len(ids) or len(thumbs) != len(ids):
-            raise GalleryIndexError("metadata and thumbnails need one entry per id")
+        ids, x, metas, thumbs = prepare_items(ids, vectors, self.dim, metadata, thumbnails)
         if not ids:
             return {"added": 0, "updated": 0}
         with self._writer:
@@ -494,17 +562,20 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
 
     def _prepare_query(self, queries, k, space) -> tuple[np.ndarray, int]:
         self._check_space(space)
-        q = check_vectors(queries, self.dim, "query embedding")
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-            raise GalleryIndexError(f"k must be a positive integer, got {k!r}")
-        return q, int(k)
+        return check_vectors(queries, self.dim, "query embedding"), check_k(k)
 
-    def _search_locked(self, q: np.ndarray, k: int, ef_search=None, nprobe=None, k_factor=None):
-        """(scores, labels) for normalised queries; caller holds the read lock."""
+    def _search_locked(self, q: np.ndarray, k: int, ef_search=None, nprobe=None, k_factor=None, where=None):
+        """(scores, labels) for normalised queries, within the items that pass the parsed filter `where`;
+        caller holds the read lock (ids are mapped to labels under it, so a compaction cannot intervene)."""
         if self._closed:
             raise GalleryIndexError("the index is closed")
         c = self.config
-        return self._vectors.search(q, k, ef_search or c.ef_search, nprobe or c.nprobe, k_factor or c.k_factor)
+        allowed = None
+        if where is not None:
+            label_of = self._label_of
+            allowed = np.fromiter((label_of[i] for i in self._store.filter_ids(where) if i in label_of), np.int64)
+        return self._vectors.search(q, k, ef_search or c.ef_search, nprobe or c.nprobe, k_factor or c.k_factor,
+                                    allowed)
 
     def search_labels(self, queries, k: int = 10, *, space: str, ef_search: int | None = None,
                       nprobe: int | None = None, k_factor: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -518,21 +589,25 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
 
     def search(self, queries, k: int = 10, *, space: str, with_metadata: bool = False,
                ef_search: int | None = None, nprobe: int | None = None,
-               k_factor: int | None = None) -> list[list[Hit]]:
-        """Top-k items for each query row (a single vector counts as one row), best first."""
+               k_factor: int | None = None, filter: dict | None = None) -> list[list[Hit]]:
+        """Top-k items for each query row (a single vector counts as one row), best first; `filter`
+        ({key: value or [values]}, see parse_filter) keeps only items whose metadata matches."""
         q, k = self._prepare_query(queries, k, space)
+        where = parse_filter(filter)
         with self._lock.read():
-            scores, labels = self._search_locked(q, k, ef_search, nprobe, k_factor)
+            scores, labels = self._search_locked(q, k, ef_search, nprobe, k_factor, where)
             out = self._hits(scores, labels)
         if with_metadata:
             out = self.with_metadata(out)
         return out
 
-    def search_with_vectors(self, queries, k: int, *, space: str, **params) -> tuple[list[list[Hit]], list[np.ndarray]]:
+    def search_with_vectors(self, queries, k: int, *, space: str, filter: dict | None = None,
+                            **params) -> tuple[list[list[Hit]], list[np.ndarray]]:
         """Like `search`, plus each hit's stored vector (for query expansion), read under one lock."""
         q, k = self._prepare_query(queries, k, space)
+        where = parse_filter(filter)
         with self._lock.read():
-            scores, labels = self._search_locked(q, k, **params)
+            scores, labels = self._search_locked(q, k, where=where, **params)
             out = self._hits(scores, labels)
             vecs = [self._vectors.reconstruct(np.array([self._label_of[h.id] for h in row], np.int64)) for row in out]
         return out, vecs

@@ -281,6 +281,26 @@ class IndexStore:
                 out.update({i: (json.loads(m) if m else None) for i, m in rows})
         return out
 
+    def filter_ids(self, where: dict[str, list]) -> list[str]:
+        """Ids of the items whose metadata passes a parsed filter (sdk.index.parse_filter): per key, the
+        JSON type and the value must equal one of the values."""
+        clauses, args = [], []
+        for key, values in where.items():
+            path = f'$."{key}"'
+            alts = []
+            for v in values:
+                if isinstance(v, bool):
+                    alts.append("json_type(metadata, ?) = ?")
+                    args += [path, "true" if v else "false"]
+                else:
+                    alts.append("(json_type(metadata, ?) = ? AND json_extract(metadata, ?) = ?)")
+                    args += [path, "text" if isinstance(v, str) else "integer", path, v]
+            clauses.append("(" + " OR ".join(alts) + ")")
+        with self._read_lock:
+            rows = self.reader.execute("SELECT id FROM items WHERE metadata IS NOT NULL AND " + " AND ".join(clauses),
+                                       args).fetchall()
+        return [r[0] for r in rows]
+
     def item(self, item_id: str) -> dict:
         with self._read_lock:
             row = self.reader.execute("SELECT metadata, updated FROM items WHERE id = ?", (item_id,)).fetchone()

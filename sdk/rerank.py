@@ -324,6 +324,8 @@ def rerank_search(index, queries, k: int, method: Method = "none", *, space: str
             new_q.append(expand(q[r:r + 1], v[None], sims, alpha)[0])
         return index.search(np.stack(new_q), k, space=space, **params)
     # diffusion
+    if params.get("filter"):
+        raise SdkError("diffusion re-ranking cannot filter by metadata; use rerank 'none', 'aqe' or 'alpha_qe'")
     q, k = index._prepare_query(queries, k, space)
     ids, model = (cache or DiffusionCache()).get(index, config)
     # The model may predate the latest changes (a background cache): over-fetch, drop deleted items.

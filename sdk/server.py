@@ -48,7 +48,7 @@ from sdk import __version__
 from sdk.bundle import BundleError, Manifest, read_manifest
 from sdk.errors import GalleryIndexError, SdkError, SpaceMismatchError, UnknownIdError
 from sdk.index import GalleryIndex, IndexConfig, check_vectors
-from sdk.index_store import DB_NAME
+from sdk.index_url import open_index, url_scheme
 from sdk.json_limits import loads as parse_json
 from sdk.preprocess import ImageError, thumbnail_jpeg
 from sdk.rerank import RERANK_METHODS, DiffusionCache, DiffusionNotReady, RerankConfig, rerank_search
@@ -67,8 +67,8 @@ assert set(RerankName.__args__) == set(RERANK_METHODS)  # type: ignore[attr-defi
 @dataclass
 class ServerConfig:
     bundle: Path
-    index: Path
-    index_config: str = "Flat"  # factory for a new index (an existing one keeps its own)
+    index: str | Path  # a folder / faiss:///PATH, postgresql://..., qdrant://... (sdk/index_url.py)
+    index_config: str = "Flat"  # faiss factory for a new faiss index (an existing one keeps its own)
     api_keys: dict[str, frozenset[str]] = field(default_factory=dict)  # key -> scopes
     max_body_bytes: int = 32 * 1024 * 1024
     body_timeout_s: float = 30.0  # the whole request body must arrive within this (slow senders get 408)
@@ -145,6 +145,9 @@ class SearchRequest(BaseModel):
     k: int = Field(10, ge=1, le=100000)
     rerank: RerankName = "none"
     with_metadata: bool = True
+    filter: Optional[dict] = Field(None, max_length=32, description=(
+        "Only items whose metadata has, for every key, one of the values: {\"color\": \"red\", \"shop\": [1, 2]} "
+        "(strings, integers, booleans; top-level keys)."))
 
 
 class SearchHit(BaseModel):
@@ -252,18 +255,11 @@ class ServerState:
         self.dim = self.manifest.model(self.gallery_role).embedding_dim
         if "query" in self.manifest.models and self.manifest.model("query").embedding_dim != self.dim:
             raise BundleError("bundle's query and gallery models have different embedding dims; re-export it")
-        if (Path(config.index) / DB_NAME).exists():
-            self.index = GalleryIndex.open(config.index)
-            if self.index.config.checkpoint_every != config.checkpoint_every:
-                self.index.config = replace(self.index.config, checkpoint_every=config.checkpoint_every)
-        else:
-            self.index = GalleryIndex.create(config.index, self.dim, self.space,
-                                             IndexConfig(config.index_config, checkpoint_every=config.checkpoint_every))
-        if self.index.space != self.space or self.index.dim != self.dim:
-            self.index.close()
-            raise GalleryIndexError(f"index {config.index} holds {self.index.dim}-d vectors of space "
-                                    f"{self.index.space!r}, but bundle {config.bundle} is {self.dim}-d space "
-                                    f"{self.space!r}; serve it with the bundle it was built with")
+        faiss = url_scheme(config.index) == "faiss"
+        new_config = IndexConfig(config.index_config, checkpoint_every=config.checkpoint_every) if faiss else None
+        self.index = open_index(config.index, dim=self.dim, space=self.space, config=new_config, create=True)
+        if isinstance(self.index, GalleryIndex) and self.index.config.checkpoint_every != config.checkpoint_every:
+            self.index.config = replace(self.index.config, checkpoint_every=config.checkpoint_every)
         self._embedders: dict[str, object] = {}
         self._embed_lock = threading.Lock()
         self.diffusion = DiffusionCache(background=True)
@@ -415,13 +411,14 @@ def _check_space(state: ServerState, space: str, fix: str) -> None:
         raise SpaceMismatchError(f"embedding space {space!r} does not match this server's {state.space!r}: {fix}")
 
 
-def run_search(state: ServerState, q: np.ndarray, k: int, rerank: str, with_metadata: bool) -> SearchResponse:
+def run_search(state: ServerState, q: np.ndarray, k: int, rerank: str, with_metadata: bool,
+               where: dict | None = None) -> SearchResponse:
     if k > state.config.max_k:
         raise HTTPException(400, f"k={k} is above this server's limit of {state.config.max_k}")
     t0 = time.perf_counter()
     try:
         hits = rerank_search(state.index, q, k, rerank, space=state.space, config=state.config.rerank,
-                             cache=state.diffusion)[0]
+                             cache=state.diffusion, **({"filter": where} if where else {}))[0]
     except (ValueError, ImportError) as e:
         if isinstance(e, SdkError):  # answered by ERROR_STATUS (DiffusionNotReady: 429 + Retry-After)
             raise
@@ -460,7 +457,7 @@ async def search(request: Request, state: State) -> SearchResponse:
     req = await _json_body(request, SearchRequest)
     _check_space(state, req.space, "embed the query with the bundle the server uses")
     q = decode_embedding(req.embedding, req.embedding_b64, req.dtype, state.dim)
-    return await run_in_threadpool(run_search, state, q, req.k, req.rerank, req.with_metadata)
+    return await run_in_threadpool(run_search, state, q, req.k, req.rerank, req.with_metadata, req.filter)
 
 
 @router.post("/v1/search/image", response_model=SearchResponse, dependencies=[READ], tags=["search"],

@@ -170,15 +170,21 @@ class VectorIndex:
             return faiss.IndexRefineSearchParameters(k_factor=float(k_factor), base_index_params=inner), inner
         return inner, inner
 
-    def search(self, q: np.ndarray, k: int, ef_search: int, nprobe: int, k_factor: int):
-        """(scores, labels) of the live vectors for normalised queries; -1 labels where fewer than k."""
+    def search(self, q: np.ndarray, k: int, ef_search: int, nprobe: int, k_factor: int,
+               allowed: np.ndarray | None = None):
+        """(scores, labels) of the live vectors (only labels in `allowed` when given: a metadata filter) for
+        normalised queries; -1 labels where fewer than k."""
         faiss = faiss_module()
         # While the main index waits for training, everything is in the staging flat index and labels
         # coincide with its positions (the main index is empty then).
         target = self.staging if self.staging is not None else self.index
-        if target.ntotal == 0:
+        if target.ntotal == 0 or (allowed is not None and len(allowed) == 0):
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        sel = faiss.IDSelectorBitmap(len(self.live), faiss.swig_ptr(self.live)) if self.n_dead else None
+        bitmap = self.live
+        if allowed is not None:
+            bitmap = np.zeros_like(self.live)
+            np.bitwise_or.at(bitmap, allowed >> 3, (1 << (allowed & 7)).astype(np.uint8))
+        sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)) if self.n_dead or allowed is not None else None
         if target is self.staging:
             params = inner = faiss.SearchParameters()
             if sel is not None:

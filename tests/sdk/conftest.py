@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ..backends import backend_url, postgres_uri  # noqa: F401 (fixtures: one PostgreSQL per session)
 from ..servers import CLI, ROOT, app_in_thread, cli_server, free_port, wait_http  # noqa: F401 (re-exported)
 
 SPACE = "test-space"
