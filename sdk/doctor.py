@@ -31,7 +31,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 DEMO_DIR = Path(__file__).resolve().parent.parent / "mobile_demo"
 # An extra counts as installed when its anchor package is; its parts are then required.
 EXTRA_ANCHORS = {"runtime": "onnxruntime", "train": "torch", "export": "onnx", "server": "fastapi",
-                 "dev": "pytest"}
+                 "report": "matplotlib", "dev": "pytest"}
 
 
 @dataclass(frozen=True)
@@ -231,6 +231,7 @@ def _run_checks() -> list[Check]:
         _package("fastapi", "fastapi", "server"),
         _package("uvicorn", "uvicorn", "server"),
         _package("prometheus-client", "prometheus-client", "server"),
+        _package("matplotlib", "matplotlib", "report"),  # the plots of `retrieval-sdk evaluate`'s report.html
         _package("pytest", "pytest", "dev"),
         _package("playwright", "playwright", "dev"),
         chromium(),

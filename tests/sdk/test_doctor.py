@@ -14,7 +14,7 @@ from .conftest import CLI
 
 PARTS = ("python", "numpy", "onnxruntime", "faiss", "threads", "torch", "timm", "onnx", "ai-edge-litert",
          "litert-torch", "coremltools", "libusb-1.0", "tflite-support env", "fastapi", "uvicorn",
-         "prometheus-client", "pytest", "playwright", "chromium", "node", "Fashion-MNIST")
+         "prometheus-client", "matplotlib", "pytest", "playwright", "chromium", "node", "Fashion-MNIST")
 
 
 @pytest.mark.slow

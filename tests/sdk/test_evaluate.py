@@ -86,18 +86,19 @@ def test_every_file_of_a_bundle_on_the_real_photos_matches_training_evaluation(b
         assert 0 <= r["asymmetric"]["mp_at_10"] <= 1 and r["images_per_s"] > 0
         line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(f.path + " "))
         assert f"{asym.map * 100:.2f}" in line and f"{sym.map * 100:.2f}" in line, line
-    ref = row(res, "gallery.onnx")
+    ref = row(res, manifest.model("gallery").file("onnx").path)
     assert ref["gallery_reference"] and ref["model"] == "gallery" and abs(ref["asymmetric"]["map"] - sym.map) < TOL
     assert {s["path"] for s in res["skipped_files"]} == {f.path for f in files if f.format == "coreml"}
     assert all("macOS" in s["reason"] for s in res["skipped_files"])
 
     # A second run reads every embedding from the cache and prints the same figures.
+    int8 = manifest.model("query").file("onnx", "int8").path
     again = evaluate(bundle, "--images", real_photos, "--labels", "names", "--out", out, "--only", "onnx/int8")
     assert again.returncode == 0, again.stderr[-2000:]
     res2 = results(out)
-    assert [f["path"] for f in res2["files"]] == ["query_int8.onnx", "gallery.onnx"]
+    assert [f["path"] for f in res2["files"]] == [int8, ref["path"]]
     assert all(f["cached"] for f in res2["files"])
-    assert row(res2, "query_int8.onnx")["asymmetric"] == row(res, "query_int8.onnx")["asymmetric"]
+    assert row(res2, int8)["asymmetric"] == row(res, int8)["asymmetric"]
 
 
 def _stand_in_revisited(root: Path, rng: np.random.Generator) -> tuple[Path, dict]:
