@@ -1,7 +1,7 @@
 """Image folders for calibration and parity checks: find the images, derive retrieval labels, preprocess.
 
 numpy + PIL only (through sdk.preprocess), so `verify` can run on an install without torch.
-Labels, for the retrieval mAP that `verify` prints, come from the folder layout:
+Labels, for the retrieval mAP that `verify` prints, come from the folder layout (sdk.eval_data.label_of):
   DIR/<class>/<image>   one subfolder per class (e.g. `training.data.make_instance_set`);
   DIR/ukbench00012.jpg  UKBench: the group is index // 4;
   DIR/<name>_<digits>[_<digits>...].jpg  the name before the trailing numbers (PhotoTourism landmarks).
@@ -10,18 +10,16 @@ Labels, for the retrieval mAP that `verify` prints, come from the folder layout:
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from export.errors import ExportError
+from sdk.eval_data import label_of  # the one labelling rule (`retrieval-sdk evaluate` uses it too)
 from sdk.preprocess import ImageError, PreprocessSpec, load_image, normalize, resize_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-_UKBENCH = re.compile(r"^ukbench(\d+)$", re.IGNORECASE)
-_TRAILING_NUMBERS = re.compile(r"(_\d+)+$")
 
 
 def find_images(folder: str | Path, what: str = "image") -> list[Path]:
@@ -36,17 +34,6 @@ def find_images(folder: str | Path, what: str = "image") -> list[Path]:
             "users will query with in it (50-300 is plenty)"
         )
     return files
-
-
-def label_of(path: Path, root: Path) -> str:
-    """The retrieval label of an image (see the module docstring)."""
-    rel = path.relative_to(root)
-    if len(rel.parts) > 1:
-        return rel.parts[0]
-    m = _UKBENCH.match(path.stem)
-    if m:
-        return f"ukbench-{int(m.group(1)) // 4}"
-    return _TRAILING_NUMBERS.sub("", path.stem) or path.stem
 
 
 @dataclass

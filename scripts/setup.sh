@@ -11,8 +11,8 @@ LOG=${SETUP_LOG:-${TMPDIR:-/tmp}/retrieval-sdk-setup.$(id -u).log}
 # --- system packages (Debian/Ubuntu), each for a reason:
 #   libusb-1.0-0           tflite-support's native library links it (TFLite metadata writer, ImageEmbedder)
 #   dataset-fashion-mnist  the real labelled image set that data tests and Fashion-MNIST configs read
-#   chromium               the mobile demo's Playwright test drives it (Playwright's own browser download
-#                          needs the internet)
+#   chromium               the Playwright tests (mobile demo, evaluate's report.html) drive it (Playwright's
+#                          own browser download needs the internet)
 #   nodejs, npm            the demo's JS preprocessing test and `npm ci` of onnxruntime-web (only when no
 #                          node / npm is on PATH: a NodeSource nodejs ships npm and conflicts with Debian's)
 #   python3-venv           only when "$PYTHON" cannot create a virtualenv (Debian splits venv out)

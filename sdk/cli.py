@@ -12,7 +12,7 @@ import importlib
 import typer
 
 # One more command group = one more module with a `register(app)` function, listed here.
-COMMAND_MODULES = ("sdk.cli_train", "sdk.cli_export", "sdk.cli_serve", "sdk.cli_doctor")
+COMMAND_MODULES = ("sdk.cli_train", "sdk.cli_export", "sdk.cli_serve", "sdk.cli_evaluate", "sdk.cli_doctor")
 
 app = typer.Typer(
     help="Asymmetric image retrieval for mobile: gallery models in the cloud, a light query model on the phone.",

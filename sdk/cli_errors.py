@@ -14,6 +14,7 @@ from sdk.errors import SdkError
 # The other packages' error bases, looked up only once their package is loaded (sdk never imports them).
 PACKAGE_ERRORS = (("export.errors", "ExportError"), ("training.errors", "TrainingError"))
 TRAIN_PACKAGES = ("torch", "timm", "torchvision", "scipy")
+REPORT_PACKAGES = ("matplotlib",)  # `retrieval-sdk evaluate`'s plots
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -34,7 +35,7 @@ def user_errors(interrupted: str | None = None) -> Iterator[None]:
     try:
         yield
     except ModuleNotFoundError as e:
-        extra = "train" if e.name in TRAIN_PACKAGES else "all"
+        extra = "train" if e.name in TRAIN_PACKAGES else "report" if e.name in REPORT_PACKAGES else "all"
         fail(f"missing package '{e.name}': install the extra with  pip install 'retrieval-sdk[{extra}]'")
     except KeyboardInterrupt:
         if interrupted is None:

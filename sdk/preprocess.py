@@ -109,9 +109,9 @@ def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:
     return _open(source).convert("RGB")
 
 
-def thumbnail_jpeg(source: str | Path | bytes, size: int) -> bytes:
+def thumbnail_jpeg(source: str | Path | bytes | Image.Image, size: int) -> bytes:
     """A JPEG thumbnail at most size x size (JPEGs are decoded at a reduced scale: cheap for big photos)."""
-    img = _open(source, draft=size).convert("RGB")
+    img = source.convert("RGB") if isinstance(source, Image.Image) else _open(source, draft=size).convert("RGB")
     img.thumbnail((size, size))
     out = io.BytesIO()
     img.save(out, "JPEG", quality=85)

@@ -162,15 +162,19 @@ class Diffusion:
             vals[i] = f
         self._ids, self._vals = trunc_ids.astype(np.int64), vals
 
-    def scores(self, queries, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def scores(self, queries, exclude_self: bool = False,
+               self_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(diffusion scores (n_q, n), cosine scores (n_q, n)) for queries. exclude_self: the queries are
-        the gallery itself (leave-one-out evaluation); a query's own item is not among its kq neighbours."""
+        the gallery itself (leave-one-out evaluation); a query's own item is not among its kq neighbours.
+        self_ids: the same for queries that are gallery items at these positions (leave-one-out in chunks)."""
         q = l2_normalize(_as_rows(queries, "queries"))
         cos = q @ self.gallery.T
-        kq = min(self.config.kq, self.n - 1 if exclude_self else self.n)
-        knn = cos.copy()
         if exclude_self:
-            np.fill_diagonal(knn, -np.inf)
+            self_ids = np.arange(q.shape[0])
+        kq = min(self.config.kq, self.n - 1 if self_ids is not None else self.n)
+        knn = cos.copy()
+        if self_ids is not None:
+            knn[np.arange(q.shape[0]), self_ids] = -np.inf
         sims, idx = _topk(knn, kq)
         weights = np.clip(sims, 0, None) ** self.config.gamma  # (n_q, kq)
         out = np.zeros((q.shape[0], self.n), np.float32)
@@ -180,10 +184,10 @@ class Diffusion:
             out[r] = np.bincount(cols, weights=vals, minlength=self.n)
         return out, cos
 
-    def rank_scores(self, queries, exclude_self: bool = False) -> np.ndarray:
+    def rank_scores(self, queries, exclude_self: bool = False, self_ids: np.ndarray | None = None) -> np.ndarray:
         """One score per gallery item whose order is the diffusion ranking: items the diffusion reaches
         first (by diffusion score), then the rest by cosine similarity."""
-        f, cos = self.scores(queries, exclude_self)
+        f, cos = self.scores(queries, exclude_self, self_ids)
         top = np.maximum(f.max(axis=1, keepdims=True), 1e-30)
         return np.where(f > 0, 3.0 + f / top, cos).astype(np.float32)
 

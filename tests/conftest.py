@@ -50,3 +50,34 @@ def revisitop_dir(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def fashion_mnist_dir() -> Path:
     return require_path(FASHION_MNIST_DIR, "Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="session")
+def real_photos(shared_data) -> Path:
+    return require_path(shared_data / "real-photos", "real photos (UKBench + PhotoTourism)")
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random-init query (ResNet + GeM) and gallery (EfficientNet + CGD) checkpoints of one space."""
+    from tests.export.conftest import make_checkpoint
+
+    d = tmp_path_factory.mktemp("ckpt")
+    return {
+        "query": make_checkpoint(d / "query.pt"),
+        "gallery": make_checkpoint(d / "gallery.pt", backbone="tiny_efficientnet", pooling="cgd", role="gallery",
+                                   seed=1),
+    }
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory, ckpts, real_photos) -> Path:
+    """Every format x precision of the tiny query model, plus the gallery model in ONNX: exported once per
+    session (export's tests and evaluate's share it). TFLite metadata (the isolated tflite-support env) is
+    covered by tests/export/test_tflite_support.py."""
+    from export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    export_bundle(ckpts["query"], out, gallery_checkpoint=ckpts["gallery"], formats="all",
+                  precisions=("fp32", "fp16", "int8"), calibration=real_photos, tflite_metadata=False)
+    return out

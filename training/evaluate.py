@@ -8,7 +8,7 @@ as the revisitop reference `compute_map`; the labelled-set metrics serve dataset
 from __future__ import annotations
 
 import pickle
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -353,7 +353,35 @@ def labelled_eval(query_emb: np.ndarray, query_labels: np.ndarray, gallery_emb: 
     gallery (leave-one-out), so query i never retrieves gallery item i.
     """
     ks = _check_ks(ks, "ks")
-    ranked = _positive_ranks(query_emb, query_labels, gallery_emb, gallery_labels, exclude_self, chunk_size)
+    q = _check_embeddings(query_emb, "query")
+    g = _check_embeddings(gallery_emb, "gallery")
+    if q.shape[1] != g.shape[1]:
+        raise TrainingError(f"query embedding dim {q.shape[1]} != gallery dim {g.shape[1]}: "
+                         "the models are not in one embedding space")
+    if chunk_size < 1:
+        raise TrainingError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunks = ((start, q[start:start + chunk_size] @ g.T) for start in range(0, q.shape[0], chunk_size))
+    return _labelled_result(_positive_ranks(chunks, query_labels, gallery_labels, q.shape[0], g.shape[0],
+                                            exclude_self), ks)
+
+
+def labelled_eval_scores(scores: np.ndarray | Iterable[tuple[int, np.ndarray]], query_labels: np.ndarray,
+                         gallery_labels: np.ndarray, ks: Sequence[int] = (1, 5, 10),
+                         exclude_self: bool = False) -> LabelledResult:
+    """`labelled_eval` from similarity scores instead of embeddings (re-ranked scores, e.g. diffusion's):
+    an (n_queries, n_gallery) array, or (first query row, score rows) chunks covering every query in order
+    (so a large set never holds the whole matrix)."""
+    ks = _check_ks(ks, "ks")
+    n_q, n_g = np.shape(query_labels)[0], np.shape(gallery_labels)[0]
+    if isinstance(scores, np.ndarray):
+        if scores.shape != (n_q, n_g):
+            raise TrainingError(f"scores have shape {scores.shape}, expected ({n_q}, {n_g}): one row per query, "
+                             "one column per gallery item")
+        scores = [(0, scores)]
+    return _labelled_result(_positive_ranks(scores, query_labels, gallery_labels, n_q, n_g, exclude_self), ks)
+
+
+def _labelled_result(ranked: _PositiveRanks, ks: tuple[int, ...]) -> LabelledResult:
     valid = ~np.isnan(ranked.aps)
     if not valid.any():
         raise TrainingError("no query has a positive in the gallery (no label is shared): nothing to evaluate")
@@ -378,31 +406,30 @@ def recall_at_k(query_emb: np.ndarray, query_labels: np.ndarray, gallery_emb: np
                          exclude_self=exclude_self, chunk_size=chunk_size).recall
 
 
-def _positive_ranks(query_emb, query_labels, gallery_emb, gallery_labels, exclude_self: bool,
-                    chunk_size: int) -> _PositiveRanks:
+def _positive_ranks(score_chunks: Iterable[tuple[int, np.ndarray]], query_labels, gallery_labels, n_q: int,
+                    n_g: int, exclude_self: bool) -> _PositiveRanks:
     """Rank every query's positives without a full argsort: a sorted copy of each score row and a
     binary search give how many items score higher (np.sort is several times faster than argsort);
     rows where a positive ties with another item fall back to a stable argsort to break ties by index."""
-    q = _check_embeddings(query_emb, "query")
-    g = _check_embeddings(gallery_emb, "gallery")
-    if q.shape[1] != g.shape[1]:
-        raise TrainingError(f"query embedding dim {q.shape[1]} != gallery dim {g.shape[1]}: "
-                         "the models are not in one embedding space")
-    q_labels = _check_labels(query_labels, q.shape[0], "query")
-    g_labels = _check_labels(gallery_labels, g.shape[0], "gallery")
+    q_labels = _check_labels(query_labels, n_q, "query")
+    g_labels = _check_labels(gallery_labels, n_g, "gallery")
     if exclude_self:
-        if q.shape[0] != g.shape[0] or not np.array_equal(q_labels, g_labels):
+        if n_q != n_g or not np.array_equal(q_labels, g_labels):
             raise TrainingError(f"exclude_self needs the queries to be the gallery itself (same items, same labels); "
-                             f"got {q.shape[0]} queries and {g.shape[0]} gallery items")
-    if chunk_size < 1:
-        raise TrainingError(f"chunk_size must be >= 1, got {chunk_size}")
+                             f"got {n_q} queries and {n_g} gallery items")
 
-    n_q, n_g = q.shape[0], g.shape[0]
     aps = np.full(n_q, np.nan)
     first_hit = np.full(n_q, -1, dtype=np.int64)
-    for start in range(0, n_q, chunk_size):
-        stop = min(start + chunk_size, n_q)
-        scores = q[start:stop] @ g.T
+    covered = 0
+    for start, scores in score_chunks:
+        scores = np.array(scores, dtype=np.float32)  # a copy: exclude_self writes into it
+        stop = start + scores.shape[0]
+        if start != covered or scores.ndim != 2 or scores.shape[1] != n_g or stop > n_q:
+            raise TrainingError(f"score chunk for queries {start}..{stop} of shape {scores.shape} does not continue "
+                             f"the rows before it (next row {covered}, {n_g} gallery items, {n_q} queries)")
+        if np.isnan(scores).any():
+            raise TrainingError("scores contain NaN; check the embeddings for NaN before ranking")
+        covered = stop
         is_pos = q_labels[start:stop, None] == g_labels[None, :]
         if exclude_self:
             rows, selves = np.arange(stop - start), np.arange(start, stop)
@@ -425,6 +452,8 @@ def _positive_ranks(query_emb, query_labels, gallery_emb, gallery_labels, exclud
                 pos_ranks = np.sort(n_above)
             aps[start + r] = np.mean(np.arange(1, pos_ranks.size + 1) / (pos_ranks + 1.0))
             first_hit[start + r] = pos_ranks[0]
+    if covered != n_q:
+        raise TrainingError(f"the score chunks cover {covered} of {n_q} queries; give one row per query")
     return _PositiveRanks(aps, first_hit)
 
 

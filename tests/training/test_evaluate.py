@@ -19,6 +19,7 @@ from training.evaluate import (
     compute_ap,
     compute_map,
     labelled_eval,
+    labelled_eval_scores,
     load_gnd,
     ranks_from_scores,
     recall_at_k,
@@ -488,6 +489,28 @@ def test_labelled_metrics_match_brute_force_with_ties():
         ref_map, ref_recall = reference_labelled(gallery, g_labels, gallery, g_labels, True, (1, 5))
         assert loo.map == pytest.approx(ref_map, abs=1e-12)
         assert loo.recall == pytest.approx(ref_recall, abs=1e-12)
+
+
+def test_labelled_eval_scores_equals_labelled_eval_whole_or_in_chunks():
+    """The same ranking loop from a score matrix, or from row blocks of it (re-ranked scores, large sets)."""
+    rng = np.random.default_rng(7)
+    base = rng.choice([-0.25, 0.25], size=(10, 16)).astype(np.float32)  # exact ties too
+    g = base[rng.integers(0, 10, 70)]
+    gl = rng.integers(0, 5, 70)
+    for q, ql, loo in ((g, gl, True), (base[rng.integers(0, 10, 30)], rng.integers(0, 6, 30), False)):
+        want = labelled_eval(q, ql, g, gl, ks=(1, 5), exclude_self=loo)
+        scores = q @ g.T
+        blocks = ((s, scores[s:s + 7]) for s in range(0, len(q), 7))
+        for got in (labelled_eval_scores(scores, ql, gl, ks=(1, 5), exclude_self=loo),
+                    labelled_eval_scores(blocks, ql, gl, ks=(1, 5), exclude_self=loo)):
+            assert got.map == want.map and got.recall == want.recall
+            assert np.array_equal(got.aps, want.aps, equal_nan=True)
+    with pytest.raises(ValueError, match="does not continue"):
+        labelled_eval_scores([(0, scores[:7]), (14, scores[14:])], ql, gl)
+    with pytest.raises(ValueError, match="cover 7 of 30"):
+        labelled_eval_scores([(0, scores[:7])], ql, gl)
+    with pytest.raises(ValueError, match="expected \\(30, 70\\)"):
+        labelled_eval_scores(scores.T, ql, gl)
 
 
 def test_labelled_metrics_match_brute_force_without_ties():
