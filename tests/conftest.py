@@ -50,3 +50,23 @@ def revisitop_dir(shared_data) -> Path:
 @pytest.fixture(scope="session")
 def fashion_mnist_dir() -> Path:
     return require_path(FASHION_MNIST_DIR, "Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture
+def interrupt_at(monkeypatch):
+    """interrupt_at(module, "name", n): module.name raises KeyboardInterrupt on its n-th call (the process dies
+    mid-run, for resume tests); the returned function puts the real one back."""
+
+    def patch(module, name: str, n: int):
+        real, calls = getattr(module, name), []
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, interrupted)
+        return lambda: monkeypatch.setattr(module, name, real)
+
+    return patch
