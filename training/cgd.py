@@ -30,6 +30,7 @@ from training.checkpoint import CheckpointMeta, save_checkpoint
 from training.data import ImageDataset, LabelledImages
 from training.embed import embed_images
 from training.evaluate import labelled_eval
+from training.extractors.base import Trunk
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.heads import CGDHead
 from training.losses import batch_hard_triplet_loss, label_smoothing_cross_entropy
@@ -99,11 +100,14 @@ class SamplerConfig:
 @dataclass(frozen=True)
 class CGDTrainConfig:
     """Adam with the cosine schedule (the paper: Adam, lr 1e-4, batch 128 at 224 px on a GPU; a CPU run
-    has fewer, smaller steps, so the default lr is higher); the head learns `head_lr_scale` times faster."""
+    has fewer, smaller steps, so the default lr is higher); the head learns `head_lr_scale` times faster.
+    `freeze_stem` keeps the backbone below its last stride-16 stage fixed (the paper trains it all): no
+    backward pass there, about 2x faster on a CPU, and kinder to the pretrained weights on small sets."""
 
     epochs: int = 6
     lr: float = 3e-4
     head_lr_scale: float = 10.0
+    freeze_stem: bool = True
     weight_decay: float = 1e-4
     augment: bool = True
     grad_clip: float | None = 10.0
@@ -247,16 +251,25 @@ def train_cgd(cfg: CGDConfig, descriptors: str, data: LabelledImages, device: st
     t = cfg.train
     transform = train_transform(model.spec, seed=cfg.seed) if t.augment else eval_transform(model.spec)
     loader = DataLoader(ImageDataset(data, transform), batch_sampler=sampler)
-    backbone = list(model.backbone.parameters())
-    ids = {id(p) for p in backbone}
-    groups = [{"params": backbone, "lr": t.lr},
+    trunk = Trunk(model.backbone) if t.freeze_stem else None  # the one stem/tail split (timm's feature_info)
+    if trunk is not None:
+        trunk.set_freeze_stem(True)
+    ids = {id(p) for p in model.backbone.parameters()}
+    groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": t.lr},
               {"params": [p for p in model.parameters() if id(p) not in ids], "lr": t.lr * t.head_lr_scale}]
+
+    def modes(epoch: int) -> None:
+        model.train()
+        if trunk is not None:
+            trunk.train()  # the frozen stem's BatchNorm statistics stay fixed
     key = json.dumps([cfg.to_dict(), descriptors, len(data), len(data.classes)], sort_keys=True)
     history = fit(lambda b: cgd_losses(head, model.backbone(b[0]), b[1], cfg.loss), loader, {"model": model}, groups,
                   OptimConfig("adam", weight_decay=t.weight_decay),
                   FitConfig(epochs=t.epochs, max_steps=t.max_steps, device=device, grad_clip=t.grad_clip,
                             seed=cfg.seed, channels_last=True, checkpoint_dir=Path(cfg.out) / "runs" / descriptors,
-                            run_key=key, desc=f"cgd {descriptors}", progress=progress), log=log)
+                            run_key=key, desc=f"cgd {descriptors}", progress=progress), on_epoch_start=modes, log=log)
+    if trunk is not None:
+        trunk.set_freeze_stem(False)
     head.set_classes(None)  # the classifier was for training: the saved model is the embedding alone
     return model.cpu().eval(), history
 

@@ -241,3 +241,22 @@ def test_a_cgd_model_is_the_quickstarts_gallery(tmp_path):
     assert results["embedding_space"] == space and "as trained" in lines[1]
     query, meta = load_checkpoint(tmp_path / "qs" / "query.safetensors")
     assert query.embedding_dim == 16 and meta.embedding_space == space
+
+
+def test_a_cgd_model_exports_to_onnx_matching_torch(tmp_path):
+    import numpy as np
+
+    from export.bundle import export_bundle
+    from sdk.backends import onnx_session as session
+
+    cfg = tiny_config(tmp_path, eval=cgd.CGDEvalConfig(baseline=False))
+    cgd.run_cgd(cfg, progress=False, log=None)
+    manifest = export_bundle(Path(cfg.out) / "model.safetensors", tmp_path / "bundle")
+    parity = manifest.extra["export"]["parity"]["query.onnx"]
+    assert parity["images"] > 0 and parity["max_abs_diff"] <= 1e-4, parity
+    model, _ = load_checkpoint(Path(cfg.out) / "model.safetensors")
+    x = np.random.default_rng(1).normal(size=(3, 3, 40, 48)).astype(np.float32)  # another size than traced
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = session(tmp_path / "bundle" / "query.onnx").run(None, {"image": x})[0]
+    assert got.shape == (3, 16) and np.abs(got - ref).max() <= 1e-4
