@@ -124,6 +124,29 @@ def test_cgd_losses_are_triplet_plus_smoothed_tempered_ce():
     torch.testing.assert_close(only_ce["loss"], only_ce["ce"])
 
 
+def test_pca_init_points_each_branch_fc_at_its_pooled_principal_directions():
+    from PIL import Image
+
+    torch.manual_seed(0)
+    cfg = cgd.CGDConfig(model=cgd.CGDModelConfig("tiny_resnet", pretrained=False, image_size=32, descriptors="SM",
+                                                 dim=8))
+    model = cgd.build_model(cfg, "SM")
+    gen = torch.Generator().manual_seed(0)
+    images = [Image.fromarray((torch.rand(32, 32, 3, generator=gen) * 255).byte().numpy()) for _ in range(12)]
+    cgd.init_projections_pca(model, images, progress=False)
+    from training.embed import embed_images
+
+    fmaps = embed_images(model.backbone, images, model.spec, progress=False)
+    for pool, fc in zip(model.pool.poolings, model.pool.projections):
+        x = pool(torch.from_numpy(fmaps)).double()
+        top = torch.linalg.svd(x, full_matrices=False)[2][0]
+        w = fc.weight.detach().double()
+        gram = w @ w.T
+        torch.testing.assert_close(gram, torch.diag(torch.diagonal(gram)), atol=1e-6, rtol=0)  # orthogonal rows
+        assert abs(float(torch.nn.functional.cosine_similarity(w[0], top, dim=0))) > 0.999
+        assert torch.all(torch.diagonal(gram)[1:] >= torch.diagonal(gram)[:-1] - 1e-9)  # weaker ones scaled up
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 
@@ -135,6 +158,7 @@ def test_cgd_losses_are_triplet_plus_smoothed_tempered_ce():
     (["model.descriptors=\"GG\""], "repeats a letter"),
     (["sampler.k=1"], "sampler needs p >= 2 and k >= 2"),
     (["model.last_stride=3"], "last_stride must be 1"),
+    (["model.head_init=\"zeros\""], "head_init must be 'pca' or 'random'"),
     (["model.bogus=1"], "model: unknown key 'bogus'"),
 ])
 def test_bad_configs_are_one_line_errors(change, message):
