@@ -239,6 +239,16 @@ def cgd_losses(head: CGDHead, feature_map: torch.Tensor, labels: torch.Tensor, c
     return terms
 
 
+def run_key(cfg: CGDConfig, descriptors: str, data: LabelledImages) -> str:
+    """What one configuration's training is: everything but the other rows (`ablations`, the main `descriptors`),
+    evaluation and naming, so a row trained by another command in the same `out` resumes (and is not redone)."""
+    d = cfg.to_dict()
+    for k in ("name", "out", "eval", "ablations"):
+        d.pop(k)
+    d["model"].pop("descriptors")
+    return json.dumps([d, descriptors, len(data), len(data.classes)], sort_keys=True)
+
+
 @torch.no_grad()
 def init_projections_pca(model: EmbeddingModel, images: Sequence, power: float = 0.25, progress: bool = True) -> None:
     """Start each branch's FC (no bias) as the top principal directions of its pretrained pooled descriptors
@@ -273,7 +283,8 @@ def train_cgd(cfg: CGDConfig, descriptors: str, data: LabelledImages, device: st
             f"{len(sampler.dropped)} left out")
     model = build_model(cfg, descriptors)
     head: CGDHead = model.pool
-    if cfg.model.head_init == "pca":
+    run_dir = Path(cfg.out) / "runs" / descriptors
+    if cfg.model.head_init == "pca" and not (run_dir / "last.pt").is_file():  # a resumed run loads its weights
         init_projections_pca(model, data.paths, progress=progress)
     head.set_classes(len(data.classes))
     t = cfg.train
@@ -290,11 +301,11 @@ def train_cgd(cfg: CGDConfig, descriptors: str, data: LabelledImages, device: st
         model.train()
         if trunk is not None:
             trunk.train()  # the frozen stem's BatchNorm statistics stay fixed
-    key = json.dumps([cfg.to_dict(), descriptors, len(data), len(data.classes)], sort_keys=True)
+    key = run_key(cfg, descriptors, data)
     history = fit(lambda b: cgd_losses(head, model.backbone(b[0]), b[1], cfg.loss), loader, {"model": model}, groups,
                   OptimConfig("adam", weight_decay=t.weight_decay),
                   FitConfig(epochs=t.epochs, max_steps=t.max_steps, device=device, grad_clip=t.grad_clip,
-                            seed=cfg.seed, channels_last=True, checkpoint_dir=Path(cfg.out) / "runs" / descriptors,
+                            seed=cfg.seed, channels_last=True, checkpoint_dir=run_dir,
                             run_key=key, desc=f"cgd {descriptors}", progress=progress), on_epoch_start=modes, log=log)
     if trunk is not None:
         trunk.set_freeze_stem(False)

@@ -284,3 +284,18 @@ def test_a_cgd_model_exports_to_onnx_matching_torch(tmp_path):
         ref = model(torch.from_numpy(x)).numpy()
     got = session(tmp_path / "bundle" / "query.onnx").run(None, {"image": x})[0]
     assert got.shape == (3, 16) and np.abs(got - ref).max() <= 1e-4
+
+
+def test_a_row_trained_by_another_command_is_resumed_not_redone(tmp_path):
+    alone = tiny_config(tmp_path, model=replace(tiny_config(tmp_path).model, descriptors="M"))
+    data = cgd.load_data(alone).train
+    first, _ = cgd.train_cgd(alone, "M", data, progress=False, log=None)
+    lines: list[str] = []
+    table_run = tiny_config(tmp_path, ablations=("M",), eval=cgd.CGDEvalConfig(ks=(1, 5)))  # main SG, row M
+    again, _ = cgd.train_cgd(table_run, "M", data, progress=False, log=lines.append)
+    assert any("resuming" in line for line in lines) and not any("epoch 1/2:" in line for line in lines)
+    for key, value in first.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value, msg=key)
+    changed = replace(table_run, loss=cgd.CGDLossConfig(margin=0.3))  # another training: refused, not mixed up
+    with pytest.raises(TrainingError, match="checkpoint of another run"):
+        cgd.train_cgd(changed, "M", data, progress=False, log=None)
