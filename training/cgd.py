@@ -327,13 +327,17 @@ def evaluate(model: EmbeddingModel, data: LabelledImages, cfg: CGDEvalConfig, pr
 
 
 def table(rows: list[dict], ks: Sequence[int]) -> str:
-    """One line per model: R@k and mAP (in %), its dim, and the training time and final loss."""
+    """One line per model: R@k and mAP (in %), its dim, and the training time (`resumed`: trained by an
+    earlier command into the same out) and final loss."""
     head = f"{'model':28s}" + "".join(f"{f'R@{k}':>8s}" for k in ks) + f"{'mAP':>8s}{'dim':>6s}{'train s':>9s}" \
         f"{'loss':>8s}"
     lines = [head]
     for r in rows:
         cells = "".join(f"{r[f'recall@{k}'] * 100:8.2f}" for k in ks) + f"{r['map'] * 100:8.2f}{r['dim']:6d}"
-        cells += f"{r['seconds']:9.0f}" if r.get("seconds") is not None else f"{'-':>9s}"
+        if r.get("resumed"):  # trained earlier (this command's seconds would be the replay's)
+            cells += f"{'resumed':>9s}"
+        else:
+            cells += f"{r['seconds']:9.0f}" if r.get("seconds") is not None else f"{'-':>9s}"
         cells += f"{r['final_loss']:8.3f}" if r.get("final_loss") is not None else f"{'-':>8s}"
         lines.append(f"{r['run']:28s}" + cells)
     return "\n".join(lines)
@@ -364,11 +368,11 @@ def run_cgd(cfg: CGDConfig, device: str = "cpu", progress: bool = True, log: Log
         log(f"baseline: R@1 {row['recall@1'] * 100:.2f}, mAP {row['map'] * 100:.2f} "
             f"(weights: {baseline.backbone.weights_source})")
     for d in cfg.descriptor_configs:
-        start = time.perf_counter()
+        start, resumed = time.perf_counter(), (out / "runs" / d / "last.pt").is_file()
         model, history = train_cgd(cfg, d, splits.train, device, progress, log)
         seconds = time.perf_counter() - start
         row = {"run": f"CGD {d}", "descriptors": d, **evaluate(model, splits.eval, cfg.eval, progress, f"{d} (eval)"),
-               "seconds": seconds, "final_loss": history[-1]["loss"] if history else None}
+               "seconds": seconds, "resumed": resumed, "final_loss": history[-1]["loss"] if history else None}
         file = out / ("model.safetensors" if d == m.descriptors else f"model_{d}.safetensors")
         save_checkpoint(model, file, CheckpointMeta(embedding_space=new_space_id("cgd"), role="gallery",
                                                     name=f"cgd-{d}", extra={k: v for k, v in row.items()

@@ -197,6 +197,10 @@ def test_a_run_prints_one_table_and_writes_loadable_models(tmp_path):
     assert read_header(out / "model_M.safetensors")["config"]["cgd_config"] == "M"
     saved = json.loads((out / "results.json").read_text())
     assert saved["rows"][1]["recall@1"] == results["rows"][1]["recall@1"]
+    assert not results["rows"][1]["resumed"]
+    rerun: list[str] = []  # the same command again: every row comes back from its checkpoint
+    assert cgd.run_cgd(cfg, progress=False, log=rerun.append)["rows"][1]["recall@1"] == results["rows"][1]["recall@1"]
+    assert rerun[-2].split("\n")[2].split()[-2] == "resumed"
     # the saved model embeds exactly as evaluated
     again = cgd.evaluate(model, cgd.load_data(cfg).eval, cfg.eval, progress=False)
     assert again["map"] == pytest.approx(results["rows"][1]["map"], abs=1e-6)
