@@ -1,4 +1,4 @@
-"""CLI commands that train: `retrieval-sdk quickstart`, `backbones`, `train aff` and `train distill`. torch, timm and
+"""CLI commands that train: `retrieval-sdk quickstart`, `backbones`, `train aff`, `train distill` and `train cgd`. torch, timm and
 training load inside the commands, so the runtime commands work without the `train` extra."""
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def quickstart(
     images: Optional[Path] = typer.Option(None, help="Folder with one subfolder per class (default: a procedural set)."),
     out: Path = typer.Option(Path("runs/quickstart"), help="Where checkpoints and results.json go."),
     gallery_backbone: str = typer.Option("efficientnet_lite2", help="Pretrained gallery backbone."),
+    gallery: Optional[Path] = typer.Option(None, help="A trained gallery checkpoint (e.g. `train cgd`'s model.safetensors) "
+                                                       "instead of the pretrained backbone + GeM + PCA-whitening."),
     query_backbone: str = typer.Option("efficientnet_lite0", help="Pretrained query backbone (phone side)."),
     image_size: int = typer.Option(160, min=32, help="Input size for both models."),
     dim: int = typer.Option(128, min=2, help="Embedding dim of the shared space (gallery PCA-whitening)."),
@@ -47,6 +49,8 @@ def quickstart(
     space, and print symmetric and asymmetric mAP on held-out classes."""
     if images is not None and not images.is_dir():
         fail(f"--images {images} is not a folder (expected DIR/<class>/<image>.jpg)")
+    if gallery is not None and not gallery.is_file():
+        fail(f"--gallery {gallery} is not a checkpoint file (e.g. runs/cgd/model.safetensors)")
     if unlabelled is not None and not unlabelled.is_dir():
         fail(f"--unlabelled {unlabelled} is not a folder of photos")
     for folder in eval_photos:
@@ -58,7 +62,7 @@ def quickstart(
 
         set_threads(threads)
         cfg = qs.QuickstartConfig(
-            out=out, images=images, gallery_backbone=gallery_backbone, query_backbone=query_backbone,
+            out=out, images=images, gallery_backbone=gallery_backbone, gallery=gallery, query_backbone=query_backbone,
             image_size=image_size, embedding_dim=dim, n_objects=objects, n_views=views, photos=photos,
             unlabelled=unlabelled, eval_photos=tuple(eval_photos), compat=CompatConfig(views=crops, photo_views=photo_crops, epochs=epochs, seed=seed),
             seed=seed, progress=progress, device=device,
@@ -158,6 +162,43 @@ def distill(
         cfg = load_distill_config(config, overrides + list(set_))
         set_threads(threads)
         run_distill(cfg, device=device, progress=progress, log=typer.echo)
+
+
+@train_app.command("cgd")
+def cgd(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or YAML config (e.g. configs/cgd_fashion_mnist.json)."),
+    images: Optional[Path] = typer.Option(None, help="Labelled folder, one subfolder per class; a held-out share of "
+                                                     "the classes is kept unseen for evaluation."),
+    descriptors: Optional[str] = typer.Option(None, help="Descriptor configuration, letters S (SPoC), M (MAC), G (GeM); "
+                                                         "the first feeds the classifier (default SG)."),
+    dim: Optional[int] = typer.Option(None, min=1, help="Total embedding dim, split evenly over the descriptors."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone (see `retrieval-sdk backbones`)."),
+    ablation: List[str] = typer.Option([], help="Also train this descriptor configuration (repeatable), same data "
+                                                "and batches, e.g. --ablation S --ablation M --ablation G."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (overrides the config's 'out')."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.epochs=2 --set sampler.k=4."),
+    threads: Optional[int] = THREADS,
+    device: str = typer.Option("cpu", help="Where to train: cpu | cuda | mps (mixed precision on cuda)."),
+    progress: bool = PROGRESS,
+) -> None:
+    """CGD: train a retrieval model on labelled images (batch-hard triplet + smoothed softmax on P x K batches);
+    print R@1/2/4/8 and mAP on held-out images for each descriptor configuration and the pretrained-GeM baseline,
+    write model.safetensors (exportable; usable as a quickstart gallery, a teacher or a query model)."""
+    if config is not None and not config.is_file():
+        fail(f"--config {config} does not exist")
+    if images is not None and not images.is_dir():
+        fail(f"--images {images} is not a folder (expected DIR/<class>/<image>.jpg)")
+    with user_errors():
+        from training.cgd import load_cgd_config, run_cgd
+
+        flags = {"out": out and str(out), "model.descriptors": descriptors, "model.dim": dim,
+                 "model.backbone": backbone, "ablations": list(ablation) or None}
+        if images is not None:
+            flags.update({"data.kind": "folder", "data.root": str(images), "data.split": "classes"})
+        overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+        cfg = load_cgd_config(config, overrides + list(set_))
+        set_threads(threads)
+        run_cgd(cfg, device=device, progress=progress, log=typer.echo)
 
 
 def register(app: typer.Typer) -> None:

@@ -81,3 +81,23 @@ def bundle(tmp_path_factory, ckpts, real_photos) -> Path:
     export_bundle(ckpts["query"], out, gallery_checkpoint=ckpts["gallery"], formats="all",
                   precisions=("fp32", "fp16", "int8"), calibration=real_photos, tflite_metadata=False)
     return out
+
+
+@pytest.fixture
+def interrupt_at(monkeypatch):
+    """interrupt_at(module, "name", n): module.name raises KeyboardInterrupt on its n-th call (the process dies
+    mid-run, for resume tests); the returned function puts the real one back."""
+
+    def patch(module, name: str, n: int):
+        real, calls = getattr(module, name), []
+
+        def interrupted(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, interrupted)
+        return lambda: monkeypatch.setattr(module, name, real)
+
+    return patch

@@ -137,13 +137,15 @@ class Backbone(nn.Module):
         return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[-1], h, w)
 
 
-def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbone:
+def create_backbone(name: str, pretrained: bool | str | Path = False, last_stride: int = 2) -> Backbone:
     """Build backbone `name` (`arch` or `arch.tag`); `pretrained` is False, True (its package, then the hub)
-    or a local file path.
+    or a local file path. `last_stride=1` removes the last downsampling (see `remove_last_downsampling`).
 
     The returned module's `.spec` is its pretrained preprocessing config and `.weights_source`
     says where the weights came from.
     """
+    if last_stride not in (1, 2):
+        raise TrainingError(f"last_stride must be 2 (as pretrained) or 1 (the last downsampling removed), got {last_stride}")
     cfg = resolve_backbone(name)
     kwargs = dict(num_classes=0, **cfg.timm_kwargs)
     if cfg.kind == "cnn":
@@ -157,7 +159,39 @@ def create_backbone(name: str, pretrained: bool | str | Path = False) -> Backbon
     backbone = Backbone(name, cfg, model)
     backbone.weights_source = load_pretrained(model, name, pretrained, cfg.package, from_hub if cfg.hub else None,
                                               shipped_hint())
+    if last_stride == 1:
+        remove_last_downsampling(backbone)
     return backbone
+
+
+def remove_last_downsampling(backbone: Backbone) -> int:
+    """Stride 1 in the last stage (CGD, re-id "last stride 1"): the final map is H/16 x W/16 instead of
+    H/32 x W/32, same weights. The last stage is every module after timm's last stride-16 `feature_info`
+    stage; its strided convolutions and poolings get stride 1 (a non-overlapping pooling becomes 1x1).
+    Returns how many modules changed."""
+    infos = list(getattr(backbone.model, "feature_info", None) or [])
+    reductions = [int(d["reduction"]) for d in infos]
+    if backbone.config.kind != "cnn" or 16 not in reductions or reductions[-1] != 32:
+        raise TrainingError(f"backbone '{backbone.name}' has no stride-16 -> stride-32 stage to remove (feature_info "
+                            f"reductions {reductions}); last_stride=1 needs a CNN such as resnet50, efficientnet_lite0 "
+                            "or mobilenetv2_100")
+    c4 = infos[max(i for i, r in enumerate(reductions) if r == 16)]["module"]
+    changed, seen = 0, False
+    for name, module in backbone.model.named_modules():
+        if name == c4 or name.startswith(c4 + "."):
+            seen = True
+        elif seen and isinstance(module, nn.Conv2d) and max(module.stride) > 1:
+            module.stride = (1, 1)
+            changed += 1
+        elif seen and isinstance(module, (nn.MaxPool2d, nn.AvgPool2d)) and module.stride not in (1, (1, 1)):
+            if module.kernel_size == module.stride:  # a plain 2x2 downsampling: nothing left to pool
+                module.kernel_size = 1
+            module.stride = 1
+            changed += 1
+    if not changed:
+        raise TrainingError(f"backbone '{backbone.name}': found no strided layer after stage {c4!r}, so last_stride=1 "
+                            "changes nothing; use last_stride=2")
+    return changed
 
 
 def shipped_hint() -> str:

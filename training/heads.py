@@ -157,13 +157,10 @@ class CGDHead(nn.Module):
             raise TrainingError(
                 f"feature_dim={feature_dim} must be a positive multiple of the {n} branches in {gd_config!r}"
             )
-        if num_classes is not None and num_classes < 2:
-            raise TrainingError(f"num_classes must be >= 2 (or None for no auxiliary classifier), got {num_classes}")
 
         self.in_channels = in_channels
         self.gd_config = gd_config
         self.feature_dim = feature_dim
-        self.num_classes = num_classes
         branch_dim = feature_dim // n
         self.poolings = nn.ModuleList(
             GeM(p=gem_p, learnable=False) if c == "G" else _GD_POOLINGS[c]() for c in gd_config
@@ -171,8 +168,16 @@ class CGDHead(nn.Module):
         self.projections = nn.ModuleList(nn.Linear(in_channels, branch_dim, bias=False) for _ in gd_config)
         self.norm = L2Norm()
         self.auxiliary: nn.Module | None = None
-        if num_classes is not None:
-            self.auxiliary = nn.Sequential(nn.BatchNorm1d(in_channels), nn.Linear(in_channels, num_classes))
+        self.set_classes(num_classes)
+
+    def set_classes(self, num_classes: int | None) -> None:
+        """A fresh auxiliary classifier for `num_classes` (None removes it): training adds one for its
+        labels, and the saved, exported model carries none (`forward` never uses it)."""
+        if num_classes is not None and num_classes < 2:
+            raise TrainingError(f"num_classes must be >= 2 (or None for no auxiliary classifier), got {num_classes}")
+        self.num_classes = num_classes
+        self.auxiliary = None if num_classes is None else nn.Sequential(
+            nn.BatchNorm1d(self.in_channels), nn.Linear(self.in_channels, num_classes))
 
     def _branches(self, feature_map: Tensor) -> tuple[Tensor, Tensor]:
         # the channel check is skipped under the TorchScript tracer (ONNX export), where shapes are tensors

@@ -34,6 +34,7 @@ class ModelConfig:
     gem_p: float = 3.0
     cgd_config: str = "SMG"
     input_size: int | None = None  # overrides the backbone's pretrained input size
+    last_stride: int = 2  # 1: the backbone's last downsampling removed (CGD), a 2x larger final map
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -58,7 +59,7 @@ class EmbeddingModel(nn.Module):
     def __init__(self, config: ModelConfig, pretrained: bool | str | Path = False):
         super().__init__()
         self.config = config
-        self.backbone = create_backbone(config.backbone, pretrained=pretrained)
+        self.backbone = create_backbone(config.backbone, pretrained=pretrained, last_stride=config.last_stride)
         channels = self.backbone.num_features
         if config.pooling == "cgd":
             self.pool = CGDHead(channels, gd_config=config.cgd_config, feature_dim=config.embedding_dim or channels,

@@ -26,7 +26,8 @@ from training.fit import resolve_device
 from training.data import unlabelled_folder
 from training.heads import Whitening, learn_pca_whitening
 from training.photos import package_photos
-from training.models import CheckpointMeta, EmbeddingModel, ModelConfig, new_space_id, save_checkpoint
+from training.models import (CheckpointMeta, EmbeddingModel, ModelConfig, load_checkpoint, new_space_id,
+                             save_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class QuickstartConfig:
     out: Path = Path("runs/quickstart")
     images: Path | None = None
     gallery_backbone: str = "efficientnet_lite2"
+    gallery: Path | None = None  # a trained gallery checkpoint (e.g. `train cgd`'s model.safetensors) instead of GeM + PCA
     query_backbone: str = "efficientnet_lite0"  # measured best of the phone backbones (docs, README)
     image_size: int = 160
     embedding_dim: int = 128  # the gallery space: GeM + PCA-whitening to this many dims (capped by data)
@@ -71,15 +73,8 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     if photos:
         sources = " + ".join(s for s in ("packaged" if cfg.photos else "", str(cfg.unlabelled or "")) if s)
         log(f"real photos: {len(photos)} unlabelled ({sources}), {cfg.compat.photo_views} random crops each")
-    dim = min(cfg.embedding_dim, len(train.paths) + len(photos) - 1)
-    gallery = EmbeddingModel(
-        ModelConfig(cfg.gallery_backbone, "gem", embedding_dim=dim, input_size=cfg.image_size), pretrained=True
-    ).eval()
-    pooled = embed_images(gallery.pooled, list(train.paths) + photos, gallery.spec, desc="gallery whitening",
-                          progress=progress)
-    gallery.whiten = Whitening.from_pca(*learn_pca_whitening(pooled, dim))
-    log(f"gallery model: {cfg.gallery_backbone} + GeM + PCA-whitening -> {dim}-d, weights: "
-        f"{gallery.backbone.weights_source}")
+    gallery, space = _gallery(cfg, list(train.paths) + photos, log)
+    dim = gallery.embedding_dim
     query = EmbeddingModel(
         ModelConfig(cfg.query_backbone, "gem", embedding_dim=dim, input_size=cfg.image_size), pretrained=True
     )
@@ -96,7 +91,6 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     labels = np.asarray(held_out.labels)
     result = asymmetric_eval(q_emb, g_emb, labels, labels, query_emb_g=g_emb, exclude_self=True)
 
-    space = new_space_id("quickstart")
     meta = dict(embedding_space=space, extra={"asymmetric_map": result.asym_map, "symmetric_map": result.sym_map})
     save_checkpoint(gallery, cfg.out / "gallery.safetensors", CheckpointMeta(role="gallery", name="gallery", **meta))
     save_checkpoint(query, cfg.out / "query.safetensors", CheckpointMeta(role="query", name="query", **meta))
@@ -118,6 +112,26 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     log(f"wrote {cfg.out / 'query.safetensors'}, {cfg.out / 'gallery.safetensors'}, {cfg.out / 'results.json'} "
         f"(space {space}) in {results['seconds']:.0f} s")
     return results
+
+
+def _gallery(cfg: QuickstartConfig, fit_images: list, log) -> tuple[EmbeddingModel, str]:
+    """The gallery model and its space id: `cfg.gallery`'s checkpoint as trained (its space kept), or the
+    pretrained backbone + GeM + PCA-whitening learned on `fit_images` (a new space)."""
+    if cfg.gallery is not None:
+        gallery, meta = load_checkpoint(cfg.gallery, expect="embedding_model")
+        c = gallery.config
+        log(f"gallery model: {cfg.gallery} ({c.backbone} + {c.pooling.upper()}"
+            f"{' ' + c.cgd_config if c.pooling == 'cgd' else ''} -> {gallery.embedding_dim}-d, as trained)")
+        return gallery.eval(), meta.embedding_space or new_space_id("quickstart")
+    dim = min(cfg.embedding_dim, len(fit_images) - 1)
+    gallery = EmbeddingModel(
+        ModelConfig(cfg.gallery_backbone, "gem", embedding_dim=dim, input_size=cfg.image_size), pretrained=True
+    ).eval()
+    pooled = embed_images(gallery.pooled, fit_images, gallery.spec, desc="gallery whitening", progress=cfg.progress)
+    gallery.whiten = Whitening.from_pca(*learn_pca_whitening(pooled, dim))
+    log(f"gallery model: {cfg.gallery_backbone} + GeM + PCA-whitening -> {dim}-d, weights: "
+        f"{gallery.backbone.weights_source}")
+    return gallery, new_space_id("quickstart")
 
 
 def photo_check(query: EmbeddingModel, gallery: EmbeddingModel, folders, progress: bool = False, log=print) -> dict:

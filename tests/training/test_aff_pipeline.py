@@ -141,7 +141,7 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_figures(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_figures(tmp_path, interrupt_at):
     """A run stopped inside the joint stage continues from OUT/checkpoints and ends with the figures of an
     uninterrupted run; the finished run removes its checkpoints."""
     from training.aff.query import QueryClassifier
@@ -155,18 +155,10 @@ def test_interrupted_run_resumes_to_the_same_figures(tmp_path, monkeypatch):
     straight = run(tmp_path / "straight")
     assert not (tmp_path / "straight" / "checkpoints").exists()
 
-    update, calls = QueryClassifier.update, []
-
-    def stop_at_second_step(self):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        update(self)
-
-    monkeypatch.setattr(QueryClassifier, "update", stop_at_second_step)
+    restore = interrupt_at(QueryClassifier, "update", 2)  # the joint stage's second step
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed")
-    monkeypatch.setattr(QueryClassifier, "update", update)
+    restore()
     assert list((tmp_path / "resumed" / "checkpoints").glob("joint-*/last.pt"))
     logs: list[str] = []
     resumed = run(tmp_path / "resumed", logs)

@@ -77,25 +77,17 @@ def test_weights_are_the_average_of_the_chosen_epochs(tmp_path, teacher_file):
     torch.testing.assert_close(student.state_dict()[key], (states[0][key] + states[1][key]) / 2)
 
 
-def test_a_resumed_run_ends_with_the_same_weights(tmp_path, teacher_file, monkeypatch):
+def test_a_resumed_run_ends_with_the_same_weights(tmp_path, teacher_file, interrupt_at):
     whole = tiny_config(tmp_path / "a", teacher_file, epochs=3, average_epochs=(3,))
     data = distill.load_distill_data(whole)
     targets = np.random.default_rng(1).normal(size=(len(data.train), 16)).astype(np.float32)
     reference, _ = distill.train_student(whole, data.train, targets, 16, progress=False, log=None)
 
     cut = replace(whole, out=str(tmp_path / "b" / "run"))
-    real_loss, calls = distill.distill_loss, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:  # epoch 3's first step (2 steps per epoch): the process dies
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(distill, "distill_loss", interrupted)
+    restore = interrupt_at(distill, "distill_loss", 5)  # epoch 3's first step (2 steps per epoch): the process dies
     with pytest.raises(KeyboardInterrupt):
         distill.train_student(cut, data.train, targets, 16, progress=False, log=None)
-    monkeypatch.setattr(distill, "distill_loss", real_loss)
+    restore()
     resumed, _ = distill.train_student(cut, data.train, targets, 16, progress=False, log=None)
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
