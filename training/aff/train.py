@@ -451,8 +451,9 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
         train_fusion_model(mlp, train_set, len(splits.train.classes), cfg.baseline.epochs, cfg.baseline.lr,
                            cfg.train.batch_size, cfg.train.arcface_s, cfg.train.arcface_m, cfg.seed,
                            "concat+MLP baseline", progress, log, max_steps=cfg.train.max_steps, device=device,
-                           checkpoint=checkpoints.stage("concat-mlp", [arch.__dict__, cfg.baseline.__dict__,
-                                                                       cfg.train.__dict__, train_set.fingerprint]))
+                           checkpoint=checkpoints.stage("concat-mlp", [
+                               arch.__dict__, cfg.baseline.__dict__, cfg.train.batch_size, cfg.train.arcface_s,
+                               cfg.train.arcface_m, cfg.train.max_steps, cfg.seed, train_set.fingerprint]))
         rows.append({"name": "concat+MLP (ArcFace on features)", "kind": "concat_mlp", "protocol": "symmetric",
                      **symmetric(embed_features(mlp, eval_set), eval_labels)})
     timings["baselines"] = time.perf_counter() - t
