@@ -31,6 +31,8 @@ def quickstart(
     query_backbone: str = typer.Option("efficientnet_lite0", help="Pretrained query backbone (phone side)."),
     image_size: int = typer.Option(160, min=32, help="Input size for both models."),
     dim: int = typer.Option(128, min=2, help="Embedding dim of the shared space (gallery PCA-whitening)."),
+    whitening_power: float = typer.Option(0.25, min=0.0, max=0.5, help="Gallery PCA-whitening power: 0.25 square-rooted "
+                                                                        "(default), 0.5 full whitening, 0 PCA only."),
     objects: int = typer.Option(100, min=4, help="Procedural set: number of objects."),
     views: int = typer.Option(5, min=2, help="Procedural set: views per object."),
     crops: int = typer.Option(4, min=0, help="Random crops per training image for the closed-form FC fit."),
@@ -63,7 +65,7 @@ def quickstart(
         set_threads(threads)
         cfg = qs.QuickstartConfig(
             out=out, images=images, gallery_backbone=gallery_backbone, gallery=gallery, query_backbone=query_backbone,
-            image_size=image_size, embedding_dim=dim, n_objects=objects, n_views=views, photos=photos,
+            image_size=image_size, embedding_dim=dim, whitening_power=whitening_power, n_objects=objects, n_views=views, photos=photos,
             unlabelled=unlabelled, eval_photos=tuple(eval_photos), compat=CompatConfig(views=crops, photo_views=photo_crops, epochs=epochs, seed=seed),
             seed=seed, progress=progress, device=device,
         )

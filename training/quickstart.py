@@ -39,6 +39,7 @@ class QuickstartConfig:
     query_backbone: str = "efficientnet_lite0"  # measured best of the phone backbones (docs, README)
     image_size: int = 160
     embedding_dim: int = 128  # the gallery space: GeM + PCA-whitening to this many dims (capped by data)
+    whitening_power: float = 0.25  # 0.25: square-rooted PCA whitening (rank distillation's); 0.5: full whitening
     photos: bool = True  # add the real photos that ship in installed packages (training/photos.py)
     unlabelled: Path | None = None  # a folder of the user's own unlabelled photos, treated like `photos`
     eval_photos: tuple[Path, ...] = ()  # labelled photo folders to check the pair on (export.images.label_of layouts)
@@ -128,8 +129,10 @@ def _gallery(cfg: QuickstartConfig, fit_images: list, log) -> tuple[EmbeddingMod
         ModelConfig(cfg.gallery_backbone, "gem", embedding_dim=dim, input_size=cfg.image_size), pretrained=True
     ).eval()
     pooled = embed_images(gallery.pooled, fit_images, gallery.spec, desc="gallery whitening", progress=cfg.progress)
-    gallery.whiten = Whitening.from_pca(*learn_pca_whitening(pooled, dim))
-    log(f"gallery model: {cfg.gallery_backbone} + GeM + PCA-whitening -> {dim}-d, weights: "
+    gallery.whiten = Whitening.from_pca(*learn_pca_whitening(pooled, dim, power=cfg.whitening_power))
+    kind = {0.25: "square-rooted PCA-whitening", 0.5: "PCA-whitening"}.get(cfg.whitening_power,
+                                                                          f"PCA-whitening^{cfg.whitening_power}")
+    log(f"gallery model: {cfg.gallery_backbone} + GeM + {kind} -> {dim}-d, weights: "
         f"{gallery.backbone.weights_source}")
     return gallery, new_space_id("quickstart")
 
