@@ -1,8 +1,8 @@
 """`retrieval-sdk train distill`: a phone-size student trained from a black-box teacher's rankings on
 unlabelled images (data-efficient rank distillation, Laskar & Kannala, ACCV 2020), on the one training loop.
 
-The run: pick D (at most `max_images` unlabelled images: a folder, and/or the training split of a
-labelled set whose labels are dropped); embed D once with the teacher (cached on disk, `teacher_budget`
+The run: pick D (at most `max_images` unlabelled images: a folder, the training split of a labelled set
+whose labels are dropped, and/or new procedural objects); embed D once with the teacher (cached on disk, `teacher_budget`
 checked first); train the student with `training.rank_distill.distill_loss` by `training.fit.fit`
 (Adam, lr * exp(-0.01 * epoch), weight decay 1e-6); average the weights of `average_epochs`; evaluate on
 held-out labelled images (the teacher's and the student's symmetric mAP, and in asymmetric mode the
@@ -27,7 +27,8 @@ from sdk.preprocess import ImageError, load_image
 from training.aff.config import DataConfig
 from training.config import ConfigError, load_config_file, to_dict
 from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, save_checkpoint
-from training.data import DatasetError, LabelledImages, image_folder, unlabelled_folder, write_images
+from training.data import (DatasetError, LabelledImages, image_folder, make_instance_set, unlabelled_folder,
+                           write_images)
 from training.embed import embed_images, embed_multiscale
 from training.evaluate import labelled_eval
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
@@ -71,6 +72,17 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ProceduralConfig:
+    """More unlabelled images for D: new procedural objects (`make_instance_set` with a seed of their own),
+    so a student also learns the teacher's embedding of objects the teacher never trained on."""
+
+    n_objects: int = 200
+    n_views: int = 8
+    image_size: int = 128
+    seed: int = 1
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """One `train distill` run. Defaults are the paper's: tau 0.75, R 10, |D| 4000, B 1000, 30 epochs,
     weights of epochs 20 and 30 averaged."""
@@ -83,6 +95,7 @@ class DistillConfig:
     teacher_budget: int | None = None  # max images sent to the teacher (cached ones are free)
     teacher_cache: str | None = str(DEFAULT_CACHE)
     images: str | None = None  # a folder of unlabelled images, part of D
+    procedural: ProceduralConfig | None = None  # new procedural objects, part of D (written under OUT/data)
     data: DataConfig | None = None  # a labelled set: its training split joins D (labels dropped), its held-out split evaluates
     eval_images: str | None = None  # a labelled folder (class subfolders) to evaluate on instead
     max_images: int = 4000  # |D|
@@ -108,8 +121,12 @@ class DistillConfig:
             raise ConfigError("say which teacher to distil: --teacher CHECKPOINT|BUNDLE|URL (or teacher_train in a config)")
         if self.teacher_train and self.data is None:
             raise ConfigError("teacher_train trains the teacher with labels, so it needs a labelled `data` section")
-        if not (self.images or self.data):
+        if not (self.images or self.data or self.procedural):
             raise ConfigError("no images to distil on: pass --images DIR (unlabelled photos) or a config with `data`")
+        if (self.procedural and self.data and self.data.kind == "instances"
+                and self.procedural.seed == self.data.seed):
+            raise ConfigError(f"procedural.seed {self.procedural.seed} equals data.seed: D would hold the evaluation "
+                              "objects; give procedural another seed")
 
     def to_dict(self) -> dict:
         return to_dict(self)
@@ -166,6 +183,10 @@ def load_distill_data(cfg: DistillConfig, log: Callable[[str], None] | None = No
         if bad and log is not None:
             log(f"skipped {len(bad)} unreadable files in {cfg.images} (first: {bad[0].name})")
         paths += [p for p, good in zip(found, ok) if good]
+    if cfg.procedural is not None:
+        p = cfg.procedural
+        root = Path(cfg.out) / "data" / f"procedural-{p.n_objects}x{p.n_views}-{p.image_size}px-seed{p.seed}"
+        paths += [Path(x) for x in make_instance_set(root, p.n_objects, p.n_views, p.image_size, p.seed).paths]
     if cfg.eval_images:
         evaluation = image_folder(cfg.eval_images)
     if len(paths) > cfg.max_images:

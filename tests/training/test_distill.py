@@ -77,6 +77,21 @@ def test_weights_are_the_average_of_the_chosen_epochs(tmp_path, teacher_file):
     torch.testing.assert_close(student.state_dict()[key], (states[0][key] + states[1][key]) / 2)
 
 
+def test_procedural_objects_join_d_and_never_repeat_the_evaluation_objects(tmp_path, teacher_file):
+    """`procedural` adds new objects (their own seed) to D; the evaluation set is untouched."""
+    base = distill.load_distill_data(tiny_config(tmp_path / "a", teacher_file))
+    cfg = tiny_config(tmp_path / "b", teacher_file, procedural=distill.ProceduralConfig(3, 2, 32, seed=5))
+    data = distill.load_distill_data(cfg)
+    extra = data.train[len(base.train):]
+    assert len(extra) == 6 and all("seed5" in str(p) for p in extra)
+    assert [p.read_bytes() for p in data.train[:len(base.train)]] == [p.read_bytes() for p in base.train]
+    assert len(data.eval) == len(base.eval)
+    with pytest.raises(ConfigError, match="procedural.seed 0 equals data.seed"):
+        tiny_config(tmp_path, teacher_file, procedural=distill.ProceduralConfig(3, 2, 32, seed=0))
+    only = replace(cfg, data=None, out=str(tmp_path / "c"))  # procedural objects alone are a D
+    assert len(distill.load_distill_data(only).train) == 6
+
+
 def test_a_resumed_run_ends_with_the_same_weights(tmp_path, teacher_file, interrupt_at):
     whole = tiny_config(tmp_path / "a", teacher_file, epochs=3, average_epochs=(3,))
     data = distill.load_distill_data(whole)
