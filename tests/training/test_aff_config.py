@@ -52,6 +52,13 @@ def test_overrides_reach_nested_sections_and_list_items():
     (["extractors.1.name=delg"], "extractor names repeat"),
     (["train.epochs"], "must look like key.path=value"),
     (["colour=red"], "config: unknown key 'colour'"),
+    (["fusion_variants=[\"gated\"]"], "unknown fusion variant 'gated'"),
+    (["robustness.noise_dim=-1"], "robustness.noise_dim must be >= 0"),
+    (["robustness.extractors=[{\"kind\": \"rmac\", \"name\": \"dolg\"}]"], "repeated: \\['dolg'\\]"),
+    (["robustness.noise_dim=8", "robustness.extractors=[{\"kind\": \"rmac\", \"name\": \"noise\"}]"],
+     "repeated: \\['noise'\\]"),
+    (["leave_one_out=true", "extractors=[{\"kind\": \"cvnet\"}]"], "leave_one_out needs at least two extractors"),
+    (["robustness.extractors=[{\"kind\": \"rmac\", \"dimension\": 3}]"], "unknown key 'dimension'"),
 ])
 def test_bad_configs_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
