@@ -199,3 +199,16 @@ def test_interrupted_run_resumes_to_the_same_figures(tmp_path, interrupt_at):
     for key in ("mixer", "asym"):
         assert resumed["variants"]["main"][key] == straight["variants"]["main"][key]
     assert not (tmp_path / "resumed" / "checkpoints").exists()
+
+
+def test_weak_extractors_have_no_released_checkpoints(tmp_path):
+    from training.aff.train import prepare_extractor
+    from training.errors import TrainingError
+    from training.extractors import ExtractorConfig, ExtractorTrainConfig
+
+    release = tmp_path / "rmac.pth"
+    torch.save({"model_state": {}}, release)
+    splits = load_splits(load_config(CONFIGS / "aff_small_instances.json", [*TINY, f"out={json.dumps(str(tmp_path))}"]))
+    ec = ExtractorConfig("rmac", backbone="tiny_resnet", dim=8, weights=str(release), train=ExtractorTrainConfig(epochs=0))
+    with pytest.raises(TrainingError, match="there are no released rmac checkpoints"):
+        prepare_extractor(ec, splits.train, "fp", tmp_path, False, lambda _: None)

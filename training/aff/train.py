@@ -160,6 +160,9 @@ def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str,
             load_strict(ex, {**own_heads, **{k: v for k, v in saved.state_dict().items()
                                              if same_labels or not k.startswith(CLASSIFIERS)}}, str(ec.weights))
             log(f"  {ec.name}: weights from {ec.weights}" + ("" if same_labels else " (classifier heads: new labels)"))
+        elif ec.kind not in DEFAULT_LAYOUT:
+            raise TrainingError(f"extractor {ec.name}: there are no released {ec.kind} checkpoints; set weights to an "
+                                "extractor file saved by `train aff` (OUT/extractors/NAME.safetensors) or to null")
         else:
             report = load_released(ex, ec.weights, DEFAULT_LAYOUT[ec.kind])
             log(f"  {ec.name}: released {DEFAULT_LAYOUT[ec.kind]} weights, {report.loaded} tensors"
