@@ -1,4 +1,4 @@
-"""Global pooling of CNN feature maps (B, C, H, W) -> (B, C): GeM, SPoC (average) and MAC (max).
+"""Global pooling of CNN feature maps (B, C, H, W) -> (B, C): GeM, SPoC (average), MAC (max) and R-MAC.
 
 Plain functions do the work; the modules are thin wrappers so a pooling can sit in an nn.Sequential.
 All reductions are over the spatial dims (no kernel size taken from the input), so the modules export
@@ -7,6 +7,7 @@ to ONNX with dynamic H and W.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from training.errors import TrainingError
 
-__all__ = ["gem", "spoc", "mac", "GeM", "SPoC", "MAC", "build_pooling", "POOLINGS"]
+__all__ = ["gem", "spoc", "mac", "rmac", "GeM", "SPoC", "MAC", "RMAC", "build_pooling", "POOLINGS"]
 
 
 def _check_feature_map(x: Tensor) -> None:
@@ -47,6 +48,43 @@ def mac(x: Tensor) -> Tensor:
     """Maximum activation of convolutions (Tolias et al. 2016): per-channel spatial max."""
     _check_feature_map(x)
     return x.amax(dim=(-2, -1))
+
+
+def rmac_regions(h: int, w: int, levels: int = 3, overlap: float = 0.4) -> list[tuple[int, int, int, int]]:
+    """R-MAC's square regions (top, left, height, width) on an h x w map: at level l, squares of side
+    2 min(h, w) / (l + 1) on a grid whose step along the long side is chosen for ~`overlap` between
+    neighbours (Tolias et al. 2016, as in cnnimageretrieval-pytorch)."""
+    side = min(h, w)
+    steps = [2, 3, 4, 5, 6, 7]
+    extra = 0  # additional regions along the long side
+    if h != w:
+        b = [(max(h, w) - side) / (s - 1) for s in steps]
+        extra = 1 + min(range(len(steps)), key=lambda i: abs((side * side - side * b[i]) / (side * side) - overlap))
+    regions = []
+    for level in range(1, levels + 1):
+        wl = math.floor(2 * side / (level + 1))
+        if wl == 0:
+            continue
+        wl2 = math.floor(wl / 2 - 1)
+        n_w = level + (extra if w > h else 0)
+        n_h = level + (extra if h > w else 0)
+        bw = 0 if n_w == 1 else (w - wl) / (n_w - 1)
+        bh = 0 if n_h == 1 else (h - wl) / (n_h - 1)
+        tops = [int(math.floor(wl2 + i * bh) - wl2) for i in range(n_h)]
+        lefts = [int(math.floor(wl2 + j * bw) - wl2) for j in range(n_w)]
+        regions += [(t, lft, wl, wl) for t in tops for lft in lefts]
+    return regions
+
+
+def rmac(x: Tensor, levels: int = 3, eps: float = 1e-6) -> Tensor:
+    """Regional MAC (Tolias et al. 2016): the L2-normalised MAC of the whole map plus of every R-MAC region
+    (`rmac_regions`), each L2-normalised, summed (normalise the result for a descriptor)."""
+    _check_feature_map(x)
+    h, w = (int(n) for n in x.shape[-2:])
+    total = torch.nn.functional.normalize(mac(x), dim=1, eps=eps)
+    for top, left, rh, rw in rmac_regions(h, w, levels):
+        total = total + torch.nn.functional.normalize(mac(x[..., top:top + rh, left:left + rw]), dim=1, eps=eps)
+    return total
 
 
 class GeM(nn.Module):
@@ -85,11 +123,22 @@ class MAC(nn.Module):
         return mac(x)
 
 
-POOLINGS: dict[str, Callable[..., nn.Module]] = {"gem": GeM, "spoc": SPoC, "mac": MAC}
+class RMAC(nn.Module):
+    """Regional MAC over `levels` scales of regions (see `rmac`)."""
+
+    def __init__(self, levels: int = 3) -> None:
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rmac(x, self.levels)
+
+
+POOLINGS: dict[str, Callable[..., nn.Module]] = {"gem": GeM, "spoc": SPoC, "mac": MAC, "rmac": RMAC}
 
 
 def build_pooling(name: str, **kwargs) -> nn.Module:
-    """Build a pooling module by name ("gem", "spoc" or "mac"); kwargs go to its constructor."""
+    """Build a pooling module by name ("gem", "spoc", "mac" or "rmac"); kwargs go to its constructor."""
     key = name.lower()
     if key not in POOLINGS:
         raise TrainingError(f"unknown pooling {name!r}; choose one of {sorted(POOLINGS)}")

@@ -24,6 +24,19 @@ def test_small_instances_config_uses_the_procedural_set():
     assert [e.kind for e in cfg.extractors] == ["delg", "dolg", "cvnet"]
 
 
+@pytest.mark.parametrize("name,base", [("aff_small_ablations", "aff_small"),
+                                       ("aff_small_instances_ablations", "aff_small_instances")])
+def test_ablation_configs_are_their_base_config_plus_the_studies(name, base):
+    from dataclasses import replace
+
+    cfg, plain = load_config(CONFIGS / f"{name}.json"), load_config(CONFIGS / f"{base}.json")
+    assert cfg.fusion_variants == ("concat_mlp", "laff", "orthogonal") and cfg.leave_one_out
+    assert cfg.robustness.noise_dim == 128 and [e.kind for e in cfg.robustness.extractors] == ["cvnet", "cvnet", "rmac"]
+    assert all(e.train.epochs == 0 for e in cfg.robustness.extractors)  # weak: ImageNet-only or untrained
+    assert cfg.extractors == plain.extractors and cfg.mixer == plain.mixer and cfg.train == plain.train
+    assert replace(cfg.data, train_limit=plain.data.train_limit, eval_limit=plain.data.eval_limit) == plain.data
+
+
 def test_full_config_is_resnet101_on_gldv2():
     cfg = load_config(CONFIGS / "aff_full.json")
     assert cfg.data.kind == "gldv2" and cfg.data.csv.endswith(".csv")
@@ -52,6 +65,13 @@ def test_overrides_reach_nested_sections_and_list_items():
     (["extractors.1.name=delg"], "extractor names repeat"),
     (["train.epochs"], "must look like key.path=value"),
     (["colour=red"], "config: unknown key 'colour'"),
+    (["fusion_variants=[\"gated\"]"], "unknown fusion variant 'gated'"),
+    (["robustness.noise_dim=-1"], "robustness.noise_dim must be >= 0"),
+    (["robustness.extractors=[{\"kind\": \"rmac\", \"name\": \"dolg\"}]"], "repeated: \\['dolg'\\]"),
+    (["robustness.noise_dim=8", "robustness.extractors=[{\"kind\": \"rmac\", \"name\": \"noise\"}]"],
+     "repeated: \\['noise'\\]"),
+    (["leave_one_out=true", "extractors=[{\"kind\": \"cvnet\"}]"], "leave_one_out needs at least two extractors"),
+    (["robustness.extractors=[{\"kind\": \"rmac\", \"dimension\": 3}]"], "unknown key 'dimension'"),
 ])
 def test_bad_configs_name_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):

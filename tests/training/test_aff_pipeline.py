@@ -77,6 +77,38 @@ def test_train_aff_cli_end_to_end(tmp_path):
     assert "extracted from another dataset" in other.output and "--overwrite-cache" in other.output
 
 
+STUDIES = ['fusion_variants=["concat_mlp", "laff", "orthogonal"]', "leave_one_out=true", "robustness.noise_dim=16",
+           'robustness.extractors=[{"kind": "rmac", "name": "rmac", "backbone": "tiny_resnet", "dim": 16, '
+           '"train": {"epochs": 0}}, {"kind": "cvnet", "name": "gem", "backbone": "tiny_resnet", "dim": 16, '
+           '"scales": [1.0], "train": {"epochs": 0}}]', "ablations=[]"]
+
+
+@pytest.mark.slow
+def test_studies_print_one_table_each(tmp_path):
+    """Fusion variants with their query models, robustness to weak / noise features, leave-one-feature-out."""
+    cfg = load_config(CONFIGS / "aff_small_instances.json", [*TINY, *STUDIES, f"out={json.dumps(str(tmp_path))}"])
+    lines: list[str] = []
+    report = run_aff(cfg, progress=False, log=lines.append)
+    text = "\n".join(lines)
+    for row in ("fusion variants", "dynamic mixer (AFF)", "laff", "orthogonal", "robustness to noisy gallery features",
+                "clean (delg, dolg, cvnet)", "+ 2 weak (rmac, gem)", "+ gaussian noise 16-d", "leave-one-feature-out",
+                "without delg", "without cvnet", "the ensemble loses more than the mixer", "every feature helps"):
+        assert row in text, row
+    assert set(report["fusions"]) == {"concat_mlp", "laff", "orthogonal"}
+    for v in report["fusions"].values():
+        assert 0 <= v["asym"]["map"] <= 1 and v["ratio"] == pytest.approx(v["asym"]["map"] / v["mixer"]["map"])
+    rob = report["robustness"]
+    assert [r["features"] for r in rob] == [["delg", "dolg", "cvnet"], ["delg", "dolg", "cvnet", "rmac", "gem"],
+                                            ["delg", "dolg", "cvnet", "noise"]]
+    ens = [r for r in report["rows"] if r["kind"] == "ensemble"][0]
+    assert rob[0]["ensemble"]["map"] == pytest.approx(ens["map"])  # the clean row is the main table's ensemble
+    assert [r["features"] for r in report["leave_one_out"][1:]] == [["dolg", "cvnet"], ["delg", "cvnet"], ["delg", "dolg"]]
+    drop = rob[0]["ensemble"]["map"] - rob[2]["ensemble"]["map"]
+    assert report["checks"]["robust_to gaussian noise 16-d"]["ensemble_drop"] == pytest.approx(drop)
+    assert {"mixer_beats_laff", "mixer_beats_orthogonal", "every_feature_helps"} <= set(report["checks"])
+    assert not (tmp_path / "checkpoints").exists()
+
+
 def _fake_gldv2(root: Path, landmarks: int = 4, per: int = 4, missing_label: bool = False) -> Path:
     rng = np.random.default_rng(0)
     rows = ["id,url,landmark_id"]
@@ -167,3 +199,16 @@ def test_interrupted_run_resumes_to_the_same_figures(tmp_path, interrupt_at):
     for key in ("mixer", "asym"):
         assert resumed["variants"]["main"][key] == straight["variants"]["main"][key]
     assert not (tmp_path / "resumed" / "checkpoints").exists()
+
+
+def test_weak_extractors_have_no_released_checkpoints(tmp_path):
+    from training.aff.train import prepare_extractor
+    from training.errors import TrainingError
+    from training.extractors import ExtractorConfig, ExtractorTrainConfig
+
+    release = tmp_path / "rmac.pth"
+    torch.save({"model_state": {}}, release)
+    splits = load_splits(load_config(CONFIGS / "aff_small_instances.json", [*TINY, f"out={json.dumps(str(tmp_path))}"]))
+    ec = ExtractorConfig("rmac", backbone="tiny_resnet", dim=8, weights=str(release), train=ExtractorTrainConfig(epochs=0))
+    with pytest.raises(TrainingError, match="there are no released rmac checkpoints"):
+        prepare_extractor(ec, splits.train, "fp", tmp_path, False, lambda _: None)

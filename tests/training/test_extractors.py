@@ -123,6 +123,23 @@ def test_extractor_config_errors():
         build_extractor(tiny("cvnet")).train_losses(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))
 
 
+def test_weak_features_rmac_head_and_pure_noise():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 64, 64)
+    rmac = build_extractor(ExtractorConfig("rmac", backbone="tiny_resnet", dim=24),
+                           num_classes=3)
+    rmac.train_losses(x, torch.tensor([0, 1, 2]))["arcface"].backward()  # trainable like the others
+    g = rmac.eval().extract(x).global_
+    assert g.shape == (3, 24) and torch.allclose(g.norm(dim=1), torch.ones(3), atol=1e-5)
+    noise_cfg = ExtractorConfig("noise", backbone="tiny_resnet", dim=10, train=ExtractorTrainConfig(epochs=0, seed=4))
+    a, b = build_extractor(noise_cfg), build_extractor(noise_cfg)
+    na, nb = a.extract(x).global_, b.extract(torch.zeros_like(x)).global_
+    assert na.shape == (3, 10) and torch.allclose(na, nb)  # seeded, and independent of the pixels
+    assert not torch.allclose(a.extract(x).global_, na)  # a fresh draw for every image
+    with pytest.raises(ExtractorError, match="noise feature cannot be trained"):
+        build_extractor(ExtractorConfig("noise", backbone="tiny_resnet", train=ExtractorTrainConfig(epochs=1)))
+
+
 @pytest.fixture(scope="module")
 def instances(tmp_path_factory):
     return make_instance_set(tmp_path_factory.mktemp("inst"), n_objects=4, n_views=4, image_size=48, seed=0)

@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import training  # noqa: F401  (installs the torchvision shim before anything else)
-from training.pooling import GeM, MAC, SPoC, build_pooling, gem, mac, spoc
+from training.pooling import RMAC, GeM, MAC, SPoC, build_pooling, gem, mac, rmac, rmac_regions, spoc
 
 
 def _positive_map(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -91,6 +92,29 @@ def test_build_pooling_by_name():
     assert isinstance(build_pooling("mac"), MAC)
     with pytest.raises(ValueError, match="unknown pooling 'avg'"):
         build_pooling("avg")
+
+
+def test_rmac_regions_cover_the_map_at_three_levels():
+    # a 2x2 conv5 map (64 px input): the whole map, then its four cells (level 2), then 3x3 cells of side 1
+    assert rmac_regions(2, 2)[:5] == [(0, 0, 2, 2), (0, 0, 1, 1), (0, 1, 1, 1), (1, 0, 1, 1), (1, 1, 1, 1)]
+    assert len(rmac_regions(2, 2)) == 1 + 4 + 9
+    for h, w in ((7, 10), (10, 7), (4, 4), (1, 3)):
+        regions = rmac_regions(h, w)
+        assert regions and all(0 <= t and t + rh <= h and 0 <= lft and lft + rw <= w for t, lft, rh, rw in regions)
+        assert regions[0][2] == min(h, w)  # level 1: squares of the short side
+    assert len(rmac_regions(7, 10)) > len(rmac_regions(7, 7))  # extra regions along the long side
+
+
+def test_rmac_is_the_sum_of_normalised_regional_maxima():
+    x = _positive_map(2, 3, 4, 6)
+    expected = F.normalize(mac(x), dim=1)
+    for t, lft, rh, rw in rmac_regions(4, 6):
+        expected = expected + F.normalize(x[..., t:t + rh, lft:lft + rw].amax(dim=(-2, -1)), dim=1)
+    assert torch.allclose(rmac(x), expected, atol=1e-6)
+    assert isinstance(build_pooling("rmac"), RMAC) and torch.allclose(RMAC()(x), expected, atol=1e-6)
+    # one region per level on a square map whose maximum sits everywhere: 1 + levels terms of the same vector
+    ones = torch.ones(1, 2, 3, 3)
+    assert rmac(ones).shape == (1, 2) and rmac(ones)[0, 0] > 1.0
 
 
 def _export_and_run(module: torch.nn.Module, example: torch.Tensor, inputs: list[torch.Tensor]) -> None:

@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from training.config import ConfigError, from_dict, load_config_file, to_dict
+from training.aff.mixer import FUSION_KINDS
 from training.extractors.base import ExtractorConfig, ExtractorTrainConfig
 
 DATA_KINDS = ("fashion_mnist", "instances", "folder", "csv", "gldv2")
 SPLITS = ("test", "classes", "images")
 ABLATIONS = ("shared", "two_stage")
+FUSION_VARIANTS = tuple(k for k in FUSION_KINDS if k != "transformer")
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,30 @@ class BaselineConfig:
     lr: float = 1e-3
 
 
+@dataclass(frozen=True)
+class RobustnessConfig:
+    """Noisy gallery features added to the extractors, each group in turn, to see whether the mixer ignores
+    them where the ensemble cannot: `extractors` (weak ones, e.g. kind "rmac", or "cvnet" with train.epochs 0
+    on an untrained / ImageNet-only backbone) and a pure Gaussian-noise feature of `noise_dim` dims (0 = none).
+    Each noisy set gets its own mixer (the main mixer's feature-only stage, same settings and seed)."""
+
+    extractors: tuple[ExtractorConfig, ...] = ()
+    noise_dim: int = 0
+
+    def __post_init__(self) -> None:
+        if self.noise_dim < 0:
+            raise ConfigError(f"robustness.noise_dim must be >= 0 (0 = no noise feature), got {self.noise_dim}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.extractors) or self.noise_dim > 0
+
+    def noise_extractor(self, seed: int) -> ExtractorConfig:
+        """The pure-noise feature as an extractor config (its tiny backbone is never run)."""
+        return ExtractorConfig("noise", name="noise", backbone="tiny_resnet", dim=self.noise_dim,
+                               train=ExtractorTrainConfig(epochs=0, seed=seed))
+
+
 def _default_extractors() -> tuple[ExtractorConfig, ...]:
     """Small CPU extractors: real DELG/DOLG/CVNet heads on small backbones, briefly trained with ArcFace."""
     return (
@@ -162,6 +188,9 @@ class AFFConfig:
     train: JointConfig = field(default_factory=JointConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     ablations: tuple[str, ...] = ("shared",)
+    fusion_variants: tuple[str, ...] = ()  # fusions trained beside the mixer, each with its query model
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    leave_one_out: bool = False  # the mixer's feature-only stage without each gallery feature in turn
     extract_batch_size: int = 128
     seed: int = 0
 
@@ -174,6 +203,15 @@ class AFFConfig:
         bad = [a for a in self.ablations if a not in ABLATIONS]
         if bad:
             raise ConfigError(f"unknown ablation {bad[0]!r}; choose from {ABLATIONS}")
+        bad = [v for v in self.fusion_variants if v not in FUSION_VARIANTS]
+        if bad:
+            raise ConfigError(f"unknown fusion variant {bad[0]!r}; choose from {FUSION_VARIANTS}")
+        clash = {e.name for e in self.robustness.extractors} & set(names + ["noise"] * (self.robustness.noise_dim > 0))
+        if clash or len({e.name for e in self.robustness.extractors}) != len(self.robustness.extractors):
+            raise ConfigError(f"robustness.extractors names must be distinct from each other, the extractors and "
+                              f"'noise'; repeated: {sorted(clash) or [e.name for e in self.robustness.extractors]}")
+        if self.leave_one_out and len(self.extractors) < 2:
+            raise ConfigError("leave_one_out needs at least two extractors")
         if self.embedding_dim < 1:
             raise ConfigError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
 

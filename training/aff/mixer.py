@@ -7,6 +7,8 @@ Image Retrieval", CVPR 2023), and the two baselines it is compared with.
   self-attention + MLP, each with LayerNorm and a residual) mix everything; the final fusion token,
   layer-normalised and projected, is the L2-normalised gallery embedding.
 - `ConcatMLP`: concatenated L2-normalised global features -> MLP -> L2 (the learned-fusion baseline).
+- `FeatureTokens`: the per-feature FC + source embedding every token fusion starts from (the mixer here,
+  the LAFF-style and DOLG-style orthogonal variants in training/aff/fusions.py).
 - `ensemble`: concatenated L2-normalised global features / sqrt(n) (the training-free baseline).
 
 Inputs are dicts keyed by feature name: global features (B, D); a local set "<name>:local" (B, K, Dl)
@@ -102,7 +104,7 @@ class MixerArch:
     """What rebuilds a mixer: its inputs and sizes (saved in the gallery checkpoint)."""
 
     inputs: tuple[FeatureSpec, ...]
-    kind: str = "transformer"  # transformer | concat_mlp
+    kind: str = "transformer"  # one of FUSION_KINDS
     dim: int = 256
     depth: int = 2
     heads: int = 4
@@ -119,8 +121,10 @@ class MixerArch:
         return from_dict(cls, d, "mixer")
 
 
-class DynamicMixer(nn.Module):
-    """Features -> per-feature FC -> [fusion token; tokens] -> L transformer layers -> fusion token -> L2."""
+class FeatureTokens(nn.Module):
+    """What every token fusion shares: each feature L2-normalised, through its own FC to width `dim`, plus a
+    learnable source embedding; a local set gives one token per descriptor (sharing its feature's FC).
+    Token dropout (training only) drops whole features at random, never every feature of an image."""
 
     def __init__(self, arch: MixerArch):
         super().__init__()
@@ -132,22 +136,15 @@ class DynamicMixer(nn.Module):
         self.specs = tuple(arch.inputs)
         self.proj = nn.ModuleDict({_module_key(s): nn.Linear(s.dim, arch.dim) for s in self.specs})
         self.source = nn.Parameter(torch.zeros(len(self.specs), arch.dim))
-        self.fusion_token = nn.Parameter(torch.zeros(1, 1, arch.dim))
-        nn.init.trunc_normal_(self.source, std=0.02)
-        nn.init.trunc_normal_(self.fusion_token, std=0.02)
-        self.blocks = nn.ModuleList(Block(arch.dim, arch.heads, arch.mlp_ratio, arch.dropout) for _ in range(arch.depth))
-        self.norm = nn.LayerNorm(arch.dim)
-        self.head = nn.Linear(arch.dim, arch.embedding_dim)
 
     @property
     def embedding_dim(self) -> int:
         return self.arch.embedding_dim
 
-    def tokens(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """(B, 1 + T, d) token sequence and its (B, 1 + T) padding mask (True = ignore)."""
+    def feature_tokens(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(B, T, d) tokens of every feature, in spec order, and their (B, T) padding mask (True = ignore)."""
         batch = check_inputs(self.specs, inputs)
-        parts = [self.fusion_token.expand(batch, -1, -1)]
-        pads = [torch.zeros(batch, 1, dtype=torch.bool, device=self.fusion_token.device)]
+        parts, pads, dropped = [], [], []
         drop = self.training and self.arch.token_dropout > 0
         for i, spec in enumerate(self.specs):
             x = F.normalize(inputs[spec.key].float(), dim=-1)
@@ -157,12 +154,32 @@ class DynamicMixer(nn.Module):
                 pad = ~mask.bool() if mask is not None else torch.zeros(tok.shape[:2], dtype=torch.bool)
             else:
                 tok, pad = tok[:, None], torch.zeros(batch, 1, dtype=torch.bool)
-            if drop:  # drop whole features at random so the fusion cannot lean on one alone
-                dropped = torch.rand(batch, 1) < self.arch.token_dropout
-                pad = pad | dropped
+            dropped.append(torch.rand(batch, 1) < self.arch.token_dropout if drop else torch.zeros(batch, 1, dtype=torch.bool))
             parts.append(tok)
             pads.append(pad.to(tok.device))
+        every = torch.cat(dropped, 1).all(1, keepdim=True)  # an image keeps all its features rather than none
+        pads = [pad | (d & ~every).to(pad.device) for pad, d in zip(pads, dropped)]
         return torch.cat(parts, 1), torch.cat(pads, 1)
+
+
+class DynamicMixer(FeatureTokens):
+    """Features -> per-feature FC -> [fusion token; tokens] -> L transformer layers -> fusion token -> L2."""
+
+    def __init__(self, arch: MixerArch):
+        super().__init__(arch)
+        self.fusion_token = nn.Parameter(torch.zeros(1, 1, arch.dim))
+        nn.init.trunc_normal_(self.source, std=0.02)
+        nn.init.trunc_normal_(self.fusion_token, std=0.02)
+        self.blocks = nn.ModuleList(Block(arch.dim, arch.heads, arch.mlp_ratio, arch.dropout) for _ in range(arch.depth))
+        self.norm = nn.LayerNorm(arch.dim)
+        self.head = nn.Linear(arch.dim, arch.embedding_dim)
+
+    def tokens(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(B, 1 + T, d) token sequence and its (B, 1 + T) padding mask (True = ignore)."""
+        tok, pad = self.feature_tokens(inputs)
+        batch = tok.shape[0]
+        return (torch.cat([self.fusion_token.expand(batch, -1, -1), tok], 1),
+                torch.cat([torch.zeros(batch, 1, dtype=torch.bool, device=pad.device), pad], 1))
 
     def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
         x, pad = self.tokens(inputs)
@@ -195,12 +212,20 @@ class ConcatMLP(nn.Module):
         return F.normalize(self.mlp(x), dim=-1)
 
 
+FUSION_KINDS = ("transformer", "concat_mlp", "laff", "orthogonal")
+
+
 def build_mixer(arch: MixerArch) -> nn.Module:
+    """The fusion module of `arch.kind`: the dynamic mixer, concat+MLP, or a variant of training/aff/fusions.py."""
     if arch.kind == "transformer":
         return DynamicMixer(arch)
     if arch.kind == "concat_mlp":
         return ConcatMLP(arch)
-    raise MixerInputError(f"mixer kind must be 'transformer' or 'concat_mlp', got {arch.kind!r}")
+    if arch.kind in ("laff", "orthogonal"):
+        from training.aff.fusions import LAFFFusion, OrthogonalFusion
+
+        return (LAFFFusion if arch.kind == "laff" else OrthogonalFusion)(arch)
+    raise MixerInputError(f"mixer kind must be one of {FUSION_KINDS}, got {arch.kind!r}")
 
 
 def ensemble(globals_: Sequence[np.ndarray]) -> np.ndarray:

@@ -8,7 +8,9 @@ Steps (each cached under cfg.out, so a re-run skips what is done):
 3. features of both splits, extracted once -> out/features/<split>/<name>/ (memory-mapped);
 4. baselines on the features: each single feature, the ensemble, concat+MLP;
 5. AFF: dynamic mixer (ArcFace, W_mix) + query model (ArcFace on W_q, momentum copy of W_mix);
-6. ablations (shared classifier, two-stage) trained the same way from the same seed;
+6. ablations (shared classifier, two-stage) trained the same way from the same seed; the paper's studies
+   when configured (training/aff/studies.py): fusion variants with their query models, robustness to
+   noisy features, leave-one-feature-out;
 7. evaluation on the held-out split: leave-one-out class-based mAP and R@1; symmetric for every gallery
    representation, asymmetric (query model vs mixer gallery) for each trained pair;
 8. outputs: gallery.safetensors (extractors + mixer, one module) and query.safetensors (the query
@@ -35,8 +37,9 @@ from torch.utils.data import DataLoader
 from training.aff.config import AFFConfig, JointConfig
 from training.aff.features import FeatureSet, LabelError, check_labels, dataset_fingerprint, extract_features
 from training.aff.gallery import save_gallery
-from training.aff.mixer import ConcatMLP, DynamicMixer, MixerArch, ensemble
+from training.aff.mixer import ConcatMLP, MixerArch, build_mixer, ensemble
 from training.aff.query import QueryClassifier, build_query_model
+from training.aff.studies import StudyData, format_studies, leave_one_out_study, robustness_study, study_checks
 from training.data import (DatasetError, LabelledImages, csv_manifest, fashion_mnist, gldv2_csv, image_folder,
                            make_instance_set, split_classes)
 from training.embed import embed_images
@@ -157,6 +160,9 @@ def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str,
             load_strict(ex, {**own_heads, **{k: v for k, v in saved.state_dict().items()
                                              if same_labels or not k.startswith(CLASSIFIERS)}}, str(ec.weights))
             log(f"  {ec.name}: weights from {ec.weights}" + ("" if same_labels else " (classifier heads: new labels)"))
+        elif ec.kind not in DEFAULT_LAYOUT:
+            raise TrainingError(f"extractor {ec.name}: there are no released {ec.kind} checkpoints; set weights to an "
+                                "extractor file saved by `train aff` (OUT/extractors/NAME.safetensors) or to null")
         else:
             report = load_released(ex, ec.weights, DEFAULT_LAYOUT[ec.kind])
             log(f"  {ec.name}: released {DEFAULT_LAYOUT[ec.kind]} weights, {report.loaded} tensors"
@@ -200,7 +206,7 @@ class TrainedPair:
     """A mixer and a query model trained into one space (one variant)."""
 
     variant: str
-    mixer: DynamicMixer
+    mixer: torch.nn.Module
     arcface: ArcFace
     query: torch.nn.Module
     history: dict = field(default_factory=dict)
@@ -237,41 +243,48 @@ class WarmMixer:
     share that stage's settings start from copies of one warm-up instead of repeating it."""
 
     key: tuple
-    mixer: DynamicMixer
+    mixer: torch.nn.Module
     arcface: ArcFace
     history: list[float]
 
-    def copy(self) -> tuple[DynamicMixer, ArcFace, list[float]]:
+    def copy(self) -> tuple[torch.nn.Module, ArcFace, list[float]]:
         return copy.deepcopy(self.mixer), copy.deepcopy(self.arcface), list(self.history)
 
 
-def _warm_key(cfg: AFFConfig, joint: JointConfig) -> tuple:
-    return (json.dumps(cfg.mixer.__dict__, sort_keys=True), cfg.embedding_dim, joint.mixer_epochs, joint.mixer_lr,
-            joint.batch_size, joint.arcface_s, joint.arcface_m, joint.weight_decay, joint.max_steps, joint.seed)
+def _warm_key(cfg: AFFConfig, joint: JointConfig, kind: str = "transformer", features: FeatureSet | None = None) -> tuple:
+    key = (json.dumps(cfg.mixer.__dict__, sort_keys=True), cfg.embedding_dim, joint.mixer_epochs, joint.mixer_lr,
+           joint.batch_size, joint.arcface_s, joint.arcface_m, joint.weight_decay, joint.max_steps, joint.seed)
+    # the main mixer's key as before (resumable runs of earlier versions keep their checkpoints)
+    return key + ((kind,) if kind != "transformer" else ()) + ((tuple(features.names),) if features else ())
 
 
 def warm_up_mixer(cfg: AFFConfig, joint: JointConfig, features: FeatureSet, num_classes: int, desc: str,
                   progress: bool = True, log: Log = print, device: str = "cpu",
-                  checkpoints: Checkpoints | None = None) -> WarmMixer:
-    """Stage 1: the dynamic mixer alone, ArcFace on the cached features (the joint schedule's warm-up, the
-    two-stage schedule's first stage)."""
+                  checkpoints: Checkpoints | None = None, kind: str = "transformer") -> WarmMixer:
+    """Stage 1: the fusion model of `kind` (the dynamic mixer by default) alone, ArcFace on the cached
+    features (the joint schedule's warm-up, the two-stage schedule's first stage, and on its own the
+    mixer of the robustness and leave-one-out studies)."""
     torch.manual_seed(joint.seed)
-    arch = MixerArch(inputs=features.specs(), kind="transformer", dim=cfg.mixer.dim, depth=cfg.mixer.depth,
+    arch = MixerArch(inputs=features.specs(), kind=kind, dim=cfg.mixer.dim, depth=cfg.mixer.depth,
                      heads=cfg.mixer.heads, mlp_ratio=cfg.mixer.mlp_ratio, dropout=cfg.mixer.dropout,
                      embedding_dim=cfg.embedding_dim, token_dropout=cfg.mixer.token_dropout)
-    mixer = DynamicMixer(arch)
+    mixer = build_mixer(arch)
+    key = _warm_key(cfg, joint, kind, features)
+    what = "mixer" if kind == "transformer" else f"{kind} fusion"
     arc, history = train_fusion_model(
         mixer, features, num_classes, joint.mixer_epochs, joint.mixer_lr, joint.batch_size, joint.arcface_s,
-        joint.arcface_m, joint.seed, f"{desc} mixer warm-up ({joint.mixer_epochs} epochs on features)",
+        joint.arcface_m, joint.seed, f"{desc} {what} warm-up ({joint.mixer_epochs} epochs on features)",
         progress, log, joint.weight_decay, joint.max_steps, device,
-        stage_fit(checkpoints, "mixer-warm-up", [_warm_key(cfg, joint), features.fingerprint]))
-    return WarmMixer(_warm_key(cfg, joint), mixer, arc, history)
+        stage_fit(checkpoints, "mixer-warm-up" if kind == "transformer" else f"{kind}-warm-up",
+                  [_warm_key(cfg, joint, kind), features.fingerprint]))
+    return WarmMixer(key, mixer, arc, history)
 
 
 def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: FeatureSet, images: LabelledImages,
               progress: bool = True, log: Log = print, warm: WarmMixer | None = None,
-              device: str = "cpu", checkpoints: Checkpoints | None = None) -> TrainedPair:
-    """Train the dynamic mixer and the query model into one space with the classifier tie in `joint`.
+              device: str = "cpu", checkpoints: Checkpoints | None = None, kind: str = "transformer") -> TrainedPair:
+    """Train the fusion model of `kind` (the dynamic mixer by default) and the query model into one space
+    with the classifier tie in `joint`.
 
     `warm`: a finished mixer-only stage to start from (copied, not modified), when its settings match."""
     t0 = time.perf_counter()
@@ -283,8 +296,8 @@ def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: Featur
     history: dict = {}
 
     # stage 1: the mixer alone on the cached features (warm-up for joint, the first stage for two_stage)
-    if warm is None or warm.key != _warm_key(cfg, joint):
-        warm = warm_up_mixer(cfg, joint, features, n_classes, f"[{variant}]", progress, log, device, checkpoints)
+    if warm is None or warm.key != _warm_key(cfg, joint, kind, features):
+        warm = warm_up_mixer(cfg, joint, features, n_classes, f"[{variant}]", progress, log, device, checkpoints, kind)
     else:
         log(f"  [{variant}] mixer warm-up: starting from the same {joint.mixer_epochs}-epoch warm-up")
     mixer, arc, history["mixer_only"] = warm.copy()
@@ -332,8 +345,9 @@ def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: Featur
                  OptimConfig("adamw", weight_decay=joint.weight_decay),
                  FitConfig(epochs=joint.epochs, max_steps=joint.max_steps, device=device, channels_last=True,
                            desc=f"[{variant}] {stage}", progress=progress,
-                           **stage_fit(checkpoints, stage, [cfg.mixer.__dict__, cfg.query.__dict__, cfg.embedding_dim, joint.__dict__,
-                                                        features.fingerprint])),
+                           **stage_fit(checkpoints, stage if kind == "transformer" else f"{stage}-{kind}",
+                                       [cfg.mixer.__dict__, cfg.query.__dict__, cfg.embedding_dim, joint.__dict__,
+                                        features.fingerprint] + ([kind] if kind != "transformer" else []))),
                  on_epoch_start=train_modes, after_step=qcls.update, log=log)  # W_q <- alpha W_q + (1-alpha) W_mix
     history["query"] = [e["query"] for e in epochs]
     history["mixer"] = [e["mixer"] for e in epochs if "mixer" in e]
@@ -425,12 +439,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
 
     log("features (extracted once, memory-mapped caches):")
     t = time.perf_counter()
-    caches = {"train": [], "eval": []}
-    for split, data in (("train", splits.train), ("eval", splits.eval)):
-        for ex, _ in extractors:
-            caches[split].append(extract_features(
-                ex, data.paths, data.labels, out / "features" / split / ex.name, batch_size=cfg.extract_batch_size,
-                overwrite=overwrite_cache, progress=progress, log=log, desc=f"extract {ex.name} ({split})"))
+    caches = extract_splits([ex for ex, _ in extractors], splits, cfg, overwrite_cache, progress, log)
     train_set = FeatureSet(caches["train"], train_labels, len(splits.train.classes), cfg.mixer.use_local).load()
     eval_set = FeatureSet(caches["eval"], eval_labels, len(splits.eval.classes), cfg.mixer.use_local).load()
     timings["features"] = time.perf_counter() - t
@@ -474,6 +483,17 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
         timings[f"aff {name}"] = pair.seconds + time.perf_counter() - t
         pairs[key] = pair
 
+    fusions: dict[str, VariantResult] = {}
+    for kind in cfg.fusion_variants:
+        log(f"fusion variant [{kind}]: trained like the mixer, then jointly with its own query model")
+        pair = train_aff(cfg, f"{kind} fusion", cfg.train, train_set, splits.train, progress, log, None, device,
+                         checkpoints, kind)
+        t = time.perf_counter()
+        fusions[kind] = evaluate_pair(pair, eval_set, splits.eval, cfg.extract_batch_size, progress)
+        timings[f"fusion {kind}"] = pair.seconds + time.perf_counter() - t
+    studies = run_studies(cfg, splits, caches, train_labels, eval_labels, pairs["main"].warm, train_fp, out,
+                          overwrite_cache, progress, log, device, checkpoints, timings)
+
     # ---- outputs
     main = pairs["main"]
     space = new_space_id("aff")
@@ -484,7 +504,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
         extra={"gallery": "gallery.safetensors", "asymmetric_map": results["main"].asym["map"],
                "symmetric_mixer_map": results["main"].mixer["map"], "config": cfg.name}))
     timings["total"] = time.perf_counter() - t_start
-    report = build_report(cfg, splits, rows, results, timings, space, gallery_path, query_path)
+    report = build_report(cfg, splits, rows, results, timings, space, gallery_path, query_path, fusions, studies)
     (out / "results.json").write_text(json.dumps(report, indent=2))
     shutil.rmtree(checkpoints.root, ignore_errors=True)  # finished: the outputs above are what a user keeps
     log("")
@@ -492,8 +512,56 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     return report
 
 
+def extract_splits(extractors: list[GalleryExtractor], splits: Splits, cfg: AFFConfig, overwrite_cache: bool,
+                   progress: bool, log: Log) -> dict[str, list]:
+    """Each extractor's feature cache of each split ({"train": [...], "eval": [...]}, in extractor order)."""
+    caches: dict[str, list] = {"train": [], "eval": []}
+    for split, data in (("train", splits.train), ("eval", splits.eval)):
+        for ex in extractors:
+            caches[split].append(extract_features(
+                ex, data.paths, data.labels, Path(cfg.out) / "features" / split / ex.name,
+                batch_size=cfg.extract_batch_size, overwrite=overwrite_cache, progress=progress, log=log,
+                desc=f"extract {ex.name} ({split})"))
+    return caches
+
+
+def run_studies(cfg: AFFConfig, splits: Splits, caches: dict[str, list], train_labels: np.ndarray,
+                eval_labels: np.ndarray, clean_warm: WarmMixer, train_fp: str, out: Path, overwrite_cache: bool,
+                progress: bool, log: Log, device: str, checkpoints: Checkpoints, timings: dict) -> dict:
+    """The robustness and leave-one-feature-out tables asked for by `cfg` (training/aff/studies.py)."""
+    data = StudyData(caches["train"], caches["eval"], train_labels, eval_labels, len(splits.train.classes),
+                     len(splits.eval.classes), cfg.mixer.use_local)
+    studies: dict = {}
+    if cfg.robustness.enabled:
+        t = time.perf_counter()
+        log("robustness: noisy gallery features")
+        groups: dict[str, tuple[list, list]] = {}
+        weak = [prepare_extractor(ec, splits.train, train_fp, out, progress, log, device, checkpoints)[0]
+                for ec in cfg.robustness.extractors]
+        if weak:
+            c = extract_splits(weak, splits, cfg, overwrite_cache, progress, log)
+            groups[f"{len(weak)} weak ({', '.join(ex.name for ex in weak)})"] = (c["train"], c["eval"])
+        if cfg.robustness.noise_dim:
+            ec = cfg.robustness.noise_extractor(cfg.seed)
+            noise = prepare_extractor(ec, splits.train, train_fp, out, progress, log, device, checkpoints)[0]
+            c = extract_splits([noise], splits, cfg, overwrite_cache, progress, log)
+            groups[f"gaussian noise {ec.dim}-d"] = (c["train"], c["eval"])
+        studies["robustness"] = robustness_study(cfg, data, groups, clean_warm, progress, log, device, checkpoints)
+        timings["robustness"] = time.perf_counter() - t
+    if cfg.leave_one_out:
+        t = time.perf_counter()
+        studies["leave_one_out"] = leave_one_out_study(cfg, data, clean_warm, progress, log, device, checkpoints)
+        timings["leave-one-out"] = time.perf_counter() - t
+    return studies
+
+
+def _variant_dict(v: VariantResult) -> dict:
+    return {"variant": v.variant, "mixer": v.mixer, "asym": v.asym, "query_sym": v.query_sym, "ratio": v.ratio}
+
+
 def build_report(cfg: AFFConfig, splits: Splits, rows: list[dict], results: dict[str, VariantResult],
-                 timings: dict, space: str, gallery_path: Path, query_path: Path) -> dict:
+                 timings: dict, space: str, gallery_path: Path, query_path: Path,
+                 fusions: dict[str, VariantResult] | None = None, studies: dict | None = None) -> dict:
     main = results["main"]
     best_single = max((r for r in rows if r["kind"] == "single"), key=lambda r: r["map"])
     ens = next(r for r in rows if r["kind"] == "ensemble")
@@ -509,7 +577,7 @@ def build_report(cfg: AFFConfig, splits: Splits, rows: list[dict], results: dict
         checks["momentum_beats_shared"] = {"pass": main.asym["map"] > sh.asym["map"], "momentum_asym": main.asym["map"],
                                            "shared_asym": sh.asym["map"], "momentum_mixer": main.mixer["map"],
                                            "shared_mixer": sh.mixer["map"]}
-    return {
+    report = {
         "config": cfg.to_dict(),
         "data": splits.description,
         "protocol": "leave-one-out over the evaluation split: every image queries all the others; positives share its "
@@ -518,11 +586,14 @@ def build_report(cfg: AFFConfig, splits: Splits, rows: list[dict], results: dict
         "gallery": str(gallery_path),
         "query": str(query_path),
         "rows": rows,
-        "variants": {k: {"variant": v.variant, "mixer": v.mixer, "asym": v.asym, "query_sym": v.query_sym,
-                         "ratio": v.ratio} for k, v in results.items()},
+        "variants": {k: _variant_dict(v) for k, v in results.items()},
+        "fusions": {k: _variant_dict(v) for k, v in (fusions or {}).items()},
+        **(studies or {}),
         "checks": checks,
         "seconds": timings,
     }
+    checks.update(study_checks(report))
+    return report
 
 
 def format_report(report: dict) -> str:
@@ -554,6 +625,7 @@ def format_report(report: dict) -> str:
         s = c["momentum_beats_shared"]
         lines.append(f"[{yes(s['pass'])}] momentum classifier asym mAP {100 * s['momentum_asym']:.2f} > shared classifier "
                      f"{100 * s['shared_asym']:.2f} (mixer sym: {100 * s['momentum_mixer']:.2f} vs {100 * s['shared_mixer']:.2f})")
+    lines += format_studies(report)
     sec = report["seconds"]
     lines.append("")
     lines.append("wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in sec.items()))

@@ -24,7 +24,7 @@ from training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from training.config import from_dict, to_dict
 from training.errors import TrainingError
 
-KINDS = ("delg", "dolg", "cvnet")
+KINDS = ("delg", "dolg", "cvnet", "rmac", "noise")
 
 
 class ExtractorError(TrainingError):
@@ -72,6 +72,7 @@ class ExtractorConfig:
     - dolg: local_dim (local branch width, 1024 in the paper), dilations (multi-atrous rates; scale them
       to the conv4 map size), multi_atrous (False reproduces the released PyTorch port).
     - cvnet: global only; scales default to (0.7071, 1, 1.4142) as in CVNet's extraction.
+    - rmac, noise: weak / pure-noise features for robustness studies (training/extractors/weak.py).
     `weights` loads a released checkpoint (see training.extractors.released) instead of training.
     """
 
@@ -304,6 +305,10 @@ def build_extractor(config: ExtractorConfig | dict, num_classes: int | None = No
         from training.extractors.dolg import DOLG
 
         return DOLG(config, num_classes)
+    if config.kind in ("rmac", "noise"):
+        from training.extractors.weak import GaussianNoise, RMACGlobal
+
+        return (RMACGlobal if config.kind == "rmac" else GaussianNoise)(config, num_classes)
     from training.extractors.cvnet import CVNetGlobal
 
     return CVNetGlobal(config, num_classes)
