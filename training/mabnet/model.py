@@ -124,7 +124,7 @@ class MABNetModelConfig:
             raise MABNetError(f"dim must be >= 1, got {self.dim}")
 
 
-def _descriptor(block: Block, x: Tensor, layout: GalleryLayout) -> Tensor:
+def descriptor(block: Block, x: Tensor, layout: GalleryLayout) -> Tensor:
     """One block's gallery descriptor: the L2-normalised embeddings of the original and its crops, concatenated
     (original, globals, locals) and L2-normalised. Same-size views share one backbone pass."""
     size = tuple(int(n) for n in x.shape[-2:])
@@ -152,6 +152,8 @@ class MABNet(nn.Module):
         self.config = config
         self.master = Block(config.backbone, config.pretrained, config.dim, config.gem_p)
         self.assistant = Block(config.backbone, config.pretrained, config.dim, config.gem_p) if config.assistant else None
+        if self.assistant is not None:  # one start for both (the new GeM/FC too), so that averaging their weights
+            self.assistant.load_state_dict(self.master.state_dict())  # is meaningful; crops and heads differ
         self.master_arcface: BoundedArcFace | None = None
         self.assistant_arcface: BoundedArcFace | None = None
         spec = self.master.backbone.spec
@@ -196,10 +198,10 @@ class MABNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         layout = self.config.gallery
-        master = _descriptor(self.master, x, layout)
+        master = descriptor(self.master, x, layout)
         if self.config.mode == "master":
             return master
-        return F.normalize(torch.cat([master, _descriptor(self.assistant, x, layout)], dim=1), dim=-1)
+        return F.normalize(torch.cat([master, descriptor(self.assistant, x, layout)], dim=1), dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------ transfer

@@ -24,15 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from sdk.vectors import l2_normalize
 from training.aff.config import DataConfig
 from training.checkpoint import CheckpointMeta, save_checkpoint
 from training.config import ConfigError, apply_overrides, from_dict, load_config_file, to_dict
 from training.data import ImageDataset, LabelledImages
 from training.embed import embed_images
 from training.evaluate import labelled_eval, labelled_eval_scores
+from training.heads import Whitening, learn_pca_whitening
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.losses import embedding_kl
-from training.mabnet.model import GalleryLayout, MABNet, MABNetError, MABNetModelConfig, transfer_weights
+from training.mabnet.model import MABNet, MABNetError, MABNetModelConfig, descriptor, transfer_weights
 from training.models import EmbeddingModel, ModelConfig, new_space_id
 from training.transforms import SMALL_IMAGES, MultiCropTransform
 
@@ -125,7 +127,8 @@ class TransferConfig:
 class MABNetTrainConfig:
     """The paper's recipe: AdamW lr 5e-4, weight decay 1e-5, linear warm-up then cosine. `backbone_lr_scale`
     slows the pretrained backbones; `freeze_stem` (CNNs only) keeps the layers below the stride-16 stage
-    fixed, about 2x faster on a CPU."""
+    fixed, about 2x faster on a CPU; `head_init` "pca" starts both FCs (one start for both blocks) from the
+    PCA whitening of the pretrained GeM features of the training images instead of a random projection."""
 
     epochs: int = 10
     batch_size: int = 32
@@ -135,9 +138,12 @@ class MABNetTrainConfig:
     backbone_lr_scale: float = 1.0
     grad_clip: float | None = 3.0
     freeze_stem: bool = False
+    head_init: str = "pca"  # pca: the FC starts as square-rooted PCA whitening of the pretrained GeM features | random
     max_steps: int | None = None  # per epoch (tests, smoke runs)
 
     def __post_init__(self) -> None:
+        if self.head_init not in ("pca", "random"):
+            raise ConfigError(f"train.head_init must be 'pca' or 'random', got {self.head_init!r}")
         if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.backbone_lr_scale < 0 or self.warmup_epochs < 0:
             raise ConfigError(f"train needs epochs >= 1, batch_size >= 2, lr > 0, backbone_lr_scale >= 0 and "
                               f"warmup_epochs >= 0, got {self.epochs}, {self.batch_size}, {self.lr}, "
@@ -279,6 +285,23 @@ def check_resume_classes(run_dir: Path, n_classes: int) -> None:
                           f"delete {run_dir} or pass another --out to start afresh")
 
 
+@torch.no_grad()
+def init_fc_pca(model: MABNet, data: LabelledImages, progress: bool = True) -> None:
+    """Both blocks' FC := square-rooted PCA whitening (power 0.25) of the pretrained GeM features of `data`
+    (heads.learn_pca_whitening, as a heads.Whitening FC), so training starts from a PCA-whitened baseline."""
+    block = model.master
+    feats = embed_images(lambda x: block.pool(block.backbone(x)), data.paths, model.spec, desc="FC init (PCA)",
+                         progress=progress)
+    dim = block.fc.out_features
+    if dim > min(feats.shape[0] - 1, feats.shape[1]):
+        raise MABNetError(f"train.head_init='pca' needs more than model.dim={dim} training images and pooled "
+                          f"channels (got {feats.shape[0]} images, {feats.shape[1]} channels); use head_init='random'")
+    fc = Whitening.from_pca(*learn_pca_whitening(feats, dim, power=0.25)).fc
+    for b in (model.master, model.assistant):
+        if b is not None:
+            b.fc.load_state_dict(fc.state_dict())
+
+
 def _stem_trunks(model: MABNet):
     from training.extractors.base import Trunk
 
@@ -301,6 +324,8 @@ def train_mabnet(cfg: MABNetConfig, row: str, data: LabelledImages, device: str 
     check_resume_classes(run_dir, n_classes)
     model = build_model(cfg)
     lc, t, c = cfg.loss, cfg.train, cfg.crops
+    if t.head_init == "pca" and not (run_dir / "last.pt").is_file():  # a resumed run loads its weights
+        init_fc_pca(model, data, progress)
     model.set_classes(n_classes, lc.arcface_s, lc.arcface_m, lc.s_bounds, lc.m_bounds)
     transform = MultiCropTransform(model.spec, c.n_global, c.global_size, c.global_scale, c.n_local, c.local_size,
                                    c.local_scale, color_jitter=c.color_jitter, seed=cfg.seed, grayscale=c.grayscale,
@@ -349,29 +374,20 @@ def _scores(emb: np.ndarray, labels: np.ndarray, ks: Sequence[int]) -> dict:
     return {"map": r.map, **{f"recall@{k}": v for k, v in r.recall.items()}}
 
 
-def embed(model: MABNet, data: LabelledImages, cfg: MABNetConfig, mode: str, layout: GalleryLayout | None,
-          progress: bool) -> np.ndarray:
-    """The held-out images' descriptors in `mode` with `layout` (None: the config's), the model restored after."""
-    saved = model.config
-    try:
-        model.with_view(mode, layout or cfg.model.gallery)
-        return embed_images(model, data.paths, model.spec, batch_size=cfg.eval.batch_size,
-                            desc=f"{mode} descriptors", progress=progress)
-    finally:
-        model.config = saved
-
-
 def evaluate_row(model: MABNet, data: LabelledImages, cfg: MABNetConfig, progress: bool) -> tuple[dict, dict]:
-    """(figures, descriptors): MABNet (the master over the gallery crops), the master on the original alone,
-    and MABNet(C) (master + assistant) when there is an assistant."""
-    labels = np.asarray(data.labels)
-    ks = cfg.eval.ks
-    emb = {"master": embed(model, data, cfg, "master", None, progress)}
-    row = {**_scores(emb["master"], labels, ks), "dim": int(emb["master"].shape[1])}
-    original = embed(model, data, cfg, "master", replace(cfg.model.gallery, n_global=0, n_local=0), progress)
-    row["map_original"] = _scores(original, labels, ks)["map"]
+    """(figures, descriptors) on the held-out images: MABNet (the master over the gallery crops), the master on
+    the original alone (the descriptor's first block renormalised: the same numbers as an original-only
+    layout) and MABNet(C) (master and assistant descriptors concatenated, as the combined mode computes)."""
+    labels, ks, layout, dim = np.asarray(data.labels), cfg.eval.ks, cfg.model.gallery, cfg.model.dim
+
+    def run(block, what: str) -> np.ndarray:
+        return embed_images(lambda x: descriptor(block, x, layout), data.paths, model.spec,
+                            batch_size=cfg.eval.batch_size, desc=f"{what} descriptors", progress=progress)
+    emb = {"master": run(model.master, "master")}
+    row = {**_scores(emb["master"], labels, ks), "dim": int(emb["master"].shape[1]),
+           "map_original": _scores(l2_normalize(emb["master"][:, :dim]), labels, ks)["map"]}
     if model.assistant is not None:
-        emb["combined"] = embed(model, data, cfg, "combined", None, progress)
+        emb["combined"] = l2_normalize(np.concatenate([emb["master"], run(model.assistant, "assistant")], axis=1))
         row["map_combined"] = _scores(emb["combined"], labels, ks)["map"]
     return row, emb
 
@@ -483,6 +499,7 @@ def run_mabnet(cfg: MABNetConfig, device: str = "cpu", progress: bool = True, lo
         row = {"run": name, **figures, "seconds": seconds, "resumed": resumed, "final_loss": last.get("loss"),
                "s": last.get("s"), "m": last.get("m")}
         if name == "mabnet":
+            row["run"] = f"mabnet (lambda={cfg.transfer.lam:g}, per {cfg.transfer.every})"
             model.with_view("master")
             save_checkpoint(model, main_file, CheckpointMeta(embedding_space=space, role="gallery", name="mabnet",
                                                              extra={k: v for k, v in row.items() if k != "run"}))
