@@ -298,3 +298,44 @@ def test_command_prints_the_table_writes_files_and_exports(tmp_path):
     assert manifest.models["gallery"].embedding_dim == 32
     parity = manifest.extra["export"]["parity"]["gallery.onnx"]
     assert parity["images"] > 0 and parity["max_abs_diff"] <= 1e-4, parity
+
+
+# ------------------------------------------------------------------------------------------------ AFF extractor
+
+
+def test_mabnet_is_an_aff_extractor_kind(tmp_path):
+    from typer.testing import CliRunner
+
+    from sdk.cli import app
+    from training.checkpoint import CheckpointMeta, save_checkpoint
+    from training.extractors import ExtractorConfig, ExtractorError, build_extractor, load_extractor, save_extractor
+
+    model = tiny_model().eval()
+    path = save_checkpoint(model, tmp_path / "mabnet.safetensors", CheckpointMeta(role="gallery", name="mabnet"))
+    ec = ExtractorConfig.from_dict({"kind": "mabnet", "name": "mabnet", "weights": str(path), "train": {"epochs": 0}})
+    ex = build_extractor(ec, num_classes=5).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ex.extract(x).global_, model(x))
+    assert ex.global_dim == model.embedding_dim == 5 * 8
+    saved = load_extractor(save_extractor(ex, tmp_path / "ex.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(saved.extract(x).global_, model(x))
+    with pytest.raises((ExtractorError, ConfigError), match="train.epochs to 0"):
+        ExtractorConfig.from_dict({"kind": "mabnet", "weights": str(path)})  # default epochs: 2
+
+    mabnet_ex = {"kind": "mabnet", "name": "mabnet", "weights": str(path), "train": {"epochs": 0}}
+    tiny_aff = ["data.n_objects=6", "data.n_views=4", "data.image_size=48", "data.split=images", "data.held_out=0.5",
+                "extractors.0.backbone=tiny_resnet", "extractors.1.backbone=tiny_efficientnet",
+                f"extractors.2={json.dumps(mabnet_ex)}",
+                *[f"extractors.{i}.train.{k}" for i in range(2) for k in ("epochs=1", "batch_size=8")],
+                "train.epochs=1", "train.mixer_epochs=1", "train.batch_size=8", "baseline.epochs=1",
+                "embedding_dim=32", "mixer.dim=32", "mixer.depth=1", "query.image_size=64", "extract_batch_size=16",
+                "ablations=[]"]
+    args = ["train", "aff", "--config", str(ROOT / "configs" / "aff_small_instances.json"), "--out",
+            str(tmp_path / "aff"), "--no-progress", *[a for o in tiny_aff for a in ("--set", o)]]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "mabnet: MABNET on tiny_resnet" in result.output or "mabnet: MABNET" in result.output, result.output
+    report = json.loads((tmp_path / "aff" / "results.json").read_text())
+    assert any(r.get("name", r.get("run", "")).startswith("mabnet") for r in report["rows"]), report["rows"]
