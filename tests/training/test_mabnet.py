@@ -290,12 +290,12 @@ def test_command_prints_the_table_writes_files_and_exports(tmp_path):
     assert [r["run"].split(" ")[0] for r in results["rows"]][:4] == ["mabnet", "mabnet", "mabnet", "mabnet"]
     assert results["query"]["asymmetric_map"] is not None
     model, meta = load_checkpoint(tmp_path / "run" / "mabnet.safetensors", expect="mabnet")
-    assert model.embedding_dim == 4 * 8 and meta.role == "gallery" and model.master_arcface is None
+    assert model.embedding_dim == 5 * 8 and meta.role == "gallery" and model.master_arcface is None
     combined, _ = load_checkpoint(tmp_path / "run" / "mabnet_combined.safetensors", expect="mabnet")
-    assert combined.embedding_dim == 2 * 4 * 8
+    assert combined.embedding_dim == 2 * 5 * 8
     manifest = export_bundle(tmp_path / "run" / "query" / "student.safetensors", tmp_path / "bundle",
                              gallery_checkpoint=tmp_path / "run" / "mabnet.safetensors")
-    assert manifest.models["gallery"].embedding_dim == 32
+    assert manifest.models["gallery"].embedding_dim == 40
     parity = manifest.extra["export"]["parity"]["gallery.onnx"]
     assert parity["images"] > 0 and parity["max_abs_diff"] <= 1e-4, parity
 

@@ -130,11 +130,13 @@ def descriptor(block: Block, x: Tensor, layout: GalleryLayout) -> Tensor:
     size = tuple(int(n) for n in x.shape[-2:])
     boxes_g, boxes_l = gallery_boxes(layout)
     b = x.shape[0]
-    big = torch.cat([x] + [crop_resize(x, box, size) for box in boxes_g])
-    parts = list(F.normalize(block(big), dim=-1).split(b))
+
+    def per_image(views: list[Tensor]) -> Tensor:  # k views of the batch in one pass -> (B, k * D), view-major
+        e = F.normalize(block(torch.cat(views)), dim=-1)
+        return e.reshape(len(views), b, -1).transpose(0, 1).reshape(b, -1)  # reshape, not split: a dynamic batch
+    parts = [per_image([x] + [crop_resize(x, box, size) for box in boxes_g])]
     if boxes_l:
-        small = torch.cat([crop_resize(x, box, (layout.local_size,) * 2) for box in boxes_l])
-        parts += list(F.normalize(block(small), dim=-1).split(b))
+        parts.append(per_image([crop_resize(x, box, (layout.local_size,) * 2) for box in boxes_l]))
     return F.normalize(torch.cat(parts, dim=1), dim=-1)
 
 
