@@ -213,6 +213,23 @@ def test_small_images_are_upscaled_or_refused():
         fit_small_image(img, 64, "error")
 
 
+def test_multicrop_dino_photometric_options_and_small_image_upscale():
+    from sdk.preprocess import PreprocessSpec
+    from training.transforms import MultiCropTransform
+
+    spec = PreprocessSpec(input_size=(64, 64))
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (28, 28, 3), dtype=np.uint8))  # smaller than the 64 px crop
+    crops = MultiCropTransform(spec, n_global=2, global_size=64, n_local=3, local_size=32, color_jitter=0.0,
+                               grayscale=1.0, seed=0)(img)
+    assert [tuple(c.shape) for c in crops] == [(3, 64, 64)] * 2 + [(3, 32, 32)] * 3
+    mean, std = torch.tensor(spec.mean)[:, None, None], torch.tensor(spec.std)[:, None, None]
+    pixels = crops[0] * std + mean  # grayscale: the three channels are equal again
+    torch.testing.assert_close(pixels[0], pixels[1], atol=1e-2, rtol=0)
+    with pytest.raises(Exception, match="smaller than the 64 px crop"):
+        MultiCropTransform(spec, global_size=64, local_size=32, small_images="error")(img)
+
+
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="'nope'"):
         tiny_cfg(tmp_path, "crops.nope=1")
