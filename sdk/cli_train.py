@@ -203,6 +203,36 @@ def cgd(
         run_cgd(cfg, device=device, progress=progress, log=typer.echo)
 
 
+@train_app.command("mabnet")
+def mabnet(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or YAML config (e.g. configs/mabnet_instances.json; "
+                                                                    "configs/mabnet_full.json is the paper's ViT-S/16)."),
+    backbone: Optional[str] = typer.Option(None, help="Backbone of both blocks (see `retrieval-sdk backbones`)."),
+    ablation: List[str] = typer.Option([], help="Also train this ablation (repeatable): no_transfer, reversed_transfer, "
+                                                "no_kl, assistant_reference, reversed_flow, master_only, per_iteration."),
+    lam: List[float] = typer.Option([], "--lambda", help="Also train with this transfer lambda (repeatable): the sweep."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (overrides the config's 'out')."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.epochs=2 --set crops.n_local=4."),
+    threads: Optional[int] = THREADS,
+    device: str = typer.Option("cpu", help="Where to train: cpu | cuda | mps (mixed precision on cuda)."),
+    progress: bool = PROGRESS,
+) -> None:
+    """MABNet: train master and assistant gallery blocks (multi-crop, KL, ArcFace, weight transfer) on labelled
+    images; print MABNet, MABNet(C), re-ranking, ablation and lambda-sweep mAP in one table (and a distilled query
+    model's asym/sym with a `query` section), write mabnet.safetensors (exportable; an AFF extractor kind)."""
+    if config is not None and not config.is_file():
+        fail(f"--config {config} does not exist")
+    with user_errors():
+        from training.mabnet.train import load_mabnet_config, run_mabnet
+
+        flags = {"out": out and str(out), "model.backbone": backbone, "ablations": list(ablation) or None,
+                 "lambdas": list(lam) or None}
+        overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+        cfg = load_mabnet_config(config, overrides + list(set_))
+        set_threads(threads)
+        run_mabnet(cfg, device=device, progress=progress, log=typer.echo)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(quickstart)
     app.command()(backbones)

@@ -29,6 +29,7 @@ MODULE_TYPES = {
     "embedding_model": "training.models:EmbeddingModel",
     "gallery_extractor": "training.extractors.base:GalleryExtractor",
     "aff_gallery": "training.aff.gallery:AFFGallery",
+    "mabnet": "training.mabnet.model:MABNet",
 }
 V1_RERUN = {  # v1 torch-pickle formats that do not load any more, and what writes them anew
     "retrieval-sdk/gallery-extractor": "`retrieval-sdk train aff` (it retrains the extractors into .safetensors)",

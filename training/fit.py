@@ -57,11 +57,14 @@ class OptimConfig:
     momentum: float = 0.9  # sgd only
     schedule: str = "cosine"  # cosine (to 0 over the run) | constant | exp (lr * exp(-exp_decay * epoch))
     exp_decay: float = 0.01  # exp only: the paper's l0 * exp(-0.01 * epoch)
+    warmup_steps: int = 0  # cosine only: linear warm-up from 0 over these steps, then the cosine over the rest
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS or self.schedule not in SCHEDULES:
             raise FitError(f"optimizer must be one of {OPTIMIZERS} and schedule one of {SCHEDULES}, got "
                            f"{self.name!r}, {self.schedule!r}")
+        if self.warmup_steps < 0:
+            raise FitError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
 
 
 @dataclass(frozen=True)
@@ -143,15 +146,22 @@ def build_optimizer(param_groups: list[dict], cfg: OptimConfig) -> torch.optim.O
 
 def build_schedule(opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
                    steps_per_epoch: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
-    """The one learning-rate schedule: cosine from each group's lr to 0 over `total_steps`, constant, or
-    exp (each group's lr times exp(-exp_decay * epoch), stepped once per epoch)."""
+    """The one learning-rate schedule: cosine from each group's lr to 0 over `total_steps` (after a linear
+    warm-up of `warmup_steps`), constant, or exp (each group's lr times exp(-exp_decay * epoch), stepped
+    once per epoch)."""
     if cfg.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     if cfg.schedule == "exp":
         per = max(1, steps_per_epoch)
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: math.exp(-cfg.exp_decay * (s // per)))
-    total = max(1, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    warm = min(cfg.warmup_steps, max(0, total_steps - 1))
+    total = max(1, total_steps - warm)
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / (warm + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(s - warm, total) / total))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:

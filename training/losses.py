@@ -19,6 +19,7 @@ from training.errors import TrainingError
 __all__ = [
     "arcface_logits",
     "ArcFace",
+    "BoundedArcFace",
     "label_smoothing_cross_entropy",
     "batch_hard_triplet_loss",
     "embedding_kl",
@@ -142,6 +143,44 @@ class ArcFace(nn.Module):
             f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
             f"s={float(self.s):.3f}, m={float(self.margin):.3f}, easy_margin={self.easy_margin}"
         )
+
+
+def _logit(fraction: float) -> float:
+    return math.log(fraction / (1.0 - fraction))
+
+
+class BoundedArcFace(ArcFace):
+    """ArcFace with learnable s and m held inside `s_bounds` and `m_bounds` (MABNet): each is
+    lo + (hi - lo) * sigmoid(raw), so the loss cannot grow s (or shrink m) without limit until it is trivial.
+    The raw parameters start where s and m equal their initial values."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, s: float = 30.0, m: float = 0.3,
+                 s_bounds: tuple[float, float] = (8.0, 64.0), m_bounds: tuple[float, float] = (0.05, 0.6)) -> None:
+        super().__init__(embedding_dim, num_classes, s, m)
+        del self._buffers["s"], self._buffers["m"]  # replaced by the bounded parametrisation below
+        for name, value, (lo, hi) in (("s", s, s_bounds), ("m", m, m_bounds)):
+            if not 0 <= lo < value < hi:
+                raise TrainingError(f"ArcFace {name}={value} must lie strictly inside its bounds ({lo}, {hi})")
+        self.s_bounds, self.m_bounds = (float(s_bounds[0]), float(s_bounds[1])), (float(m_bounds[0]), float(m_bounds[1]))
+        self.s_raw = nn.Parameter(torch.tensor(_logit((s - s_bounds[0]) / (s_bounds[1] - s_bounds[0]))))
+        self.m_raw = nn.Parameter(torch.tensor(_logit((m - m_bounds[0]) / (m_bounds[1] - m_bounds[0]))))
+
+    @property
+    def scale(self) -> Tensor:
+        lo, hi = self.s_bounds
+        return lo + (hi - lo) * torch.sigmoid(self.s_raw)
+
+    @property
+    def margin(self) -> Tensor:
+        lo, hi = self.m_bounds
+        return lo + (hi - lo) * torch.sigmoid(self.m_raw)
+
+    def logits(self, embeddings: Tensor, labels: Tensor | None) -> Tensor:
+        return arcface_logits(embeddings, self.weight, labels, self.scale, self.margin, self.easy_margin)
+
+    def extra_repr(self) -> str:
+        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, s={float(self.scale):.3f} in "
+                f"{self.s_bounds}, m={float(self.margin):.3f} in {self.m_bounds}")
 
 
 # ------------------------------------------------------------------------------ classification loss

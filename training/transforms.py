@@ -16,7 +16,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from sdk.preprocess import PreprocessSpec, load_image, normalize, preprocess_image
 
@@ -81,6 +81,36 @@ def color_jitter(img: Image.Image, strength: float, rng: random.Random) -> Image
     for op in ops:
         img = op(img).enhance(rng.uniform(1.0 - strength, 1.0 + strength))
     return img
+
+
+def dino_photometric(img: Image.Image, grayscale: float, blur: float, solarize: float, rng: random.Random) -> Image.Image:
+    """DINO's photometric augmentations beyond colour jitter, each with its probability: grayscale, Gaussian
+    blur (radius 0.1-2 px, DINO's sigma range) and solarization (pixels >= 128 inverted)."""
+    if grayscale and rng.random() < grayscale:
+        img = ImageOps.grayscale(img).convert("RGB")
+    if blur and rng.random() < blur:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.1, 2.0)))
+    if solarize and rng.random() < solarize:
+        img = ImageOps.solarize(img, 128)
+    return img
+
+
+SMALL_IMAGES = ("upscale", "error")
+
+
+def fit_small_image(img: Image.Image, min_side: int, policy: str, resample: int = Image.BICUBIC) -> Image.Image:
+    """An image whose short side is below `min_side` (the largest crop): upscaled so that side equals it
+    (`policy` "upscale"), or a TrainingError ("error"). Larger images are returned as they are."""
+    short = min(img.size)
+    if short >= min_side:
+        return img
+    if policy == "error":
+        raise TrainingError(f"image {img.size[0]}x{img.size[1]} is smaller than the {min_side} px crop; use larger "
+                            "images, a smaller crop size, or small_images='upscale'")
+    if policy != "upscale":
+        raise TrainingError(f"small_images must be one of {SMALL_IMAGES}, got {policy!r}")
+    w, h = img.size
+    return img.resize((max(min_side, round(w * min_side / short)), max(min_side, round(h * min_side / short))), resample)
 
 
 # ---------------------------------------------------------------- validation
@@ -176,6 +206,8 @@ class MultiCropTransform:
     """DINO-style multi-crop: `n_global` large crops then `n_local` small crops, each flipped and jittered.
 
     Returns a list of tensors (globals first), normalised per the spec; used by MABNet gallery training.
+    DINO's other photometric augmentations are options (`grayscale`, `blur`, `solarize`: probabilities per
+    crop). An image smaller than the global crop is upscaled first, or refused (`small_images`).
     """
 
     spec: PreprocessSpec
@@ -188,9 +220,18 @@ class MultiCropTransform:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     color_jitter: float = 0.3
     seed: int | None = None
+    grayscale: float = 0.0
+    blur: float = 0.0
+    solarize: float = 0.0
+    small_images: str = "upscale"
     _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.small_images not in SMALL_IMAGES:
+            raise TrainingError(f"small_images must be one of {SMALL_IMAGES}, got {self.small_images!r}")
+        if not all(0.0 <= p <= 1.0 for p in (self.grayscale, self.blur, self.solarize)):
+            raise TrainingError(f"grayscale, blur and solarize are probabilities in [0, 1], got "
+                                f"{self.grayscale}, {self.blur}, {self.solarize}")
         if not isinstance(self.n_global, int) or self.n_global < 1:
             raise TrainingError(f"n_global must be an int >= 1 (the teacher sees global crops), got {self.n_global}")
         if not isinstance(self.n_local, int) or self.n_local < 0:
@@ -207,11 +248,13 @@ class MultiCropTransform:
         out = random_resized_crop(img, size, scale, self.ratio, rng, _RESAMPLE[self.spec.interpolation])
         if rng.random() < 0.5:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return to_tensor(color_jitter(out, self.color_jitter, rng), self.spec)
+        out = dino_photometric(color_jitter(out, self.color_jitter, rng), self.grayscale, self.blur, self.solarize, rng)
+        return to_tensor(out, self.spec)
 
     def __call__(self, source: ImageSource) -> list[torch.Tensor]:
         rng = _seeded_rng(self.seed, self._state)
-        img = load_image(source)
+        img = fit_small_image(load_image(source), max(self.global_size), self.small_images,
+                              _RESAMPLE[self.spec.interpolation])
         crops = [self._crop(img, self.global_size, self.global_scale, rng) for _ in range(self.n_global)]
         crops += [self._crop(img, self.local_size, self.local_scale, rng) for _ in range(self.n_local)]
         return crops

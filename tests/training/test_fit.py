@@ -104,6 +104,19 @@ def test_cosine_schedule_goes_from_lr_to_zero():
     assert lrs == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466, 0.0])
 
 
+def test_warmup_rises_linearly_then_the_cosine_runs_over_the_rest():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_schedule(opt, OptimConfig("sgd", warmup_steps=2), total_steps=6)
+    lrs = []
+    for _ in range(7):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1 / 3, 2 / 3, 1.0, 0.8535534, 0.5, 0.1464466, 0.0])
+    with pytest.raises(FitError, match="warmup_steps"):
+        OptimConfig(warmup_steps=-1)
+
+
 def test_exp_schedule_decays_once_per_epoch():
     """Rank distillation's l0 * exp(-0.01 * epoch): constant within an epoch, one decay step per epoch."""
     opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=1.0)

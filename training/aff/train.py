@@ -152,7 +152,7 @@ def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str,
             return ex, path, time.perf_counter() - t0
         log(f"  {ec.name}: {path} was trained with another config or data; retraining")
     ex = build_extractor(ec, num_classes=len(train.classes))
-    if ec.weights:
+    if ec.weights and ec.kind != "mabnet":  # a mabnet extractor is its `train mabnet` checkpoint, read when built
         if read_header(ec.weights)["format"] == FORMAT:  # an extractor saved by this project
             saved = load_extractor(ec.weights)
             own_heads = {k: v for k, v in ex.state_dict().items() if k.startswith(CLASSIFIERS)}

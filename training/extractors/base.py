@@ -24,7 +24,7 @@ from training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from training.config import from_dict, to_dict
 from training.errors import TrainingError
 
-KINDS = ("delg", "dolg", "cvnet", "rmac", "noise")
+KINDS = ("delg", "dolg", "cvnet", "rmac", "noise", "mabnet")  # mabnet: a `train mabnet` checkpoint (training/extractors/mabnet.py)
 
 
 class ExtractorError(TrainingError):
@@ -107,6 +107,9 @@ class ExtractorConfig:
             raise ExtractorError(f"extractor {self.name}: dim, local_dim, attention_hidden must be >= 1 and num_local >= 0")
         if not self.scales or min(self.scales) <= 0:
             raise ExtractorError(f"extractor {self.name}: scales must be positive numbers, got {self.scales}")
+        if self.kind == "mabnet" and (self.train.epochs or not self.weights):
+            raise ExtractorError(f"extractor {self.name}: a mabnet extractor is trained by `retrieval-sdk train mabnet`; "
+                                 "set weights to its mabnet.safetensors and train.epochs to 0")
         if self.kind != "delg" and self.num_local:
             raise ExtractorError(f"extractor {self.name}: only DELG produces local features (num_local), not {self.kind}")
 
@@ -219,6 +222,10 @@ class GalleryExtractor(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> "GalleryExtractor":
         """Rebuild from `module_config()`; the backbone's pretrained weights come with the state dict."""
+        if config.get("mabnet") is not None:  # a MABNet wrapped as an extractor: rebuilt from its own config
+            from training.extractors.mabnet import MABNetExtractor
+
+            return MABNetExtractor.from_saved(config)
         ec = ExtractorConfig.from_dict(config["config"])
         extractor = build_extractor(replace(ec, pretrained=False, weights=None), config["num_classes"])
         extractor.config = ec
@@ -301,6 +308,10 @@ def build_extractor(config: ExtractorConfig | dict, num_classes: int | None = No
         from training.extractors.delg import DELG
 
         return DELG(config, num_classes)
+    if config.kind == "mabnet":
+        from training.extractors.mabnet import MABNetExtractor
+
+        return MABNetExtractor(config, num_classes)
     if config.kind == "dolg":
         from training.extractors.dolg import DOLG
 
