@@ -115,11 +115,16 @@ def aff(
         from training.aff.config import load_config
         from training.aff.train import run_aff
 
-        overrides = list(set_) + ([f"out={json.dumps(str(out))}"] if out is not None else [])
+        overrides = list(set_) + flag_overrides({"out": None if out is None else str(out)})
         cfg = load_config(config, overrides)
         set_threads(threads)
         run_aff(cfg, progress=progress, overwrite_cache=overwrite_cache, log=typer.echo, device=device,
                 resume=resume)
+
+
+def flag_overrides(flags: dict) -> list[str]:
+    """Command-line flags as `--set key=value` overrides (JSON values); flags left at None are not given."""
+    return [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
 
 
 @train_app.command("distill")
@@ -158,9 +163,9 @@ def distill(
                  "eval_images": None if eval_images is None else str(eval_images), "student.backbone": student,
                  "student.init": None if init is None else str(init),
                  "teacher_budget": teacher_budget, "ablations": list(ablation) or None}
-        overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+        overrides = flag_overrides(flags)
         if mode is not None:
-            overrides += [f"loss.{k}={json.dumps(v)}" for k, v in ABLATIONS[mode].items()]
+            overrides += flag_overrides({f"loss.{k}": v for k, v in ABLATIONS[mode].items()})
         cfg = load_distill_config(config, overrides + list(set_))
         set_threads(threads)
         run_distill(cfg, device=device, progress=progress, log=typer.echo)
@@ -197,7 +202,7 @@ def cgd(
                  "model.backbone": backbone, "ablations": list(ablation) or None}
         if images is not None:
             flags.update({"data.kind": "folder", "data.root": str(images), "data.split": "classes"})
-        overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+        overrides = flag_overrides(flags)
         cfg = load_cgd_config(config, overrides + list(set_))
         set_threads(threads)
         run_cgd(cfg, device=device, progress=progress, log=typer.echo)
@@ -227,7 +232,7 @@ def mabnet(
 
         flags = {"out": out and str(out), "model.backbone": backbone, "ablations": list(ablation) or None,
                  "lambdas": list(lam) or None}
-        overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+        overrides = flag_overrides(flags)
         cfg = load_mabnet_config(config, overrides + list(set_))
         set_threads(threads)
         run_mabnet(cfg, device=device, progress=progress, log=typer.echo)
