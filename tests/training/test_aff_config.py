@@ -67,6 +67,7 @@ def test_overrides_reach_nested_sections_and_list_items():
     (["colour=red"], "config: unknown key 'colour'"),
     (["fusion_variants=[\"gated\"]"], "unknown fusion variant 'gated'"),
     (["robustness.noise_dim=-1"], "robustness.noise_dim must be >= 0"),
+    (["robustness.noise_draws=[\"fresh\"]"], "noise_draws must be distinct entries of \\['fixed', 'redrawn'\\]"),
     (["robustness.extractors=[{\"kind\": \"rmac\", \"name\": \"dolg\"}]"], "repeated: \\['dolg'\\]"),
     (["robustness.noise_dim=8", "robustness.extractors=[{\"kind\": \"rmac\", \"name\": \"noise\"}]"],
      "repeated: \\['noise'\\]"),

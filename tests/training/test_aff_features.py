@@ -12,7 +12,7 @@ from training.aff.features import (FeatureCacheError, FeatureSet, LabelError, ch
                                    extract_features, open_cache, read_header)
 from training.aff.mixer import local_key, mask_key
 from training.data import make_instance_set
-from training.extractors import ExtractorConfig, build_extractor
+from training.extractors import ExtractorConfig, ExtractorTrainConfig, build_extractor
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +110,23 @@ def test_feature_set_lines_up_caches_and_checks_counts_and_labels(images, tmp_pa
         FeatureSet([a, b], missing)
     with pytest.raises(LabelError, match="has label 2 but the classifier has 2 classes"):
         FeatureSet([a, b], images.labels, num_classes=2)
+
+
+def test_redrawn_noise_rows_are_fresh_on_every_read_and_key_the_stage_apart(images, tmp_path):
+    """A redrawn feature never repeats (it cannot be memorised); the others still read the cache."""
+    a = extract_features(cvnet(), images.paths, images.labels, tmp_path / "a", progress=False, log=lambda s: None)
+    ec = ExtractorConfig("noise", name="noise", backbone="tiny_resnet", dim=6, train=ExtractorTrainConfig(epochs=0))
+    n = extract_features(build_extractor(ec), images.paths, images.labels, tmp_path / "n", progress=False,
+                         log=lambda s: None)
+    fixed = FeatureSet([a, n], images.labels).load()
+    fresh = FeatureSet([a, n], images.labels, redraw=["noise"]).load()
+    one, two = fresh.batch([0, 3]), fresh.batch([0, 3])
+    assert torch.equal(one["cvnet"], fixed.batch([0, 3])["cvnet"])
+    assert one["noise"].shape == (2, 6) and not torch.equal(one["noise"], two["noise"])
+    assert torch.equal(fixed.batch([0, 3])["noise"], fixed.batch([0, 3])["noise"])
+    assert fresh.fingerprint != fixed.fingerprint  # a resumable stage of one is never resumed as the other
+    with pytest.raises(FeatureCacheError, match=r"features to redraw \['nois'\] are not among"):
+        FeatureSet([a, n], images.labels, redraw=["nois"])
 
 
 def test_check_labels():

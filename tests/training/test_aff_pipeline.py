@@ -78,6 +78,7 @@ def test_train_aff_cli_end_to_end(tmp_path):
 
 
 STUDIES = ['fusion_variants=["concat_mlp", "laff", "orthogonal"]', "leave_one_out=true", "robustness.noise_dim=16",
+           'robustness.noise_draws=["fixed", "redrawn"]',
            'robustness.extractors=[{"kind": "rmac", "name": "rmac", "backbone": "tiny_resnet", "dim": 16, '
            '"train": {"epochs": 0}}, {"kind": "cvnet", "name": "gem", "backbone": "tiny_resnet", "dim": 16, '
            '"scales": [1.0], "train": {"epochs": 0}}]', "ablations=[]"]
@@ -91,7 +92,8 @@ def test_studies_print_one_table_each(tmp_path):
     report = run_aff(cfg, progress=False, log=lines.append)
     text = "\n".join(lines)
     for row in ("fusion variants", "dynamic mixer (AFF)", "laff", "orthogonal", "robustness to noisy gallery features",
-                "clean (delg, dolg, cvnet)", "+ 2 weak (rmac, gem)", "+ gaussian noise 16-d", "leave-one-feature-out",
+                "clean (delg, dolg, cvnet)", "+ 2 weak (rmac, gem)", "+ gaussian noise 16-d", "+ gaussian noise 16-d (redrawn)",
+                "leave-one-feature-out",
                 "without delg", "without cvnet", "the ensemble loses more than the mixer", "every feature helps"):
         assert row in text, row
     assert set(report["fusions"]) == {"concat_mlp", "laff", "orthogonal"}
@@ -99,12 +101,14 @@ def test_studies_print_one_table_each(tmp_path):
         assert 0 <= v["asym"]["map"] <= 1 and v["ratio"] == pytest.approx(v["asym"]["map"] / v["mixer"]["map"])
     rob = report["robustness"]
     assert [r["features"] for r in rob] == [["delg", "dolg", "cvnet"], ["delg", "dolg", "cvnet", "rmac", "gem"],
-                                            ["delg", "dolg", "cvnet", "noise"]]
+                                            ["delg", "dolg", "cvnet", "noise"], ["delg", "dolg", "cvnet", "noise"]]
     ens = [r for r in report["rows"] if r["kind"] == "ensemble"][0]
     assert rob[0]["ensemble"]["map"] == pytest.approx(ens["map"])  # the clean row is the main table's ensemble
     assert [r["features"] for r in report["leave_one_out"][1:]] == [["dolg", "cvnet"], ["delg", "cvnet"], ["delg", "dolg"]]
     drop = rob[0]["ensemble"]["map"] - rob[2]["ensemble"]["map"]
     assert report["checks"]["robust_to gaussian noise 16-d"]["ensemble_drop"] == pytest.approx(drop)
+    assert rob[3]["ensemble"] == rob[2]["ensemble"]  # the same cached noise is evaluated; only training differs
+    assert "robust_to gaussian noise 16-d (redrawn)" in report["checks"]
     assert {"mixer_beats_laff", "mixer_beats_orthogonal", "every_feature_helps"} <= set(report["checks"])
     assert not (tmp_path / "checkpoints").exists()
 

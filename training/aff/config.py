@@ -140,19 +140,32 @@ class BaselineConfig:
     lr: float = 1e-3
 
 
+NOISE_DRAWS = ("fixed", "redrawn")
+
+
 @dataclass(frozen=True)
 class RobustnessConfig:
     """Noisy gallery features added to the extractors, each group in turn, to see whether the mixer ignores
     them where the ensemble cannot: `extractors` (weak ones, e.g. kind "rmac", or "cvnet" with train.epochs 0
     on an untrained / ImageNet-only backbone) and a pure Gaussian-noise feature of `noise_dim` dims (0 = none).
-    Each noisy set gets its own mixer (the main mixer's feature-only stage, same settings and seed)."""
+    Each noisy set gets its own mixer (the main mixer's feature-only stage, same settings and seed).
+
+    `noise_draws`: one row per entry. "fixed": one cached draw per image, as an extracted feature is; a mixer
+    trained on a few hundred images can memorise those rows (a random code per training image).
+    "redrawn": the training rows are drawn afresh at every step, so the noise cannot be memorised, as it
+    cannot be among GLDv2's 1.5M images in the paper; evaluation reads the cached draw either way."""
 
     extractors: tuple[ExtractorConfig, ...] = ()
     noise_dim: int = 0
+    noise_draws: tuple[str, ...] = ("fixed",)
 
     def __post_init__(self) -> None:
         if self.noise_dim < 0:
             raise ConfigError(f"robustness.noise_dim must be >= 0 (0 = no noise feature), got {self.noise_dim}")
+        bad = [d for d in self.noise_draws if d not in NOISE_DRAWS]
+        if bad or not self.noise_draws or len(set(self.noise_draws)) != len(self.noise_draws):
+            raise ConfigError(f"robustness.noise_draws must be distinct entries of {list(NOISE_DRAWS)}, got "
+                              f"{list(self.noise_draws)}")
 
     @property
     def enabled(self) -> bool:

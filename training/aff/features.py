@@ -293,7 +293,9 @@ class FeatureSet:
     """
 
     def __init__(self, caches: Sequence[FeatureCache], labels: Sequence[int] | None, num_classes: int | None = None,
-                 use_local: bool = True):
+                 use_local: bool = True, redraw: Sequence[str] = ()):
+        """`redraw`: names of pure-noise features whose rows `batch()` draws afresh from N(0, 1) (torch's
+        generator) on every read instead of reading the cache, so a training set cannot memorise them."""
         if not caches:
             raise FeatureCacheError("no feature caches given")
         names = [c.name for c in caches]
@@ -312,6 +314,10 @@ class FeatureSet:
         self.count = caches[0].count
         self.labels = check_labels(labels, self.count, num_classes)
         self.use_local = use_local
+        unknown = sorted(set(redraw) - set(names))
+        if unknown:
+            raise FeatureCacheError(f"features to redraw {unknown} are not among the features {names}")
+        self.redraw = frozenset(redraw)
         self._arrays = {c.name: c.arrays for c in caches}
 
     @property
@@ -321,7 +327,8 @@ class FeatureSet:
     @property
     def fingerprint(self) -> list:
         """What these features are: the images and each extractor's weights (a resumable stage's key)."""
-        return [self.caches[0].dataset, self.use_local, [(c.name, c.header["extractor"]["weights"]) for c in self.caches]]
+        fp = [self.caches[0].dataset, self.use_local, [(c.name, c.header["extractor"]["weights"]) for c in self.caches]]
+        return fp + [sorted(self.redraw)] if self.redraw else fp
 
     def specs(self) -> tuple[FeatureSpec, ...]:
         return tuple(s for c in self.caches for s in c.specs(self.use_local))
@@ -343,7 +350,10 @@ class FeatureSet:
         out: dict[str, torch.Tensor] = {}
         for name in self.names:
             arrays = self._arrays[name]
-            out[name] = torch.from_numpy(np.ascontiguousarray(arrays["global"][idx], dtype=np.float32))
+            if name in self.redraw:
+                out[name] = torch.randn(len(idx), arrays["global"].shape[1])
+            else:
+                out[name] = torch.from_numpy(np.ascontiguousarray(arrays["global"][idx], dtype=np.float32))
             if self.use_local and "local" in arrays:
                 out[local_key(name)] = torch.from_numpy(np.ascontiguousarray(arrays["local"][idx], dtype=np.float32))
                 count = torch.from_numpy(np.asarray(arrays["local_count"][idx], dtype=np.int64))

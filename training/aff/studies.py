@@ -37,19 +37,21 @@ class StudyData:
     eval_classes: int
     use_local: bool
 
-    def sets(self, train: Sequence[FeatureCache], eval_: Sequence[FeatureCache]) -> tuple[FeatureSet, FeatureSet]:
-        return (FeatureSet(train, self.train_labels, self.num_classes, self.use_local).load(),
+    def sets(self, train: Sequence[FeatureCache], eval_: Sequence[FeatureCache],
+             redraw: Sequence[str] = ()) -> tuple[FeatureSet, FeatureSet]:
+        """Training and evaluation sets; `redraw` (noise features) is drawn afresh in training only."""
+        return (FeatureSet(train, self.train_labels, self.num_classes, self.use_local, redraw).load(),
                 FeatureSet(eval_, self.eval_labels, self.eval_classes, self.use_local).load())
 
 
 def feature_only_row(cfg: AFFConfig, data: StudyData, train: Sequence[FeatureCache], eval_: Sequence[FeatureCache],
                      desc: str, progress: bool, log: Log, device: str, checkpoints: Checkpoints | None,
-                     warm=None) -> dict:
+                     warm=None, redraw: Sequence[str] = ()) -> dict:
     """Symmetric mAP / R@1 of the ensemble and of the mixer (feature-only stage; `warm` reuses a trained one)
     over these features."""
     from training.aff.train import embed_features, symmetric, warm_up_mixer  # train.py runs the studies
 
-    train_set, eval_set = data.sets(train, eval_)
+    train_set, eval_set = data.sets(train, eval_, redraw)
     if warm is None:
         warm = warm_up_mixer(cfg, cfg.train, train_set, data.num_classes, desc, progress, log, device, checkpoints)
     labels = eval_set.labels
@@ -57,15 +59,17 @@ def feature_only_row(cfg: AFFConfig, data: StudyData, train: Sequence[FeatureCac
             "mixer": symmetric(embed_features(warm.mixer, eval_set), labels)}
 
 
-def robustness_study(cfg: AFFConfig, data: StudyData, groups: dict[str, tuple[list, list]], clean_warm,
-                     progress: bool, log: Log, device: str, checkpoints: Checkpoints | None) -> list[dict]:
-    """Rows: the clean features, then the clean features + each noisy group (name -> (train, eval) caches)."""
+def robustness_study(cfg: AFFConfig, data: StudyData, groups: dict[str, tuple[list, list, tuple[str, ...]]],
+                     clean_warm, progress: bool, log: Log, device: str, checkpoints: Checkpoints | None) -> list[dict]:
+    """Rows: the clean features, then the clean features + each noisy group (name -> (train caches, eval
+    caches, names of its features redrawn in training))."""
     rows = [{"name": "clean", **feature_only_row(cfg, data, data.train, data.eval, "", progress, log, device,
                                                   checkpoints, clean_warm)}]
-    for name, (train, eval_) in groups.items():
+    for name, (train, eval_, redraw) in groups.items():
         log(f"robustness: + {name}")
         rows.append({"name": f"+ {name}", **feature_only_row(cfg, data, [*data.train, *train], [*data.eval, *eval_],
-                                                             f"[+ {name}]", progress, log, device, checkpoints)})
+                                                             f"[+ {name}]", progress, log, device, checkpoints,
+                                                             redraw=redraw)})
     return rows
 
 

@@ -535,17 +535,19 @@ def run_studies(cfg: AFFConfig, splits: Splits, caches: dict[str, list], train_l
     if cfg.robustness.enabled:
         t = time.perf_counter()
         log("robustness: noisy gallery features")
-        groups: dict[str, tuple[list, list]] = {}
+        groups: dict[str, tuple[list, list, tuple[str, ...]]] = {}
         weak = [prepare_extractor(ec, splits.train, train_fp, out, progress, log, device, checkpoints)[0]
                 for ec in cfg.robustness.extractors]
         if weak:
             c = extract_splits(weak, splits, cfg, overwrite_cache, progress, log)
-            groups[f"{len(weak)} weak ({', '.join(ex.name for ex in weak)})"] = (c["train"], c["eval"])
+            groups[f"{len(weak)} weak ({', '.join(ex.name for ex in weak)})"] = (c["train"], c["eval"], ())
         if cfg.robustness.noise_dim:
             ec = cfg.robustness.noise_extractor(cfg.seed)
             noise = prepare_extractor(ec, splits.train, train_fp, out, progress, log, device, checkpoints)[0]
             c = extract_splits([noise], splits, cfg, overwrite_cache, progress, log)
-            groups[f"gaussian noise {ec.dim}-d"] = (c["train"], c["eval"])
+            for draw in cfg.robustness.noise_draws:
+                name = f"gaussian noise {ec.dim}-d" + (" (redrawn)" if draw == "redrawn" else "")
+                groups[name] = (c["train"], c["eval"], (ec.name,) if draw == "redrawn" else ())
         studies["robustness"] = robustness_study(cfg, data, groups, clean_warm, progress, log, device, checkpoints)
         timings["robustness"] = time.perf_counter() - t
     if cfg.leave_one_out:
