@@ -13,6 +13,8 @@ from sdk.cli_errors import fail, user_errors
 
 THREADS = typer.Option(None, help="torch CPU threads (default: all cores).")
 PROGRESS = typer.Option(True, help="Show progress bars.")
+OUT = typer.Option(None, help="Output folder (overrides the config's 'out').")
+DEVICE = typer.Option("cpu", help="Where to train: cpu | cuda | mps (mixed precision on cuda).")
 
 
 def set_threads(threads: Optional[int]) -> None:
@@ -95,13 +97,13 @@ train_app = typer.Typer(
 def aff(
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", help="JSON or YAML config (default: the built-in small config = configs/aff_small.json)."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (overrides the config's 'out')."),
+    out: Optional[Path] = OUT,
     set_: List[str] = typer.Option(
         [], "--set", help="Override a config value, e.g. --set train.epochs=1 --set extractors.0.train.epochs=1."),
     overwrite_cache: bool = typer.Option(
         False, help="Re-extract feature caches that belong to another dataset instead of stopping."),
     threads: Optional[int] = THREADS,
-    device: str = typer.Option("cpu", help="Where to train: cpu | cuda | mps (mixed precision on cuda)."),
+    device: str = DEVICE,
     resume: bool = typer.Option(True, help="Continue an interrupted run from OUT/checkpoints (--no-resume: start "
                                            "every stage afresh)."),
     progress: bool = PROGRESS,
@@ -141,10 +143,10 @@ def distill(
     teacher_budget: Optional[int] = typer.Option(None, min=0, help="Most images sent to the teacher (cached ones are free)."),
     ablation: List[str] = typer.Option([], help="Also train with this switch, same data: no_augmentation, "
                                                 "no_mixup_labelling, grad_through_mixed, symmetric, asymmetric."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (overrides the config's 'out')."),
+    out: Optional[Path] = OUT,
     set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set epochs=5 --set loss.tau=0.7."),
     threads: Optional[int] = THREADS,
-    device: str = typer.Option("cpu", help="Where to train: cpu | cuda | mps."),
+    device: str = DEVICE,
     progress: bool = PROGRESS,
 ) -> None:
     """Rank distillation: train a phone-size student from a black-box teacher's rankings on unlabelled images;
@@ -182,10 +184,10 @@ def cgd(
     backbone: Optional[str] = typer.Option(None, help="Backbone (see `retrieval-sdk backbones`)."),
     ablation: List[str] = typer.Option([], help="Also train this descriptor configuration (repeatable), same data "
                                                 "and batches, e.g. --ablation S --ablation M --ablation G."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (overrides the config's 'out')."),
+    out: Optional[Path] = OUT,
     set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.epochs=2 --set sampler.k=4."),
     threads: Optional[int] = THREADS,
-    device: str = typer.Option("cpu", help="Where to train: cpu | cuda | mps (mixed precision on cuda)."),
+    device: str = DEVICE,
     progress: bool = PROGRESS,
 ) -> None:
     """CGD: train a retrieval model on labelled images (batch-hard triplet + smoothed softmax on P x K batches);
@@ -216,10 +218,10 @@ def mabnet(
     ablation: List[str] = typer.Option([], help="Also train this ablation (repeatable): no_transfer, reversed_transfer, "
                                                 "no_kl, assistant_reference, reversed_flow, master_only, per_iteration."),
     lam: List[float] = typer.Option([], "--lambda", help="Also train with this transfer lambda (repeatable): the sweep."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (overrides the config's 'out')."),
+    out: Optional[Path] = OUT,
     set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.epochs=2 --set crops.n_local=4."),
     threads: Optional[int] = THREADS,
-    device: str = typer.Option("cpu", help="Where to train: cpu | cuda | mps (mixed precision on cuda)."),
+    device: str = DEVICE,
     progress: bool = PROGRESS,
 ) -> None:
     """MABNet: train master and assistant gallery blocks (multi-crop, KL, ArcFace, weight transfer) on labelled
