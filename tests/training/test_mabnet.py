@@ -243,6 +243,13 @@ def test_config_errors_name_the_key(tmp_path):
         tiny_cfg(tmp_path, "model.image_size=32")
 
 
+def test_a_bad_query_section_is_refused_before_any_training(tmp_path):
+    cfg = tiny_cfg(tmp_path, 'query={"procedural": {"seed": 0}, "epochs": 1}')  # data.seed is 0 too
+    with pytest.raises(ConfigError, match="procedural.seed 0 equals data.seed"):
+        mt.run_mabnet(cfg, progress=False, log=None)
+    assert not (tmp_path / "run").exists() and not list(tmp_path.rglob("*.safetensors"))
+
+
 def test_resuming_with_another_class_count_is_an_error(tmp_path, interrupt_at):
     cfg = tiny_cfg(tmp_path)
     splits = _splits(cfg)

@@ -450,15 +450,22 @@ def table(rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------ query model
 
 
-def distil_query(cfg: MABNetConfig, gallery: Path, device: str, progress: bool, log: Log) -> dict:
-    """A phone query model distilled into the gallery's space by `train distill` (asymmetric mode, the
-    MABNet gallery as the teacher, the same data); returns its figures."""
-    from training.distill import ABLATIONS as DISTILL_MODES, DistillConfig, run_distill
+def query_config(cfg: MABNetConfig, gallery: Path):
+    """The `query` section as a `train distill` config (asymmetric mode, the MABNet gallery as the teacher,
+    the same data). Building it checks the section, so run_mabnet does so before any training."""
+    from training.distill import ABLATIONS as DISTILL_MODES, DistillConfig
 
     section = {"name": "query", "out": str(Path(cfg.out) / "query"), **(cfg.query or {}),
                "teacher": str(gallery), "data": to_dict(cfg.data), "ablations": []}
     section["loss"] = {**section.get("loss", {}), **DISTILL_MODES["asymmetric"]}
-    dcfg = from_dict(DistillConfig, section, "query")
+    return from_dict(DistillConfig, section, "query")
+
+
+def distil_query(cfg: MABNetConfig, gallery: Path, device: str, progress: bool, log: Log) -> dict:
+    """A phone query model distilled into the gallery's space by `train distill`; returns its figures."""
+    from training.distill import run_distill
+
+    dcfg = query_config(cfg, gallery)
     res = run_distill(dcfg, device=device, progress=progress, log=log)
     row = res["rows"][0]
     return {"student": dcfg.student.backbone, "teacher_map": res["teacher_map"], "asymmetric_map": row.get("asymmetric_map"),
@@ -473,6 +480,8 @@ def run_mabnet(cfg: MABNetConfig, device: str = "cpu", progress: bool = True, lo
     from training.aff.train import load_splits  # the one reader of every labelled layout and split
 
     resolve_device(device)
+    if cfg.query is not None:
+        query_config(cfg, Path(cfg.out) / "mabnet.safetensors")  # a bad query section fails before any work
     log = log or (lambda _: None)
     t0 = time.perf_counter()
     out = Path(cfg.out)
