@@ -17,13 +17,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 from sdk.preprocess import load_image, preprocess_image
 from training.embed import embed_images
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.models import EmbeddingModel
-from training.transforms import random_resized_crop
+from training.transforms import random_box
 from training.errors import TrainingError
 
 
@@ -50,19 +52,57 @@ def fit_linear_map(x: np.ndarray, y: np.ndarray, ridge: float = 1.0) -> tuple[np
     return w.astype(np.float32), (my - mx @ w.T).astype(np.float32)
 
 
-def _crop(img, cfg: CompatConfig, rng: random.Random):
-    """A random resized crop at the image's own resolution (the models' spec resizes it later)."""
-    return random_resized_crop(img, (img.height, img.width), cfg.crop_scale, (3 / 4, 4 / 3), rng)
+def _box(size: tuple[int, int], cfg: CompatConfig, rng: random.Random) -> tuple[int, int, int, int]:
+    return random_box(*size, cfg.crop_scale, (3 / 4, 4 / 3), rng)
 
 
-def _crops(images: Sequence, cfg: CompatConfig, rng: random.Random, views: int | None = None) -> list:
-    """The clean images followed by `views` (default cfg.views) random resized crops of each (kept at
-    full resolution)."""
-    loaded = [load_image(img) for img in images]
-    out = list(loaded)
-    for _ in range(cfg.views if views is None else views):
-        out += [_crop(img, cfg, rng) for img in loaded]
-    return out
+def _cut(img, box):
+    """The crop resized back to the image's own resolution (the models' spec resizes it later)."""
+    return img if box is None else img.crop(box).resize((img.width, img.height), Image.BILINEAR)
+
+
+def _crop_plan(images: Sequence, cfg: CompatConfig, rng: random.Random, views: int) -> list[tuple]:
+    """(image, box) pairs: each clean image (box None), then `views` rounds of one random box per
+    image. Only the boxes are drawn here; the pixels are cut in `_embed_crops`."""
+    sizes = [load_image(img).size for img in images]  # one image decoded at a time; errors name the file
+    plan = [(img, None) for img in images]
+    for _ in range(views):
+        plan += [(img, _box(size, cfg, rng)) for img, size in zip(images, sizes)]
+    return plan
+
+
+def _embed_crops(plan: list[tuple], models: Sequence[tuple], progress: bool, chunk: int = 32) -> list[np.ndarray]:
+    """Each planned crop through each (model, spec), in plan order. One source image is decoded at a
+    time and at most `chunk` crops are held, so memory stays bounded however large the photos (keeping
+    every full-resolution crop of 5120x2880 wallpapers took tens of GiB)."""
+    if not plan:
+        raise TrainingError("no images to embed")
+    first: dict[int, int] = {}
+    for k, (source, _) in enumerate(plan):
+        first.setdefault(id(source), k)
+    order = sorted(range(len(plan)), key=lambda k: first[id(plan[k][0])])  # stable: one image's crops together
+    rows: list[list[np.ndarray]] = [[] for _ in models]
+    bar = tqdm(total=len(plan), desc="crop pairs", unit="crop", disable=not progress, leave=False)
+    current, img, batch = None, None, []
+
+    def flush() -> None:
+        for out, (model, spec) in zip(rows, models):
+            out.append(embed_images(model, batch, spec, progress=False))
+        bar.update(len(batch))
+        batch.clear()
+
+    for k in order:
+        source, box = plan[k]
+        if source is not current:
+            current, img = source, load_image(source)
+        batch.append(_cut(img, box))
+        if len(batch) == chunk:
+            flush()
+    if batch:
+        flush()
+    bar.close()
+    inverse = np.argsort(np.asarray(order))
+    return [np.concatenate(out)[inverse] for out in rows]
 
 
 def _set_head(query: EmbeddingModel, w: np.ndarray, b: np.ndarray) -> None:
@@ -90,13 +130,12 @@ def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, im
         raise TrainingError("the query model needs a whitening FC (ModelConfig(embedding_dim=...)) to be fitted")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    crops = _crops(images, cfg, rng) + _crops(photos, cfg, rng, cfg.photo_views)
-    targets = embed_images(gallery, crops, gallery_spec, desc="gallery targets", progress=progress)
-    pooled = embed_images(query.pooled, crops, query.spec, desc="query features", progress=progress)
+    plan = _crop_plan(images, cfg, rng, cfg.views) + _crop_plan(photos, cfg, rng, cfg.photo_views)
+    targets, pooled = _embed_crops(plan, [(gallery, gallery_spec), (query.pooled, query.spec)], progress)
     _set_head(query, *fit_linear_map(pooled, targets, cfg.ridge))
     with torch.no_grad():
         fitted = torch.nn.functional.normalize(query.whiten(torch.from_numpy(pooled)), dim=-1).numpy()
-    history = {"fit_cosine_loss": float(1 - (fitted * targets).sum(1).mean()), "pairs": len(crops), "epoch_losses": []}
+    history = {"fit_cosine_loss": float(1 - (fitted * targets).sum(1).mean()), "pairs": len(plan), "epoch_losses": []}
     if cfg.epochs:
         history["epoch_losses"] = _train_end_to_end(query, gallery, gallery_spec, images, cfg, rng, progress, device)
     query.eval()
@@ -117,7 +156,8 @@ class _CropPairs:
         order = list(range(len(self.images)))
         self.rng.shuffle(order)
         for start in range(0, len(order), self.cfg.batch_size):
-            crops = [_crop(self.images[i], self.cfg, self.rng) for i in order[start:start + self.cfg.batch_size]]
+            batch = [self.images[i] for i in order[start:start + self.cfg.batch_size]]
+            crops = [_cut(img, _box(img.size, self.cfg, self.rng)) for img in batch]
             yield tuple(torch.from_numpy(np.stack([preprocess_image(c, spec) for c in crops])) for spec in self.specs)
 
 

@@ -35,19 +35,13 @@ def to_tensor(img: Image.Image, spec: PreprocessSpec) -> torch.Tensor:
     return torch.from_numpy(normalize(np.asarray(img.convert("RGB")), spec))
 
 
-def random_resized_crop(
-    img: Image.Image,
-    size: tuple[int, int],
-    scale: tuple[float, float],
-    ratio: tuple[float, float],
-    rng: random.Random,
-    resample: int = Image.BILINEAR,
-) -> Image.Image:
-    """Crop a random box covering `scale` of the area with aspect (w/h) in `ratio`, resize to (h, w).
-
-    Same sampling as the usual RandomResizedCrop: 10 tries, then a centre crop with clamped aspect.
-    """
-    width, height = img.size
+def random_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng: random.Random
+) -> tuple[int, int, int, int]:
+    """The (left, top, right, bottom) box of a random resized crop of a width x height image: a box
+    covering `scale` of the area with aspect (w/h) in `ratio`, as the usual RandomResizedCrop draws it
+    (10 tries, then a centre crop with clamped aspect). Drawn apart from the pixels so that a plan of
+    crops can be made first and cut later, one image at a time."""
     area = width * height
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for _ in range(10):
@@ -68,8 +62,21 @@ def random_resized_crop(
         else:
             w, h = width, height
         top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def random_resized_crop(
+    img: Image.Image,
+    size: tuple[int, int],
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: random.Random,
+    resample: int = Image.BILINEAR,
+) -> Image.Image:
+    """Crop a random box (`random_box`) covering `scale` of the area with aspect (w/h) in `ratio`,
+    resize to (h, w)."""
     out_h, out_w = size
-    return img.crop((left, top, left + w, top + h)).resize((out_w, out_h), resample)
+    return img.crop(random_box(img.width, img.height, scale, ratio, rng)).resize((out_w, out_h), resample)
 
 
 def color_jitter(img: Image.Image, strength: float, rng: random.Random) -> Image.Image:

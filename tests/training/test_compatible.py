@@ -62,3 +62,59 @@ def test_dimension_mismatch_is_explained(tiny_images):
     query = EmbeddingModel(ModelConfig("tiny_resnet", "gem", embedding_dim=16))
     with pytest.raises(ValueError, match="query model dim 16 != gallery dim 8"):
         train_compatible(query, gallery, gallery.spec, tiny_images, CompatConfig(), progress=False)
+
+
+def test_crops_are_cut_one_image_at_a_time_and_land_in_plan_order(tiny_images, monkeypatch):
+    """The fit sees exactly the crops it always drew, while at most `chunk` crops are held at once."""
+    import random
+
+    import training.compatible as compatible
+    from sdk.preprocess import load_image
+
+    model = EmbeddingModel(ModelConfig("tiny_resnet", "gem", embedding_dim=8)).eval()
+    images = list(tiny_images[:5])
+    plan = compatible._crop_plan(images, CompatConfig(), random.Random(0), views=3)
+    assert len(plan) == 5 * 4 and [box for _, box in plan[:5]] == [None] * 5
+    everything = [compatible._cut(load_image(source), box) for source, box in plan]
+    expected = embed_images(model.pooled, everything, model.spec, progress=False)
+
+    batches, loads = [], []
+    real_embed, real_load = compatible.embed_images, compatible.load_image
+    monkeypatch.setattr(compatible, "embed_images", lambda m, b, *a, **k: batches.append(len(b)) or real_embed(m, b, *a, **k))
+    monkeypatch.setattr(compatible, "load_image", lambda s: loads.append(s) or real_load(s))
+    (got,) = compatible._embed_crops(plan, [(model.pooled, model.spec)], progress=False, chunk=3)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert max(batches) <= 3 and sum(batches) == len(plan)
+    assert sorted(map(str, loads)) == sorted(map(str, images)), "each source image is decoded once"
+
+
+@pytest.mark.slow
+def test_huge_photos_do_not_exhaust_memory(tmp_path):
+    """Regression: 40 full-resolution crops of every 5120x2880 wallpaper used to be held at once (OOM-killed
+    at tens of GiB). Here: four 4000x3000 photos x 31 crops peaked at 6.2 GB held at once, ~2 GB a chunk at a time."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 4000, dtype=np.uint8)
+    for i in range(4):
+        pixels = np.stack([np.tile(ramp, (3000, 1)), np.tile(ramp[::-1], (3000, 1)), np.full((3000, 4000), 40 * i, np.uint8)], -1)
+        Image.fromarray(pixels).save(tmp_path / f"photo{i}.jpg", quality=80)
+    script = textwrap.dedent(f"""
+        import resource, sys
+        from pathlib import Path
+        from training.compatible import CompatConfig, train_compatible
+        from training.models import EmbeddingModel, ModelConfig
+        gallery = EmbeddingModel(ModelConfig("tiny_efficientnet", "gem", embedding_dim=8)).eval()
+        query = EmbeddingModel(ModelConfig("tiny_resnet", "gem", embedding_dim=8)).eval()
+        photos = sorted(Path({str(tmp_path)!r}).glob("*.jpg"))
+        h = train_compatible(query, gallery, gallery.spec, [], CompatConfig(photo_views=30), progress=False, photos=photos)
+        print(h["pairs"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pairs, peak_mib = map(int, out.stdout.split()[-2:])
+    assert pairs == 4 * 31
+    assert peak_mib < 3500, f"peak RSS {peak_mib} MiB: crops are being held all at once again"
