@@ -56,9 +56,17 @@ def _box(size: tuple[int, int], cfg: CompatConfig, rng: random.Random) -> tuple[
     return random_box(*size, cfg.crop_scale, (3 / 4, 4 / 3), rng)
 
 
+MAX_CROP_SIDE = 1536  # a crop's shorter side at most this (the models see 160-260 px; every packaged photo is smaller)
+
+
 def _cut(img, box):
-    """The crop resized back to the image's own resolution (the models' spec resizes it later)."""
-    return img if box is None else img.crop(box).resize((img.width, img.height), Image.BILINEAR)
+    """The crop resized back to the image's own aspect and resolution, its shorter side capped at
+    MAX_CROP_SIDE (the models' spec resizes it later). The cap spares a 5120x2880 photo's crops a resize to
+    14.7 megapixels each; photos up to 1536 px get exactly the crops they always did."""
+    if box is None:
+        return img
+    scale = min(1.0, MAX_CROP_SIDE / min(img.size))
+    return img.crop(box).resize((round(img.width * scale), round(img.height * scale)), Image.BILINEAR)
 
 
 def _crop_plan(images: Sequence, cfg: CompatConfig, rng: random.Random, views: int) -> list[tuple]:

@@ -140,10 +140,11 @@ def _gallery(cfg: QuickstartConfig, fit_images: list, log) -> tuple[EmbeddingMod
 def photo_check(query: EmbeddingModel, gallery: EmbeddingModel, folders, progress: bool = False, log=print) -> dict:
     """The pair on labelled photo folders none of it trained on: per folder leave-one-out asymmetric vs
     symmetric mAP; over all of them, how often a photo's query embedding finds its own gallery embedding
-    first, and the mean cosine between the two (how well the phone model reproduces the gallery's)."""
+    first (else another photo of the same object or place), and the mean cosine between the two (how well
+    the phone model reproduces the gallery's)."""
     from export.images import find_images, label_of
 
-    rows, q_all, g_all = {}, [], []
+    rows, q_all, g_all, l_all = {}, [], [], []
     for folder in folders:
         paths = find_images(folder, "evaluation photo")
         labels = np.asarray([label_of(p, Path(folder)) for p in paths])
@@ -154,14 +155,18 @@ def photo_check(query: EmbeddingModel, gallery: EmbeddingModel, folders, progres
                                    "images": len(paths)}
         q_all.append(q)
         g_all.append(g)
-    q, g = np.concatenate(q_all), np.concatenate(g_all)
+        l_all += [f"{Path(folder).name}/{label}" for label in labels]
+    q, g, every_label = np.concatenate(q_all), np.concatenate(g_all), np.asarray(l_all)
     scores = q @ g.T
-    found = int((scores.argmax(1) == np.arange(len(q))).sum())
-    own = {"found_itself_first": found, "images": len(q), "mean_cosine_to_own": float(np.diag(scores).mean())}
+    first = scores.argmax(1)
+    found = int((first == np.arange(len(q))).sum())
+    same = int(((first != np.arange(len(q))) & (every_label[first] == every_label)).sum())
+    own = {"found_itself_first": found, "found_same_object_first": same, "images": len(q),
+           "mean_cosine_to_own": float(np.diag(scores).mean())}
     log(f"{'photos':24s}{'images':>8s}{'asym mAP':>10s}{'sym mAP':>10s}{'asym/sym':>10s}")
     for name, row in rows.items():
         log(f"{name:24s}{row['images']:8d}{row['asymmetric_map'] * 100:10.2f}{row['symmetric_map'] * 100:10.2f}"
             f"{row['ratio']:10.3f}")
-    log(f"a photo's query embedding finds its own gallery embedding first for {found} of {len(q)}; "
-        f"mean cosine to it {own['mean_cosine_to_own']:.3f}")
+    log(f"a photo's query embedding finds its own gallery embedding first for {found} of {len(q)} (another photo "
+        f"of the same object first for {same} more); mean cosine to it {own['mean_cosine_to_own']:.3f}")
     return {"folders": rows, "self_retrieval": own}

@@ -91,7 +91,8 @@ def test_crops_are_cut_one_image_at_a_time_and_land_in_plan_order(tiny_images, m
 @pytest.mark.slow
 def test_huge_photos_do_not_exhaust_memory(tmp_path):
     """Regression: 40 full-resolution crops of every 5120x2880 wallpaper used to be held at once (OOM-killed
-    at tens of GiB). Here: four 4000x3000 photos x 31 crops peaked at 6.2 GB held at once, ~2 GB a chunk at a time."""
+    at tens of GiB). Here: four 4000x3000 photos x 31 crops
+    peaked at 6.2 GB held at once, and must stay under 3.5 GB."""
     import subprocess
     import sys
     import textwrap
@@ -118,3 +119,14 @@ def test_huge_photos_do_not_exhaust_memory(tmp_path):
     pairs, peak_mib = map(int, out.stdout.split()[-2:])
     assert pairs == 4 * 31
     assert peak_mib < 3500, f"peak RSS {peak_mib} MiB: crops are being held all at once again"
+
+
+def test_a_crop_keeps_the_photo_aspect_and_resolution_up_to_the_cap():
+    from PIL import Image
+
+    import training.compatible as compatible
+
+    small, big = Image.new("RGB", (640, 480)), Image.new("RGB", (5120, 2880))
+    assert compatible._cut(small, (10, 10, 200, 300)).size == (640, 480)
+    assert compatible._cut(big, (0, 0, 1000, 900)).size == (round(5120 * 1536 / 2880), 1536)
+    assert compatible._cut(big, None) is big

@@ -30,3 +30,25 @@ def test_gallery_whitening_power(tmp_path, power):
 
 def test_quickstart_default_is_square_rooted_whitening():
     assert QuickstartConfig().whitening_power == 0.25
+
+
+def test_photo_check_counts_itself_then_the_same_object_per_folder(tmp_path):
+    """A gallery model as its own query model finds every distinct photo itself. An exact copy in the same
+    class ties with the original, which comes first: same object. A copy filed in another folder's class of
+    the same name is another object (labels are per folder)."""
+    import shutil
+
+    from training.data import make_instance_set
+    from training.models import EmbeddingModel, ModelConfig
+    from training.quickstart import photo_check
+
+    src = make_instance_set(tmp_path / "proc", n_objects=4, n_views=1, image_size=48, seed=3).paths
+    layout = {"f1/a/p0.png": 0, "f1/a/p1.png": 0, "f1/b/p2.png": 1, "f2/a/p3.png": 0, "f2/c/p4.png": 2,
+              "f2/c/p5.png": 3}
+    for rel, i in layout.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src[i], tmp_path / rel)
+    model = EmbeddingModel(ModelConfig("tiny_resnet", "gem", embedding_dim=8)).eval()
+    own = photo_check(model, model, [tmp_path / "f1", tmp_path / "f2"], log=lambda *_: None)["self_retrieval"]
+    assert (own["found_itself_first"], own["found_same_object_first"], own["images"]) == (4, 1, 6)
+    assert own["mean_cosine_to_own"] == pytest.approx(1.0, abs=1e-5)
