@@ -136,4 +136,5 @@ def test_diffusion_self_ids_in_blocks_equal_exclude_self():
     whole = model.rank_scores(g, exclude_self=True)
     blocks = np.concatenate([model.rank_scores(g[s:s + 25], self_ids=np.arange(s, min(s + 25, 60)))
                              for s in range(0, 60, 25)])
-    assert np.array_equal(whole, blocks)
+    np.testing.assert_allclose(whole, blocks, rtol=0, atol=1e-6)  # BLAS sums a 25-row block in another order
+    assert (np.argsort(-whole, axis=1)[:, :10] == np.argsort(-blocks, axis=1)[:, :10]).all()
