@@ -82,14 +82,15 @@ class PreprocessSpec:
         return cls(**d)
 
 
-def _open(source: str | Path | bytes, draft: int | None = None) -> Image.Image:
-    """The image decoded (not yet converted; a JPEG at the smallest scale >= `draft` when given); every
-    decoding failure is an ImageError naming the file."""
+def _open(source: str | Path | bytes, draft: int | None = None, decode: bool = True) -> Image.Image:
+    """The image decoded (not yet converted; a JPEG at the smallest scale >= `draft` when given; only its
+    header read with decode=False); every failure is an ImageError naming the file."""
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         if draft:
             img.draft("RGB", (draft, draft))
-        img.load()
+        if decode:
+            img.load()
         return img
     except FileNotFoundError:
         raise ImageError(f"image not found: {source} (check the path)") from None
@@ -100,6 +101,14 @@ def _open(source: str | Path | bytes, draft: int | None = None) -> Image.Image:
             ZeroDivisionError, OverflowError) as e:  # what Pillow's decoders raise on damaged or hostile files
         name = "<bytes>" if isinstance(source, bytes) else str(source)
         raise ImageError(f"cannot read image {name}: {e} (is it a valid JPEG/PNG file?)") from None
+
+
+def image_size(source: str | Path | bytes | Image.Image) -> tuple[int, int]:
+    """(width, height) as `load_image` would give them, from the header alone (no pixels decoded)."""
+    if isinstance(source, Image.Image):
+        return source.size
+    with _open(source, decode=False) as img:
+        return img.size
 
 
 def load_image(source: str | Path | bytes | Image.Image) -> Image.Image:

@@ -21,7 +21,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from sdk.preprocess import load_image, preprocess_image
+from sdk.preprocess import image_size, load_image, preprocess_image
 from training.embed import embed_images
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.models import EmbeddingModel
@@ -72,7 +72,7 @@ def _cut(img, box):
 def _crop_plan(images: Sequence, cfg: CompatConfig, rng: random.Random, views: int) -> list[tuple]:
     """(image, box) pairs: each clean image (box None), then `views` rounds of one random box per
     image. Only the boxes are drawn here; the pixels are cut in `_embed_crops`."""
-    sizes = [load_image(img).size for img in images]  # one image decoded at a time; errors name the file
+    sizes = [image_size(img) for img in images]  # headers only; an unreadable file is named here
     plan = [(img, None) for img in images]
     for _ in range(views):
         plan += [(img, _box(size, cfg, rng)) for img, size in zip(images, sizes)]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdk.preprocess import ImageError, PreprocessSpec, load_image, preprocess_image
+from sdk.preprocess import ImageError, PreprocessSpec, image_size, load_image, preprocess_image
 
 
 def test_shorter_side_resize_then_centre_crop():
@@ -51,3 +51,24 @@ def test_missing_and_corrupt_images(tmp_path):
 def test_real_photo(ukbench_dir):
     x = preprocess_image(ukbench_dir / "ukbench00000.jpg", PreprocessSpec())
     assert x.shape == (3, 224, 224) and np.isfinite(x).all() and -3 < x.mean() < 3
+
+
+def test_image_size_reads_the_header_only(tmp_path):
+    """The size load_image would give, without decoding: a truncated JPEG still has one; unreadable files
+    are the same one-line ImageError as load_image's."""
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "ok.jpg").write_bytes(buf.getvalue())
+    (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    assert image_size(tmp_path / "ok.jpg") == load_image(tmp_path / "ok.jpg").size == (500, 300)
+    assert image_size(tmp_path / "cut.jpg") == (500, 300)
+    with pytest.raises(ImageError, match="cannot read image .*cut.jpg"):
+        load_image(tmp_path / "cut.jpg")
+    assert image_size(load_image(tmp_path / "ok.jpg")) == (500, 300) and image_size(buf.getvalue()) == (500, 300)
+    with pytest.raises(ImageError, match="not found"):
+        image_size(tmp_path / "missing.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(ImageError, match="cannot read image .*bad.jpg"):
+        image_size(tmp_path / "bad.jpg")
