@@ -152,7 +152,8 @@ def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, im
 
 class _CropPairs:
     """One pass per epoch: the images in a new order, in batches of random crops, each crop preprocessed
-    for the query model and for the gallery model."""
+    for the query model and for the gallery model. Images are decoded batch by batch, never all held (a
+    folder of camera photos decoded at once is tens of GiB)."""
 
     def __init__(self, images: list, cfg: CompatConfig, rng: random.Random, query_spec, gallery_spec):
         self.images, self.cfg, self.rng, self.specs = images, cfg, rng, (query_spec, gallery_spec)
@@ -164,7 +165,7 @@ class _CropPairs:
         order = list(range(len(self.images)))
         self.rng.shuffle(order)
         for start in range(0, len(order), self.cfg.batch_size):
-            batch = [self.images[i] for i in order[start:start + self.cfg.batch_size]]
+            batch = [load_image(self.images[i]) for i in order[start:start + self.cfg.batch_size]]
             crops = [_cut(img, _box(img.size, self.cfg, self.rng)) for img in batch]
             yield tuple(torch.from_numpy(np.stack([preprocess_image(c, spec) for c in crops])) for spec in self.specs)
 
@@ -183,7 +184,7 @@ def _train_end_to_end(query, gallery, gallery_spec, images, cfg, rng, progress, 
         query.train()
         _freeze_batchnorm(query)
 
-    data = _CropPairs([load_image(img) for img in images], cfg, rng, query.spec, gallery_spec)
+    data = _CropPairs(list(images), cfg, rng, query.spec, gallery_spec)
     groups = [{"params": list(query.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_scale},
               {"params": list(query.pool.parameters()) + list(query.whiten.parameters()), "lr": cfg.lr}]
     history = fit(step, data, {"query": query}, groups, OptimConfig("sgd", weight_decay=0.0, schedule="constant"),

@@ -88,6 +88,27 @@ def test_crops_are_cut_one_image_at_a_time_and_land_in_plan_order(tiny_images, m
     assert sorted(map(str, loads)) == sorted(map(str, images)), "each source image is decoded once"
 
 
+def test_end_to_end_epochs_decode_images_batch_by_batch(tiny_images, monkeypatch):
+    """The --epochs path holds sources, not decoded images: each image is decoded once per epoch, in its batch."""
+    import random
+
+    import training.compatible as compatible
+    from PIL import Image
+
+    loads, real_load = [], compatible.load_image
+    monkeypatch.setattr(compatible, "load_image", lambda s: loads.append(s) or real_load(s))
+    model = EmbeddingModel(ModelConfig("tiny_resnet", "gem", embedding_dim=8))
+    pairs = compatible._CropPairs(list(tiny_images), CompatConfig(batch_size=4), random.Random(0), model.spec, model.spec)
+    assert not loads and not any(isinstance(i, Image.Image) for i in pairs.images)
+    for _epoch in range(2):
+        loads.clear()
+        seen = 0
+        for x_query, _ in pairs:
+            seen += len(x_query)
+            assert len(loads) == seen  # decoded as its batch is cut, not before
+        assert sorted(map(str, loads)) == sorted(map(str, tiny_images))
+
+
 @pytest.mark.slow
 def test_huge_photos_do_not_exhaust_memory(tmp_path):
     """Regression: 40 full-resolution crops of every 5120x2880 wallpaper used to be held at once (OOM-killed
