@@ -11,6 +11,9 @@ LOG=${SETUP_LOG:-${TMPDIR:-/tmp}/retrieval-sdk-setup.$(id -u).log}
 # --- system packages (Debian/Ubuntu), each for a reason:
 #   libusb-1.0-0           tflite-support's native library links it (TFLite metadata writer, ImageEmbedder)
 #   dataset-fashion-mnist  the real labelled image set that data tests and Fashion-MNIST configs read
+#   gcompris-qt-data, mate-backgrounds, lomiri-wallpapers-16.04
+#                          ~255 real photographs (animals, monuments, tools, nature) that the quickstart fits
+#                          its phone model on (training/photos.py); data only, no dependencies, 107 MB
 #   chromium               the Playwright tests (mobile demo, evaluate's report.html) drive it (Playwright's
 #                          own browser download needs the internet)
 #   nodejs, npm            the demo's JS preprocessing test and `npm ci` of onnxruntime-web (only when no
@@ -38,7 +41,9 @@ apt_install() {  # install "$@" as root, or through passwordless sudo; retry onc
   fi
 }
 if command -v dpkg-query >/dev/null; then
-  for pkg in libusb-1.0-0 dataset-fashion-mnist chromium; do want_deb "$pkg"; done
+  for pkg in libusb-1.0-0 dataset-fashion-mnist chromium gcompris-qt-data mate-backgrounds lomiri-wallpapers-16.04; do
+    want_deb "$pkg"
+  done
   command -v node >/dev/null || apt_missing+=(nodejs)
   command -v npm >/dev/null || apt_missing+=(npm)
   "$PYTHON" -m venv --help >/dev/null 2>&1 && "$PYTHON" -c "import ensurepip" 2>/dev/null || apt_missing+=(python3-venv)

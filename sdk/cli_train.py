@@ -38,9 +38,12 @@ def quickstart(
     objects: int = typer.Option(100, min=4, help="Procedural set: number of objects."),
     views: int = typer.Option(5, min=2, help="Procedural set: views per object."),
     crops: int = typer.Option(4, min=0, help="Random crops per training image for the closed-form FC fit."),
-    photos: bool = typer.Option(True, help="Add the real photos shipped in installed packages (scikit-image ...)."),
+    photos: bool = typer.Option(True, help="Add the real photos shipped in installed packages (scikit-image, and the "
+                                           "Debian packages scripts/setup.sh installs)."),
+    debian_photos: bool = typer.Option(True, help="Include the Debian packages' photos (GCompris, wallpapers) in --photos."),
     unlabelled: Optional[Path] = typer.Option(None, help="A folder of your own unlabelled photos to fit on too."),
-    photo_crops: int = typer.Option(40, min=0, help="Random crops per real photo (packaged and --unlabelled)."),
+    photo_crops: Optional[int] = typer.Option(None, min=0, help="Random crops per real photo (packaged and --unlabelled); "
+                                                               "default: 4000 in all, at most 40 and at least 4 each."),
     eval_photos: List[Path] = typer.Option([], help="A labelled photo folder to check the pair on (repeatable): "
                                                     "class subfolders, ukbench%05d.jpg or name_<digits>.jpg."),
     epochs: int = typer.Option(0, min=0, help="End-to-end compatibility epochs after the FC fit."),
@@ -68,6 +71,7 @@ def quickstart(
         cfg = qs.QuickstartConfig(
             out=out, images=images, gallery_backbone=gallery_backbone, gallery=gallery, query_backbone=query_backbone,
             image_size=image_size, embedding_dim=dim, whitening_power=whitening_power, n_objects=objects, n_views=views, photos=photos,
+            debian_photos=debian_photos,
             unlabelled=unlabelled, eval_photos=tuple(eval_photos), compat=CompatConfig(views=crops, photo_views=photo_crops, epochs=epochs, seed=seed),
             seed=seed, progress=progress, device=device,
         )

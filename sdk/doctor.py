@@ -182,6 +182,20 @@ def fashion_mnist() -> Check:
                  "dev", "sudo apt-get install dataset-fashion-mnist")
 
 
+def real_photos() -> Check:
+    """The Debian packages whose photographs the quickstart fits its phone model on (training/photos.py)."""
+    from training.photos import DEBIAN_PHOTOS, DPKG_INFO, installed_files
+
+    packages = [s.package for s in DEBIAN_PHOTOS]
+    if not DPKG_INFO.is_dir():
+        return Check("real photos", "SKIP", "no dpkg here: the quickstart fits on scikit-image's 20 photos only", "train")
+    missing = [p for p in packages if installed_files(p) is None]
+    if not missing:
+        return Check("real photos", "OK", f"{', '.join(packages)} (the quickstart's real photos)", "train")
+    return Check("real photos", "MISSING", f"{', '.join(missing)} not installed (the quickstart fits on fewer real photos)",
+                 "train", f"sudo apt-get install {' '.join(missing)}")
+
+
 def threads() -> Check:
     env = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
            if k in os.environ}
@@ -222,6 +236,7 @@ def _run_checks() -> list[Check]:
         threads(),
         _package("torch", "torch", "train", _torch),
         _package("timm", "timm", "train", _timm),
+        real_photos(),
         _package("onnx", "onnx", "export"),
         _package("ai-edge-litert", "ai-edge-litert", "export", _litert),
         _package("litert-torch", "litert-torch", "export"),

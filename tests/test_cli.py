@@ -38,11 +38,11 @@ def test_backbones_lists_shipped_weights():
 @pytest.mark.slow
 def test_quickstart_small_run_prints_map_and_writes_checkpoints(tmp_path, phototourism_dir):
     proc = run_cli("quickstart", "--out", str(tmp_path), "--objects", "10", "--views", "3", "--image-size", "64",
-                   "--gallery-backbone", "efficientnet_lite0", "--photo-crops", "1", "--no-progress", "--threads", "2",
+                   "--gallery-backbone", "efficientnet_lite0", "--photo-crops", "1", "--no-debian-photos", "--no-progress", "--threads", "2",
                    "--eval-photos", str(phototourism_dir))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "asymmetric mAP" in proc.stdout and "symmetric mAP" in proc.stdout
-    assert "real photos: 20 unlabelled (packaged), 1 random crops each" in proc.stdout
+    assert "real photos: 20 unlabelled (20 skimage), 1 random crops each" in proc.stdout
     assert "finds its own gallery embedding first for" in proc.stdout and "phototourism-13" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     check = results["real_photos"]

@@ -32,7 +32,9 @@ from training.errors import TrainingError
 @dataclass(frozen=True)
 class CompatConfig:
     views: int = 4  # random crops per training image for the closed-form fit (plus the clean image)
-    photo_views: int = 40  # random crops per real photo (`photos`): the real-photo domain, many views each
+    photo_views: int | None = None  # random crops per real photo (`photos`); None: photo_crop_budget spread over them
+    photo_crop_budget: int = 4000  # photo crops in all when photo_views is None: 40 each for 100 photos or fewer,
+    # fewer each for more photos (at least 4), so the fit's time grows slowly with the number of photos
     crop_scale: tuple[float, float] = (0.2, 1.0)
     ridge: float = 1.0  # relative ridge strength (times the number of pairs)
     epochs: int = 0  # end-to-end epochs after the closed-form fit
@@ -40,6 +42,16 @@ class CompatConfig:
     lr: float = 0.01  # SGD learning rate of the FC; the backbone gets lr * backbone_lr_scale
     backbone_lr_scale: float = 0.1
     seed: int = 0
+
+
+MAX_PHOTO_VIEWS, MIN_PHOTO_VIEWS = 40, 4
+
+
+def photo_views(cfg: CompatConfig, n_photos: int) -> int:
+    """Random crops per real photo: cfg.photo_views, or the crop budget spread over `n_photos`."""
+    if cfg.photo_views is not None:
+        return cfg.photo_views
+    return max(MIN_PHOTO_VIEWS, min(MAX_PHOTO_VIEWS, cfg.photo_crop_budget // max(n_photos, 1)))
 
 
 def fit_linear_map(x: np.ndarray, y: np.ndarray, ridge: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -130,7 +142,7 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, images: Sequence, cfg: CompatConfig,
                      progress: bool = True, device: str = "cpu", photos: Sequence = ()) -> dict:
     """Fine-tune `query` into `gallery`'s space on `images` (cfg.views crops each) and real `photos`
-    (cfg.photo_views crops each); returns the fit/training losses and the number of pairs."""
+    (`photo_views` crops each); returns the fit/training losses and the number of pairs."""
     if query.embedding_dim != gallery.embedding_dim:
         raise TrainingError(f"query model dim {query.embedding_dim} != gallery dim {gallery.embedding_dim}: "
                          "build the query model with embedding_dim equal to the gallery's")
@@ -138,7 +150,7 @@ def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, im
         raise TrainingError("the query model needs a whitening FC (ModelConfig(embedding_dim=...)) to be fitted")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    plan = _crop_plan(images, cfg, rng, cfg.views) + _crop_plan(photos, cfg, rng, cfg.photo_views)
+    plan = _crop_plan(images, cfg, rng, cfg.views) + _crop_plan(photos, cfg, rng, photo_views(cfg, len(photos)))
     targets, pooled = _embed_crops(plan, [(gallery, gallery_spec), (query.pooled, query.spec)], progress)
     _set_head(query, *fit_linear_map(pooled, targets, cfg.ridge))
     with torch.no_grad():

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.compatible import CompatConfig, train_compatible
+from training.compatible import CompatConfig, photo_views, train_compatible
 from training.data import LabelledImages, image_folder, make_instance_set, split_classes
 from training.embed import embed_images
 from training.evaluate import asymmetric_eval
 from training.fit import resolve_device
 from training.data import unlabelled_folder
 from training.heads import Whitening, learn_pca_whitening
-from training.photos import package_photos
+from training.photos import photo_sources
 from training.models import (CheckpointMeta, EmbeddingModel, ModelConfig, load_checkpoint, new_space_id,
                              save_checkpoint)
 
@@ -41,6 +41,7 @@ class QuickstartConfig:
     embedding_dim: int = 128  # the gallery space: GeM + PCA-whitening to this many dims (capped by data)
     whitening_power: float = 0.25  # 0.25: square-rooted PCA whitening (rank distillation's); 0.5: full whitening
     photos: bool = True  # add the real photos that ship in installed packages (training/photos.py)
+    debian_photos: bool = True  # with `photos`: the Debian packages' too (GCompris, wallpapers), where installed
     unlabelled: Path | None = None  # a folder of the user's own unlabelled photos, treated like `photos`
     eval_photos: tuple[Path, ...] = ()  # labelled photo folders to check the pair on (export.images.label_of layouts)
     n_objects: int = 100
@@ -70,10 +71,13 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
         f"({len(set(held_out.labels))} unseen classes)")
 
     progress = cfg.progress
-    photos = (package_photos() if cfg.photos else []) + (unlabelled_folder(cfg.unlabelled) if cfg.unlabelled else [])
+    packaged = photo_sources(cfg.debian_photos) if cfg.photos else {}
+    mine = unlabelled_folder(cfg.unlabelled) if cfg.unlabelled else []
+    photos = [p for paths in packaged.values() for p in paths] + mine
     if photos:
-        sources = " + ".join(s for s in ("packaged" if cfg.photos else "", str(cfg.unlabelled or "")) if s)
-        log(f"real photos: {len(photos)} unlabelled ({sources}), {cfg.compat.photo_views} random crops each")
+        sources = [f"{len(paths)} {name}" for name, paths in packaged.items()] + ([f"{len(mine)} {cfg.unlabelled}"] if mine else [])
+        log(f"real photos: {len(photos)} unlabelled ({', '.join(sources)}), {photo_views(cfg.compat, len(photos))} "
+            "random crops each")
     gallery, space = _gallery(cfg, list(train.paths) + photos, log)
     dim = gallery.embedding_dim
     query = EmbeddingModel(
