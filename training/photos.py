@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import os
+import shutil
 import struct
 import zlib
 from dataclasses import dataclass
@@ -127,11 +128,14 @@ def debian_photos(source: DebianPhotos, dpkg_info: Path | None = None, cache: Pa
 
 
 def _cached_members(archive: Path, folder: Path, source: DebianPhotos) -> list[Path]:
-    """The archive's photo members as files under `folder`, extracted on first use (a marker file holding
-    the archive's size and mtime says the copy is complete and current)."""
+    """The archive's photo members as files under `folder`, extracted on first use. A marker file holds
+    the archive's size and mtime and the filters: when either changed (a package upgrade, a new exclude),
+    the folder is emptied and extracted again, so no stale member survives."""
     stamp = folder / ".extracted"
-    key = f"{archive.stat().st_size} {archive.stat().st_mtime_ns}"
+    key = repr((archive.stat().st_size, archive.stat().st_mtime_ns, source.archive_members, source.exclude,
+                MIN_PHOTO_BYTES))
     if not (stamp.is_file() and stamp.read_text() == key):
+        shutil.rmtree(folder, ignore_errors=True)
         for name, data in read_qt_resources(archive):
             rel = name.lstrip("/")
             if (len(data) < MIN_PHOTO_BYTES or not _matches("/" + rel, source.archive_members)
@@ -139,13 +143,10 @@ def _cached_members(archive: Path, folder: Path, source: DebianPhotos) -> list[P
                 continue
             target = folder / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(target)
+            target.write_bytes(data)
         folder.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(key)
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ".extracted" and not p.name.endswith(".tmp")
-                  and _matches("/" + p.relative_to(folder).as_posix(), source.archive_members))
+        stamp.write_text(key)  # last: an interrupted extraction has no stamp and is redone
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p != stamp)
 
 
 def read_qt_resources(path: Path) -> list[tuple[str, bytes]]:
@@ -180,8 +181,8 @@ def read_qt_resources(path: Path) -> list[tuple[str, bytes]]:
             name = prefix + "/" + name_at(name_offset) if index else ""
             if flags & 2:
                 count, first = struct.unpack(">II", blob[at + 6:at + 14])
-                if first + count > (len(blob) - tree) // node_size:
-                    raise ValueError("directory entry points past the tree")
+                if first + count > (len(blob) - tree) // node_size or (count and first <= index):
+                    raise ValueError("directory entry points past the tree or back into it")
                 stack += [(child, name) for child in range(first + count - 1, first - 1, -1)]
                 continue
             (offset,) = struct.unpack(">I", blob[at + 10:at + 14])

@@ -95,6 +95,15 @@ def test_a_damaged_archive_is_one_clear_error(tmp_path):
         read_qt_resources(path)
 
 
+def test_an_archive_whose_folder_points_back_into_the_tree_is_an_error_not_a_loop(tmp_path):
+    blob = bytearray(_rcc({"a/b.jpg": b"x"}))
+    tree = struct.unpack(">I", blob[8:12])[0]
+    struct.pack_into(">I", blob, tree + 22 + 10, 0)  # folder "a" (node 1) lists the root as its first child
+    (tmp_path / "loop.rcc").write_bytes(bytes(blob))
+    with pytest.raises(TrainingError, match="points past the tree or back into it"):
+        read_qt_resources(tmp_path / "loop.rcc")
+
+
 def test_debian_photos_follow_the_dpkg_list_globs_and_cache_archive_members(tmp_path, monkeypatch):
     info, root, cache = tmp_path / "info", tmp_path / "root", tmp_path / "cache"
     info.mkdir()
@@ -127,6 +136,10 @@ def test_debian_photos_follow_the_dpkg_list_globs_and_cache_archive_members(tmp_
     archive.write_bytes(archive.read_bytes() + b"\0")  # the package was upgraded: extract again
     with pytest.raises(AssertionError, match="must not be read again"):
         debian_photos(game, info, cache)
+    monkeypatch.undo()
+    stricter = DebianPhotos("game-data", game.files, exclude=(*game.exclude, "*/cat.*"), archive_members=game.archive_members)
+    assert debian_photos(stricter, info, cache) == []  # a new exclude empties the stale copy, not just hides it
+    assert [p.name for p in (cache / "game-data").rglob("*.webp")] == []
 
 
 def test_photo_crops_spread_a_budget_over_the_photos():
