@@ -121,16 +121,20 @@ def aff(
         from training.aff.config import load_config
         from training.aff.train import run_aff
 
-        overrides = list(set_) + flag_overrides({"out": None if out is None else str(out)})
-        cfg = load_config(config, overrides)
-        set_threads(threads)
-        run_aff(cfg, progress=progress, overwrite_cache=overwrite_cache, log=typer.echo, device=device,
-                resume=resume)
+        _train(load_config, run_aff, config, list(set_) + flag_overrides({"out": out and str(out)}), threads,
+               progress=progress, overwrite_cache=overwrite_cache, device=device, resume=resume)
 
 
 def flag_overrides(flags: dict) -> list[str]:
     """Command-line flags as `--set key=value` overrides (JSON values); flags left at None are not given."""
     return [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
+
+
+def _train(load, run, config: Optional[Path], overrides: list[str], threads: Optional[int], **run_options) -> None:
+    """What every train command ends with: its config with the overrides, the thread count, then the run."""
+    cfg = load(config, overrides)
+    set_threads(threads)
+    run(cfg, log=typer.echo, **run_options)
 
 
 @train_app.command("distill")
@@ -165,16 +169,12 @@ def distill(
     with user_errors():
         from training.distill import ABLATIONS, load_distill_config, run_distill
 
-        flags = {"teacher": teacher, "images": None if images is None else str(images), "out": out and str(out),
-                 "eval_images": None if eval_images is None else str(eval_images), "student.backbone": student,
-                 "student.init": None if init is None else str(init),
-                 "teacher_budget": teacher_budget, "ablations": list(ablation) or None}
-        overrides = flag_overrides(flags)
-        if mode is not None:
-            overrides += flag_overrides({f"loss.{k}": v for k, v in ABLATIONS[mode].items()})
-        cfg = load_distill_config(config, overrides + list(set_))
-        set_threads(threads)
-        run_distill(cfg, device=device, progress=progress, log=typer.echo)
+        flags = {"teacher": teacher, "images": images and str(images), "out": out and str(out),
+                 "eval_images": eval_images and str(eval_images), "student.backbone": student,
+                 "student.init": init and str(init), "teacher_budget": teacher_budget,
+                 "ablations": list(ablation) or None, **{f"loss.{k}": v for k, v in ABLATIONS.get(mode, {}).items()}}
+        _train(load_distill_config, run_distill, config, flag_overrides(flags) + list(set_), threads, device=device,
+               progress=progress)
 
 
 @train_app.command("cgd")
@@ -208,10 +208,8 @@ def cgd(
                  "model.backbone": backbone, "ablations": list(ablation) or None}
         if images is not None:
             flags.update({"data.kind": "folder", "data.root": str(images), "data.split": "classes"})
-        overrides = flag_overrides(flags)
-        cfg = load_cgd_config(config, overrides + list(set_))
-        set_threads(threads)
-        run_cgd(cfg, device=device, progress=progress, log=typer.echo)
+        _train(load_cgd_config, run_cgd, config, flag_overrides(flags) + list(set_), threads, device=device,
+               progress=progress)
 
 
 @train_app.command("mabnet")
@@ -238,10 +236,8 @@ def mabnet(
 
         flags = {"out": out and str(out), "model.backbone": backbone, "ablations": list(ablation) or None,
                  "lambdas": list(lam) or None}
-        overrides = flag_overrides(flags)
-        cfg = load_mabnet_config(config, overrides + list(set_))
-        set_threads(threads)
-        run_mabnet(cfg, device=device, progress=progress, log=typer.echo)
+        _train(load_mabnet_config, run_mabnet, config, flag_overrides(flags) + list(set_), threads, device=device,
+               progress=progress)
 
 
 def register(app: typer.Typer) -> None:
