@@ -125,14 +125,10 @@ class Diffusion:
         kd = min(c.kd + 1, n)
         # Mutual kNN graph: i -- j when each is among the other's kd nearest (self excluded).
         nb, nbs = ids[:, :kd], np.clip(sims[:, :kd], 0, None) ** c.gamma
-        rows = np.repeat(np.arange(n), kd)
-        cols = nb.reshape(-1)
-        vals = nbs.reshape(-1)
+        rows, cols, vals = np.repeat(np.arange(n), kd), nb.reshape(-1), nbs.reshape(-1)
         keep = (rows != cols) & (cols >= 0)
         rows, cols, vals = rows[keep], cols[keep], vals[keep]
-        pair = rows.astype(np.int64) * n + cols
-        reverse = cols.astype(np.int64) * n + rows
-        mutual = np.isin(pair, reverse)
+        mutual = np.isin(rows.astype(np.int64) * n + cols, cols.astype(np.int64) * n + rows)  # (i, j) and (j, i)
         rows, cols, vals = rows[mutual], cols[mutual], vals[mutual]
         deg = np.bincount(rows, weights=vals, minlength=n) + 1e-12
         dinv = deg ** -0.5
@@ -155,11 +151,8 @@ class Diffusion:
         vals = np.zeros((n, trunc), np.float32)
         e0 = np.zeros(trunc)
         e0[0] = 1.0
-        for i in range(n):
-            sub_ids = trunc_ids[i]
-            sub = lap[sub_ids][:, sub_ids]
-            f, _ = cg(sub, e0, rtol=c.cg_tol, maxiter=c.cg_iters)
-            vals[i] = f
+        for i, sub in enumerate(trunc_ids):
+            vals[i] = cg(lap[sub][:, sub], e0, rtol=c.cg_tol, maxiter=c.cg_iters)[0]
         self._ids, self._vals = trunc_ids.astype(np.int64), vals
 
     def scores(self, queries, exclude_self: bool = False,
@@ -280,10 +273,12 @@ class DiffusionCache:
     def _fit(self, index, config: RerankConfig, key) -> None:
         t0 = time.monotonic()
         ids, vectors = index.live_vectors()
-        model = Diffusion(vectors, config.diffusion)
+        self._install(ids, Diffusion(vectors, config.diffusion), key)
+        self.last_fit_s = time.monotonic() - t0
+
+    def _install(self, ids: list[str], model: Diffusion, key) -> None:
         self._ids, self._model, self._key = ids, model, key
         self.fits += 1
-        self.last_fit_s = time.monotonic() - t0
 
     def _fit_in_background(self, index, config: RerankConfig, key) -> None:
         t0 = time.monotonic()
@@ -296,8 +291,7 @@ class DiffusionCache:
         took = time.monotonic() - t0
         with self._lock:
             if model is not None:
-                self._ids, self._model, self._key = ids, model, key
-                self.fits += 1
+                self._install(ids, model, key)
             self._error = error
             self.last_fit_s = took
             self._next_fit = time.monotonic() + max(config.diffusion_refit_interval_s,
@@ -319,13 +313,8 @@ def rerank_search(index, queries, k: int, method: Method = "none", *, space: str
         alpha = 0.0 if method == "aqe" else config.alpha
         first, vecs = index.search_with_vectors(queries, n_exp, space=space, **params)
         q = l2_normalize(_as_rows(queries, "queries"))
-        new_q = []
-        for r, (row, v) in enumerate(zip(first, vecs)):
-            if not row:
-                new_q.append(q[r])
-                continue
-            sims = np.array([[h.score for h in row]], np.float32)
-            new_q.append(expand(q[r:r + 1], v[None], sims, alpha)[0])
+        new_q = [expand(q[r:r + 1], v[None], np.array([[h.score for h in row]], np.float32), alpha)[0] if row else q[r]
+                 for r, (row, v) in enumerate(zip(first, vecs))]  # a query without hits stays as it is
         return index.search(np.stack(new_q), k, space=space, **params)
     # diffusion
     if params.get("filter"):
