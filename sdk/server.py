@@ -623,10 +623,9 @@ def metrics(state: State) -> PlainTextResponse:
 
 async def _invalid_request(request, exc):
     # One line, and never echo the input (it may hold NaN, which JSON cannot carry).
-    parts = []
-    for e in exc.errors()[:3]:
-        where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
+    errors = [(".".join(str(p) for p in e.get("loc", ()) if p != "body"), e.get("msg", "invalid"))
+              for e in exc.errors()[:3]]
+    parts = [f"{where}: {msg}" if where else str(msg) for where, msg in errors]
     return JSONResponse({"detail": "invalid request: " + "; ".join(parts)}, status_code=422)
 
 
@@ -749,8 +748,6 @@ def _add_form_schema(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi
-
-
 
 
 def serve(config: ServerConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
