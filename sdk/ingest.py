@@ -152,23 +152,17 @@ def ingest(bundle: str | Path, images_dir: str | Path, index_path: str | Path, *
            config: str | None = None, batch_size: int = 32, threads: int | None = None, thumbnails: int = 256,
            progress: bool = True, log: Callable[[str], None] = print) -> IngestReport:
     """Embed every image under images_dir into the index at index_path (created when `create`)."""
+    from tqdm.auto import tqdm
+
     from sdk.embedder import Embedder
 
     with ingest_run(bundle, images_dir, index_path, create, config, log) as run:
         if run.todo:
             embedder = Embedder.from_bundle(bundle, role=run.role, threads=threads, verify=False)
-            bar = None
-            if progress:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=len(run.todo), desc=f"embedding ({run.role} model)", unit="img")
-            try:
+            with tqdm(total=len(run.todo), desc=f"embedding ({run.role} model)", unit="img",
+                      disable=not progress) as bar:
                 for start in range(0, len(run.todo), batch_size):
                     chunk = run.todo[start:start + batch_size]
                     store(run.index, run.space, *embed_chunk(embedder, chunk, thumbnails), run.report, log)
-                    if bar is not None:
-                        bar.update(len(chunk))
-            finally:
-                if bar is not None:
-                    bar.close()
+                    bar.update(len(chunk))
     return run.report
