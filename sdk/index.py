@@ -273,7 +273,30 @@ def _id_maps(pairs: Sequence[tuple[str, int]], n: int) -> tuple[list[str | None]
     return id_of, label_of
 
 
-class GalleryIndex(AbstractContextManager):  # `with` returns the object and closes it
+class IndexSurface(AbstractContextManager):  # `with` returns the object and closes it
+    """The public reads GalleryIndex and the database backends (sdk/index_external.py) share over their
+    `get_metadata`, `_thumbnail` and `__contains__`."""
+
+    def _check_space(self, space: str | None) -> None:
+        check_space(space, self.space)
+
+    def with_metadata(self, results: list[list[Hit]]) -> list[list[Hit]]:
+        metas = self.get_metadata(list({h.id for row in results for h in row}))
+        return [[Hit(h.id, h.score, metas.get(h.id)) for h in row] for row in results]
+
+    def thumbnail(self, item_id: str) -> tuple[bytes, str]:
+        """(bytes, mime type) of an item's thumbnail; UnknownIdError if the item or its thumbnail is absent."""
+        found = self._thumbnail(item_id)
+        if found is None:
+            what = "has no thumbnail (it was added as an embedding)" if item_id in self else "is unknown"
+            raise UnknownIdError(f"item {item_id!r} {what}")
+        return found
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class GalleryIndex(IndexSurface):
     """String ids -> L2-normalised float32 vectors of one embedding space, searchable by inner product.
 
     Create with `GalleryIndex.create(path, dim, space, config)`, open with `GalleryIndex.open(path)`;
@@ -380,9 +403,6 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
             raise GalleryIndexError("the index is closed")
         if self.read_only:
             raise GalleryIndexError(f"index {self.path} is open read-only (mmap); open it without mmap to change it")
-
-    def _check_space(self, space: str | None) -> None:
-        check_space(space, self.space)
 
     # ---------------------------------------------------------------------------------------- writes
     def add(self, ids: Sequence[str], vectors, *, space: str, metadata: Sequence[dict | None] | None = None,
@@ -625,10 +645,6 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
             out.append(row)
         return out
 
-    def with_metadata(self, results: list[list[Hit]]) -> list[list[Hit]]:
-        metas = self.get_metadata(list({h.id for row in results for h in row}))
-        return [[Hit(h.id, h.score, metas.get(h.id)) for h in row] for row in results]
-
     def get_metadata(self, ids: Sequence[str]) -> dict[str, dict | None]:
         """{id: metadata} for the ids that exist."""
         return self._store.metadata(ids) if ids else {}
@@ -637,13 +653,8 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
         """{'id', 'metadata', 'updated'} of one item; UnknownIdError if absent."""
         return self._store.item(item_id)
 
-    def thumbnail(self, item_id: str) -> tuple[bytes, str]:
-        """(bytes, mime type) of an item's thumbnail; UnknownIdError if the item or its thumbnail is absent."""
-        found = self._store.thumbnail(item_id)
-        if found is None:
-            what = "has no thumbnail (it was added as an embedding)" if item_id in self._label_of else "is unknown"
-            raise UnknownIdError(f"item {item_id!r} {what}")
-        return found
+    def _thumbnail(self, item_id: str) -> tuple[bytes, str] | None:
+        return self._store.thumbnail(item_id)
 
     def stats(self) -> IndexStats:
         return IndexStats(path=str(self.path) if self.path else None, embedding_space=self.space, dim=self.dim,
@@ -663,9 +674,6 @@ class GalleryIndex(AbstractContextManager):  # `with` returns the object and clo
             self._closed = True
             if self._store is not None:
                 self._store.close()
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (f"GalleryIndex({str(self.path) if self.path else 'memory'}, '{self._factory}', {len(self)} items, "

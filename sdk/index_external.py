@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 
 import numpy as np
 
-from sdk.errors import GalleryIndexError, UnknownIdError
-from sdk.index import Hit, IndexStats, check_k, check_space, check_vectors, parse_filter, prepare_items
+from sdk.errors import GalleryIndexError
+from sdk.index import Hit, IndexStats, IndexSurface, check_k, check_vectors, parse_filter, prepare_items
 from sdk.index_url import HnswConfig, redact
 
 
-class ExternalIndex(AbstractContextManager):
+class ExternalIndex(IndexSurface):
     """String ids -> vectors of one embedding space in an external engine; subclasses talk to the engine."""
 
     kind = "external"
@@ -49,9 +48,6 @@ class ExternalIndex(AbstractContextManager):
     def _check_open(self) -> None:
         if self._closed:
             raise GalleryIndexError("the index is closed")
-
-    def _check_space(self, space: str | None) -> None:
-        check_space(space, self.space)
 
     def _prepare_query(self, queries, k, space) -> tuple[np.ndarray, int]:
         self._check_open()
@@ -103,18 +99,6 @@ class ExternalIndex(AbstractContextManager):
         out = self.search(queries, k, space=space, **params)
         return out, [self.get_vectors([h.id for h in row]) for row in out]
 
-    def with_metadata(self, results: list[list[Hit]]) -> list[list[Hit]]:
-        metas = self.get_metadata(list({h.id for row in results for h in row}))
-        return [[Hit(h.id, h.score, metas.get(h.id)) for h in row] for row in results]
-
-    def thumbnail(self, item_id: str) -> tuple[bytes, str]:
-        """(bytes, mime type) of an item's thumbnail; UnknownIdError if the item or its thumbnail is absent."""
-        found = self._thumbnail(item_id)
-        if found is None:
-            what = "has no thumbnail (it was added as an embedding)" if item_id in self else "is unknown"
-            raise UnknownIdError(f"item {item_id!r} {what}")
-        return found
-
     def stats(self) -> IndexStats:
         return IndexStats(path=redact(self.url), embedding_space=self.space, dim=self.dim, factory=self.factory(),
                           count=len(self), tombstones=0, trained=True, unsaved=0, read_only=False,
@@ -123,9 +107,6 @@ class ExternalIndex(AbstractContextManager):
     def factory(self) -> str:
         c = self.config
         return f"{self.kind} HNSW m={c.m} ef_construction={c.ef_construction}"
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact(self.url)}, dim={self.dim}, space={self.space!r})"
