@@ -170,7 +170,7 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
         x = np.asarray(vector, dtype=np.float32).reshape(-1)
         if self.dim is not None and x.shape[0] != self.dim:
             raise SdkError(f"embedding has {x.shape[0]} dims; the server's space has {self.dim}")
-        body = {"space": self.space, "embedding_b64": base64.b64encode(x.astype("<f4").tobytes()).decode(),
+        body = {"space": self.space, "embedding_b64": _b64(x),
                 "dtype": "float32", "k": int(k), "rerank": rerank, "with_metadata": with_metadata}
         if filter:
             body["filter"] = filter
@@ -185,10 +185,8 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
                 raise SdkError("search_image needs the on-device model: Client(url, bundle=PATH), "
                                  "or pass on_device=False to let the server embed the image")
             return self.search_vector(self.embedder.embed_one(image), k, rerank, with_metadata)
-        data, name = _image_bytes(image)
-        files = {"image": (name, data, "application/octet-stream")}
         form = {"k": str(int(k)), "rerank": rerank, "with_metadata": str(with_metadata).lower()}
-        return _result(self._request("POST", "/v1/search/image", files=files, data=form).json())
+        return _result(self._request("POST", "/v1/search/image", files={"image": _upload(image)}, data=form).json())
 
     def embed(self, images: Sequence[ImageInput], role: str = "gallery", batch_size: int = 32) -> np.ndarray:
         """The server's embeddings of `images` (its gallery model by default), nothing stored: (n, d) float32.
@@ -196,8 +194,7 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
         images = list(images)
         out = []
         for s in range(0, len(images), batch_size):
-            files = [("images", (n, b, "application/octet-stream"))
-                     for b, n in (_image_bytes(img) for img in images[s:s + batch_size])]
+            files = [("images", _upload(img)) for img in images[s:s + batch_size]]
             r = self._request("POST", "/v1/embed", files=files, data={"role": role}).json()
             out += [np.frombuffer(base64.b64decode(v), dtype="<f4") for v in r["embeddings_b64"]]
         if not out:
@@ -221,7 +218,7 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
             if x.shape[0] != len(ids):
                 raise SdkError(f"{len(ids)} ids but {x.shape[0]} vectors")
             for s in range(0, len(ids), batch_size):
-                items = [{"id": ids[j], "embedding_b64": base64.b64encode(x[j].astype("<f4").tobytes()).decode(),
+                items = [{"id": ids[j], "embedding_b64": _b64(x[j]),
                           **({"metadata": metadata[j]} if metadata is not None and metadata[j] is not None else {})}
                          for j in range(s, min(s + batch_size, len(ids)))]
                 r = self._request("POST", "/v1/items", json={"space": self.space, "items": items}).json()
@@ -233,12 +230,11 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
             step = min(batch_size, 32)
             for s in range(0, len(ids), step):
                 chunk = range(s, min(s + step, len(ids)))
-                files = [("images", _image_bytes(images[j])) for j in chunk]
+                files = [("images", _upload(images[j])) for j in chunk]
                 data = {"ids": [ids[j] for j in chunk]}
                 if metadata is not None:
                     data["metadata"] = json.dumps([metadata[j] for j in chunk])
-                r = self._request("POST", "/v1/items", files=[(f, (n, b, "application/octet-stream")) for f, (b, n) in files],
-                                  data=data).json()
+                r = self._request("POST", "/v1/items", files=files, data=data).json()
                 added, updated = added + r["added"], updated + r["updated"]
         return AddResult(added, updated, ids)
 
@@ -309,22 +305,27 @@ def _result(payload: dict) -> SearchResult:
                         float(payload.get("took_ms", 0.0)), payload.get("rerank", "none"))
 
 
-def _image_bytes(image: ImageInput) -> tuple[bytes, str]:
-    """(bytes, file name) to upload: files are sent as they are, PIL/arrays as PNG."""
+def _b64(vector: np.ndarray) -> str:
+    """A vector as the server reads it: base64 of little-endian float32."""
+    return base64.b64encode(vector.astype("<f4").tobytes()).decode()
+
+
+def _upload(image: ImageInput) -> tuple[str, bytes, str]:
+    """(file name, bytes, content type) of a multipart upload: files are sent as they are, PIL/arrays as PNG."""
     from PIL import Image
 
     if isinstance(image, (str, Path)):
         p = Path(image)
         try:
-            return p.read_bytes(), p.name
+            return p.name, p.read_bytes(), "application/octet-stream"
         except OSError as e:
             raise SdkError(f"cannot read image {p}: {e.strerror}") from None
     if isinstance(image, bytes):
-        return image, "image"
+        return "image", image, "application/octet-stream"
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if isinstance(image, Image.Image):
         buf = io.BytesIO()
         image.convert("RGB").save(buf, "PNG")
-        return buf.getvalue(), "image.png"
+        return "image.png", buf.getvalue(), "application/octet-stream"
     raise SdkError(f"unsupported image type {type(image).__name__}")
