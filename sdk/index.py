@@ -633,17 +633,9 @@ class GalleryIndex(IndexSurface):
         return out, vecs
 
     def _hits(self, scores: np.ndarray, labels: np.ndarray) -> list[list[Hit]]:
-        id_of = self._id_of
-        out = []
-        for srow, lrow in zip(scores.tolist(), labels.tolist()):
-            row = []
-            for s, lb in zip(srow, lrow):
-                if 0 <= lb < len(id_of):
-                    item_id = id_of[lb]
-                    if item_id is not None:
-                        row.append(Hit(item_id, s))
-            out.append(row)
-        return out
+        id_of, n = self._id_of, len(self._id_of)  # labels -1 (fewer than k) and tombstones give no hit
+        return [[Hit(id_of[lb], s) for s, lb in zip(srow, lrow) if 0 <= lb < n and id_of[lb] is not None]
+                for srow, lrow in zip(scores.tolist(), labels.tolist())]
 
     def get_metadata(self, ids: Sequence[str]) -> dict[str, dict | None]:
         """{id: metadata} for the ids that exist."""

@@ -13,6 +13,7 @@ wait=True: acknowledged once applied and in Qdrant's write-ahead log.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -93,17 +94,7 @@ def _client(kwargs: dict, url: str):
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise BackendUnavailableError(f"cannot reach Qdrant at {redact(url)}: {reason[:200]} "
                                       "(start the server or fix the URL)") from None
-    return client, _NoLock()
-
-
-class _NoLock:
-    """A server client is thread-safe: no serialisation needed."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return client, contextlib.nullcontext()  # a server client is thread-safe: no serialisation needed
 
 
 def _catalogue_entry(client, name: str) -> dict | None:
@@ -267,13 +258,10 @@ class QdrantIndex(ExternalIndex):
             quantization=m.QuantizationSearchParams(rescore=True) if self.quantization == "int8" else None)
         requests = [m.QueryRequest(query=row.tolist(), limit=k, filter=self._filter(where), params=params,
                                    with_payload=["id", "metadata"] if where else ["id"]) for row in q]
-        out = []
-        for res in self._call("query_batch_points", self.name, requests):
-            points = res.points
-            if where:  # type-exact equality (local mode compares True == 1 like Python does)
-                points = [p for p in points if matches_filter(p.payload.get("metadata"), where)]
-            out.append([Hit(p.payload["id"], float(p.score)) for p in points])
-        return out
+        # under a filter, type-exact equality again (local mode compares True == 1 like Python does)
+        return [[Hit(p.payload["id"], float(p.score)) for p in res.points
+                 if not where or matches_filter(p.payload.get("metadata"), where)]
+                for res in self._call("query_batch_points", self.name, requests)]
 
     def get_vectors(self, ids) -> np.ndarray:
         ids = list(ids)
