@@ -113,11 +113,6 @@ def source_keys(sources: list[Source]) -> list[list]:
     return [_source_key(s) for s in sources]
 
 
-def open_source(source: Source) -> Image.Image | Path:
-    """What the embedder takes for a source: the path itself, or the cropped image."""
-    return source.open() if isinstance(source, Crop) else source
-
-
 # ------------------------------------------------------------------------------------------------ labels
 def labelled_folder(root: Path, labels: str) -> ImageSide:
     """The images under `root` with labels by `labels`: auto | folders | names | a CSV file `path,label`."""

@@ -241,8 +241,7 @@ class Reranker:
         alpha = 0.0 if method == "aqe" else self.config.alpha
         out = np.empty_like(queries)
         for start, stop in _chunks(len(queries)):
-            self_ids = np.arange(start, stop) if leave_one_out else None
-            sims, ids = self.search.search(queries[start:stop], k, self_ids)
+            sims, ids = self.search.search(queries[start:stop], k, np.arange(start, stop) if leave_one_out else None)
             out[start:stop] = expand(queries[start:stop], self.gallery[ids], sims, alpha)
         return out
 

@@ -142,12 +142,10 @@ def class_bars(run: EvalRun, f: FileRun) -> str:
     if len(rows) > MAX_CLASS_BARS:
         note = f"<p class='meta'>{len(rows)} classes: the {MAX_CLASS_BARS // 2} lowest and highest by asymmetric mAP</p>"
         rows = rows[:MAX_CLASS_BARS // 2] + rows[-MAX_CLASS_BARS // 2:]
-    cells = []
-    for c, n, a, s in rows:
-        cells.append(f"<div class='cls' data-class='{_esc(c)}'>{_esc(c)}</div><div class='meta'>{n}</div>"
-                     f"<div><div class='bar asym' style='width:{a * 100:.1f}%' title='asymmetric mAP {a * 100:.2f}'>"
-                     f"</div><div class='bar sym' style='width:{s * 100:.1f}%' title='symmetric mAP {s * 100:.2f}'>"
-                     "</div></div>")
+    cells = [f"<div class='cls' data-class='{_esc(c)}'>{_esc(c)}</div><div class='meta'>{n}</div>"
+             f"<div><div class='bar asym' style='width:{a * 100:.1f}%' title='asymmetric mAP {a * 100:.2f}'>"
+             f"</div><div class='bar sym' style='width:{s * 100:.1f}%' title='symmetric mAP {s * 100:.2f}'>"
+             "</div></div>" for c, n, a, s in rows]
     legend = ("<p class='legend meta'><span style='background:#0969da'></span>asymmetric"
               "<span style='background:#bf8700'></span>symmetric (mean AP per class; queries per class)</p>")
     return f"{note}{legend}<div class='bars'>{''.join(cells)}</div>"
@@ -163,14 +161,10 @@ def _hit_class(run: EvalRun, q: int, g: int) -> str:
 
 
 def _result_list(run: EvalRun, thumbs: _Thumbs, q: int, r: SideResult, tag: str, which: str) -> str:
-    figs = []
-    for g, s in zip(r.top_ids[q], r.top_scores[q]):
-        g = int(g)
-        figs.append(f"<figure class='hit {_hit_class(run, q, g)}' data-id='{_esc(run.data.gallery.names[g])}'>"
-                    f"<img data-thumb='{thumbs.key('g', g)}' alt='{_esc(run.data.gallery.names[g])}'>"
-                    f"<figcaption>{s:.3f}</figcaption></figure>")
-    ap = r.aps[q]
-    return (f"<div class='list {which}'><span class='tag'>{tag}<br>AP {ap * 100:.1f}</span>{''.join(figs)}</div>")
+    figs = [f"<figure class='hit {_hit_class(run, q, g)}' data-id='{_esc(run.data.gallery.names[g])}'>"
+            f"<img data-thumb='{thumbs.key('g', g)}' alt='{_esc(run.data.gallery.names[g])}'>"
+            f"<figcaption>{s:.3f}</figcaption></figure>" for g, s in zip(r.top_ids[q].tolist(), r.top_scores[q])]
+    return f"<div class='list {which}'><span class='tag'>{tag}<br>AP {r.aps[q] * 100:.1f}</span>{''.join(figs)}</div>"
 
 
 def grids(run: EvalRun, f: FileRun, thumbs: _Thumbs) -> str:

@@ -134,8 +134,7 @@ def _wanted(f: ModelFile, only: tuple[str, ...]) -> bool:
 
 def _reference_file(entry) -> ModelFile:
     """The gallery model's file that embeds the gallery: its most precise ONNX file, else its first."""
-    onnx = [f for f in entry.files if f.format == "onnx"]
-    return entry.file("onnx") if onnx else entry.files[0]
+    return entry.file("onnx") if any(f.format == "onnx" for f in entry.files) else entry.files[0]
 
 
 # ------------------------------------------------------------------------------------------ embedding
