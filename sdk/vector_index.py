@@ -154,10 +154,11 @@ class VectorIndex:
         return np.ascontiguousarray(target.reconstruct_batch(np.ascontiguousarray(labels, dtype=np.int64)),
                                     dtype=np.float32)
 
-    def _params(self, k: int, sel, ef_search: int, nprobe: int, k_factor: int):
-        """(search parameters, the inner parameters they point to: keep both alive during the search)."""
+    @staticmethod
+    def _params(target, k: int, sel, ef_search: int, nprobe: int, k_factor: int):
+        """(search parameters for `target`, the inner parameters they point to: keep both alive during the search)."""
         faiss = faiss_module()
-        base = downcast(self.index)
+        base = downcast(target)
         if isinstance(base, faiss.IndexHNSW):
             inner = faiss.SearchParametersHNSW(efSearch=max(ef_search, k))
         elif isinstance(base, faiss.IndexIVF):
@@ -166,7 +167,7 @@ class VectorIndex:
             inner = faiss.SearchParameters()
         if sel is not None:
             inner.sel = sel
-        if is_refined(self.index):
+        if is_refined(target):
             return faiss.IndexRefineSearchParameters(k_factor=float(k_factor), base_index_params=inner), inner
         return inner, inner
 
@@ -185,12 +186,7 @@ class VectorIndex:
             bitmap = np.zeros_like(self.live)
             np.bitwise_or.at(bitmap, allowed >> 3, (1 << (allowed & 7)).astype(np.uint8))
         sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap)) if self.n_dead or allowed is not None else None
-        if target is self.staging:
-            params = inner = faiss.SearchParameters()
-            if sel is not None:
-                params.sel = sel
-        else:
-            params, inner = self._params(k, sel, ef_search, nprobe, k_factor)
+        params, inner = self._params(target, k, sel, ef_search, nprobe, k_factor)  # staging: flat, just `sel`
         if len(q) >= _PARALLEL_MIN_QUERIES:
             return target.search(q, k, params=params)
         # A few queries: one OpenMP thread. Parallel regions for a single query cost more than they
