@@ -110,13 +110,11 @@ class Manifest:
 
 def sha256_path(path: Path) -> str:
     """sha256 of a file, or of a folder (e.g. a CoreML .mlpackage) as the hash of its sorted file hashes."""
-    path = Path(path)
+    path, h = Path(path), hashlib.sha256()
     if path.is_dir():
-        h = hashlib.sha256()
         for f in sorted(p for p in path.rglob("*") if p.is_file()):
             h.update(str(f.relative_to(path)).encode() + b"\0" + sha256_path(f).encode())
         return h.hexdigest()
-    h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)

@@ -23,17 +23,16 @@ def _ingest(bundle: Path, images: Path, index: str, create: bool, config: Option
     with user_errors(INTERRUPTED):
         if runner not in ("local", "ray"):
             fail(f"--runner must be 'local' or 'ray', got {runner!r}")
-        log = lambda m: typer.echo(m, err=True)  # noqa: E731
+        common = {"create": create, "config": config, "batch_size": batch_size, "threads": threads,
+                  "log": lambda m: typer.echo(m, err=True)}
         if runner == "ray":
             from sdk.ingest_ray import ingest_ray
 
-            report = ingest_ray(bundle, images, index, create=create, config=config, batch_size=batch_size,
-                                workers=workers, threads=threads, address=ray_address, log=log)
+            report = ingest_ray(bundle, images, index, workers=workers, address=ray_address, **common)
         else:
             from sdk.ingest import ingest
 
-            report = ingest(bundle, images, index, create=create, config=config, batch_size=batch_size,
-                            threads=threads, progress=progress, log=log)
+            report = ingest(bundle, images, index, progress=progress, **common)
     typer.echo(report.summary())
     if report.failed:
         typer.secho(f"{len(report.failed)} files could not be read (listed above as warnings)", err=True,

@@ -117,10 +117,9 @@ class Embedder:
         for s in self.scales:
             size = (max(MIN_SIDE, round(h * s)), max(MIN_SIDE, round(w * s)))
             spec = self.spec.with_size(size) if s != 1.0 else self.spec
-            if self.crops == "center":
-                out.append([normalize(np.asarray(resize_image(img, spec)), spec)])
-            else:
-                out.append([normalize(np.asarray(c), spec) for c in _multi_crops(img, spec, self.crops == "ten")])
+            crops = ([resize_image(img, spec)] if self.crops == "center"
+                     else _multi_crops(img, spec, self.crops == "ten"))
+            out.append([normalize(np.asarray(c), spec) for c in crops])
         return out
 
     def _prepare(self, image: ImageInput) -> list[list[np.ndarray]]:

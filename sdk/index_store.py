@@ -20,7 +20,7 @@ import re
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -202,10 +202,8 @@ class IndexStore:
             return
         for p in self.path.iterdir():
             if (SNAPSHOT_RE.match(p.name) and p.name != keep) or p.name.endswith(".faiss.tmp"):
-                try:
+                with suppress(OSError):
                     p.unlink()
-                except OSError:
-                    pass
 
     # ---------------------------------------------------------------------------------- log and items
     def replay_log(self, start: int, dim: int) -> list[np.ndarray]:

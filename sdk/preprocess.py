@@ -85,6 +85,7 @@ class PreprocessSpec:
 def _open(source: str | Path | bytes, draft: int | None = None, decode: bool = True) -> Image.Image:
     """The image decoded (not yet converted; a JPEG at the smallest scale >= `draft` when given; only its
     header read with decode=False); every failure is an ImageError naming the file."""
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         if draft:
@@ -95,11 +96,9 @@ def _open(source: str | Path | bytes, draft: int | None = None, decode: bool = T
     except FileNotFoundError:
         raise ImageError(f"image not found: {source} (check the path)") from None
     except Image.DecompressionBombError:
-        name = "<bytes>" if isinstance(source, bytes) else str(source)
         raise ImageError(f"image {name} has too many pixels (a decompression bomb?); send a smaller image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
             ZeroDivisionError, OverflowError) as e:  # what Pillow's decoders raise on damaged or hostile files
-        name = "<bytes>" if isinstance(source, bytes) else str(source)
         raise ImageError(f"cannot read image {name}: {e} (is it a valid JPEG/PNG file?)") from None
 
 

@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal, Optional
@@ -305,10 +305,8 @@ class ServerState:
         cycles searches leave; `result` gets 'dropped' or 'error' (caller holds _compact_guard)."""
 
         def work() -> None:
-            try:
+            with suppress(AttributeError, OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only (Linux)
-            except (AttributeError, OSError):
-                pass
             try:
                 result["dropped"] = self.index.compact()
                 self.compactions += 1
@@ -464,12 +462,11 @@ async def search(request: Request, state: State) -> SearchResponse:
              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 413: _ERROR})
 async def search_image(request: Request, state: State) -> SearchResponse:
     """Search with an image; the server embeds it with the query model (for thin clients)."""
-    config = state.config
     form = await _form(request)
     upload = form.get("image")
     if upload is None or isinstance(upload, str):
         raise HTTPException(400, "send the image as a multipart file field named 'image'")
-    data = (await _read_uploads([upload], config))[0]
+    data = (await _read_uploads([upload], state.config))[0]
     k = _int_field(form, "k", 10, 1, 100000)
     rerank = str(form.get("rerank", "none"))
     if rerank not in RERANK_METHODS:
