@@ -13,6 +13,7 @@ import datetime as _dt
 import importlib.metadata as _md
 import shutil
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -63,10 +64,8 @@ def parse_choices(values: Iterable[str] | str | None, allowed: tuple[str, ...], 
 def _versions() -> dict[str, str]:
     out = {}
     for name in _VERSIONS:
-        try:
+        with suppress(_md.PackageNotFoundError):
             out[name] = _md.version(name)
-        except _md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -219,10 +218,7 @@ def _export_one(model, out: Path, fmt: str, prec: str, spec: PreprocessSpec, cal
                                   lambda k, bar: ox.quantize_int8(fp32, path, nchw, progress=bar, float_convs=k))
             ox.add_metadata(path, onnx_meta)
         facts = ox.check_onnx(path, model.embedding_dim, dynamic_hw=ox.dynamic_hw(model))
-        if prec == "int8":
-            facts["int8"] = search
-        return facts
-    if fmt == "tflite":
+    elif fmt == "tflite":
         from export import tflite as tf
 
         if prec == "fp32":
@@ -236,14 +232,14 @@ def _export_one(model, out: Path, fmt: str, prec: str, spec: PreprocessSpec, cal
                                                                   progress=bar, float_convs=k))
         facts = tf.check_tflite(path, model.embedding_dim, spec.input_size)
         facts.pop("signatures", None)
-        if prec == "int8":
-            facts["int8"] = search
-        return facts
-    from export import coreml as cm
+    else:
+        from export import coreml as cm
 
-    cm.export_coreml(model, path, spec, prec, image_input=coreml_image_input, metadata=metadata)
-    facts = cm.check_coreml(path, model.embedding_dim, spec, prec, metadata["embedding_space"])
-    facts.pop("metadata", None)
+        cm.export_coreml(model, path, spec, prec, image_input=coreml_image_input, metadata=metadata)
+        facts = cm.check_coreml(path, model.embedding_dim, spec, prec, metadata["embedding_space"])
+        facts.pop("metadata", None)
+    if prec == "int8" and fmt != "coreml":
+        facts["int8"] = search  # the float-convs search that chose the file
     return facts
 
 
@@ -282,12 +278,12 @@ def _write_tflite_metadata(path: Path, spec: PreprocessSpec, metadata: dict, spa
 
     try:
         tflite_support.write_metadata(path, path, spec, metadata["model_name"], metadata["embedding_dim"], space)
-        record.setdefault("tflite_metadata", {})[path.name] = "written (tflite-support)"
+        msg = "written (tflite-support)"
     except ExportError as e:
         msg = f"TFLite metadata NOT written to {path.name}: {e}"
-        record.setdefault("tflite_metadata", {})[path.name] = msg
         record["notes"].append(msg)
         log("  warning: " + msg + " (the file works; only tflite-support's Task Library needs the metadata)")
+    record.setdefault("tflite_metadata", {})[path.name] = msg
 
 
 def _parity(model, out: Path, name: str, fmt: str, prec: str, spec: PreprocessSpec, images: ImageSet) -> dict:

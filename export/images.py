@@ -29,10 +29,8 @@ def find_images(folder: str | Path, what: str = "image") -> list[Path]:
         raise ExportError(f"{what} folder {folder} does not exist or is not a folder; pass a folder of photos")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ExportError(
-            f"{what} folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); put photos like the ones your "
-            "users will query with in it (50-300 is plenty)"
-        )
+        raise ExportError(f"{what} folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}); put photos like "
+                          "the ones your users will query with in it (50-300 is plenty)")
     return files
 
 

@@ -177,13 +177,12 @@ def _toposort(graph) -> None:
 
 def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, per_channel: bool = True,
                   batch_size: int = 8, progress: str | None = None, float_convs: int = 0) -> Path:
-    """Static int8 QDQ quantization (int8 per-channel weights, uint8 activations) calibrated on
-    `calibration`, a float32 NCHW batch of preprocessed real images (`progress`: the calibration bar's
-    label, None for no bar): each activation's range comes from
-    the images' own ranges (`per_image_ranges`, export.calibration's rule, as for TFLite) and is handed
-    to onnxruntime as a TensorQuantOverrides rmin/rmax. The model goes through `quant_pre_process`
-    (shape inference + graph optimization) first; the pooling and L2-norm head stays float so the
-    output is exactly unit-norm.
+    """Static int8 QDQ quantization (int8 per-channel weights, uint8 activations) calibrated on `calibration`,
+    a float32 NCHW batch of preprocessed real images (`progress`: the calibration bar's label, None for no bar):
+    each activation's range comes from the images' own ranges (`per_image_ranges`, export.calibration's rule,
+    as for TFLite), handed to onnxruntime as a TensorQuantOverrides rmin/rmax. The model goes through
+    `quant_pre_process` (shape inference + graph optimization) first; the pooling and L2-norm head stays
+    float so the output is exactly unit-norm.
 
     float_convs: keep the first N Conv nodes (in execution order) float. ImageNet MobileNetV2 weights
     with BatchNorm folded in have early layers whose per-channel weight ranges span 1e-5..1e2: a

@@ -112,13 +112,8 @@ def _keep_each_image(qsv: dict, new: dict) -> dict:
 
 def robust_ranges(qsvs: dict) -> dict:
     """Per-image ranges (from `_keep_each_image`) -> one range per tensor (export.calibration)."""
-    out = {}
-    for name, q in qsvs.items():
-        if "mins" in q:
-            lo, hi = percentile_range(q["mins"], q["maxs"])
-            q = {"min": lo, "max": hi}
-        out[name] = q
-    return out
+    return {name: dict(zip(("min", "max"), percentile_range(q["mins"], q["maxs"]))) if "mins" in q else q
+            for name, q in qsvs.items()}
 
 
 def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, progress: str | None = None,

@@ -55,12 +55,10 @@ def is_ready() -> bool:
 def _lock(env: Path):
     env.parent.mkdir(parents=True, exist_ok=True)
     with open(env.parent / (env.name + ".lock"), "w") as fh:
-        try:
+        with contextlib.suppress(ImportError):  # Windows (no fcntl): no concurrent builds expected
             import fcntl
 
             fcntl.flock(fh, fcntl.LOCK_EX)
-        except ImportError:  # Windows: no concurrent builds expected
-            pass
         yield
 
 

@@ -193,10 +193,8 @@ def verify_bundle(bundle: str | Path, images: Iterable[str | Path] = (), checkpo
         sets: dict[str, dict[str, ImageSet]] = {}
         for role in roles:
             spec = manifest.models[role].preprocess
-            sets[role] = {}
-            for folder in images:
-                s = load_image_set(folder, spec, max_images=max_images, what="verify image", progress=progress)
-                sets[role][s.name] = s
+            sets[role] = {s.name: s for s in (load_image_set(folder, spec, max_images=max_images, what="verify image",
+                                                             progress=progress) for folder in images)}
         for s in sets[roles[-1]].values():
             report.image_sets.append({"name": s.name, "images": len(s.paths), "synthetic": is_procedural(s),
                                       "labelled": s.labels is not None,
@@ -207,30 +205,28 @@ def verify_bundle(bundle: str | Path, images: Iterable[str | Path] = (), checkpo
             spec = entry.preprocess
             model = _torch_model(entry, checkpoint if role == "query" else gallery_checkpoint, bundle, report.notes)
             xs = {name: s.batch(spec) for name, s in sets[role].items()}
+            asym_index = gallery_index if role == "query" else {}  # queries are also ranked against the gallery
             refs = {}
             if model is not None:
                 with torch.no_grad():
                     refs = {name: np.concatenate([model(torch.from_numpy(x[i:i + 16])).numpy()
                                                   for i in range(0, len(x), 16)]) for name, x in xs.items()}
-                previous = torch.get_num_threads()
-                torch.set_num_threads(threads)
-                with torch.no_grad():
+                    previous = torch.get_num_threads()
+                    torch.set_num_threads(threads)
                     first = torch.from_numpy(next(iter(xs.values()))[:1])
                     torch_ms = latency_ms(lambda: model(first), runs=runs)
-                torch.set_num_threads(previous)
+                    torch.set_num_threads(previous)
                 row = FileResult(role, "(torch eager)", "torch", "fp32", 0, ms=torch_ms, note="reference")
-                _retrieval(row, refs, refs, gallery_index if role == "query" else {}, sets[role])
+                _retrieval(row, refs, refs, asym_index, sets[role])
                 report.files.append(row)
             fp32_embs: dict[str, dict[str, np.ndarray]] = {}
             ordered = sorted(entry.files, key=lambda f: (f.format, f.precision != "fp32"))
             bar = tqdm(ordered, desc=f"verifying {role} files", unit="file", disable=not progress, leave=False)
             for f in bar:
-                result = _verify_file(bundle, entry, f, spec, xs, refs, sets[role], threads, runs, report,
-                                      gallery_index if role == "query" else {}, fp32_embs, model)
-                report.files.append(result)
+                report.files.append(_verify_file(bundle, entry, f, spec, xs, refs, sets[role], threads, runs, report,
+                                                 asym_index, fp32_embs, model))
             if role == "gallery":
-                src = fp32_embs.get("onnx") or refs
-                gallery_index.update(src)
+                gallery_index.update(fp32_embs.get("onnx") or refs)
         if tflite_support:
             _verify_task_library(bundle, manifest, sets, threads, runs, report, log)
         _acceptance(report)
