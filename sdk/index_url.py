@@ -58,12 +58,8 @@ def url_scheme(url: str | Path) -> str:
 def split_options(url: str, names: tuple[str, ...]) -> tuple[str, dict[str, str]]:
     """(the URL without the query parameters in `names`, those parameters)."""
     parts = urlsplit(url)
-    ours, rest = {}, []
-    for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        if k in names:
-            ours[k] = v
-        else:
-            rest.append((k, v))
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    ours, rest = {k: v for k, v in pairs if k in names}, [(k, v) for k, v in pairs if k not in names]
     return urlunsplit(parts._replace(query=urlencode(rest))), ours
 
 
