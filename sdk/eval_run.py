@@ -211,12 +211,9 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalR
     ref = _reference_file(gallery_model.entry)
 
     gallery_pass = embeddings.run(gallery_model, ref, data.gallery.sources, f"gallery ({ref.path})")
-    bad_g = dict(gallery_pass.errors)
-    if data.leave_one_out:
-        query_pass, bad_q = gallery_pass, bad_g
-    else:
-        query_pass = embeddings.run(gallery_model, ref, data.queries.sources, f"queries ({ref.path})")
-        bad_q = dict(query_pass.errors)
+    query_pass = gallery_pass if data.leave_one_out else embeddings.run(gallery_model, ref, data.queries.sources,
+                                                                        f"queries ({ref.path})")
+    bad_g, bad_q = dict(gallery_pass.errors), dict(query_pass.errors)
     unreadable = [(data.queries.names[i], m) for i, m in sorted(bad_q.items())]
     if not data.leave_one_out:
         unreadable += [(data.gallery.names[i], m) for i, m in sorted(bad_g.items())]
