@@ -107,11 +107,8 @@ def export_bundle(query_checkpoint: str | Path, out: str | Path, gallery_checkpo
     _check_dependencies(formats, precisions)
 
     out = Path(out)
-    loaded = {}
-    for role, ckpt in (("query", query_checkpoint), ("gallery", gallery_checkpoint)):
-        if ckpt is not None:
-            model, meta = load_checkpoint(ckpt)
-            loaded[role] = (Path(ckpt), model, meta)
+    loaded = {role: (Path(ckpt), *load_checkpoint(ckpt))  # role -> (checkpoint, model, meta)
+              for role, ckpt in (("query", query_checkpoint), ("gallery", gallery_checkpoint)) if ckpt is not None}
     spaces = {meta.embedding_space for _, _, meta in loaded.values()}
     if len(spaces) != 1:
         raise ExportError(f"query and gallery checkpoints are from different embedding spaces {sorted(spaces)}; "

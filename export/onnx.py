@@ -249,8 +249,7 @@ def per_image_ranges(model: str | Path, calibration: np.ndarray, augmented: str 
 
     calibrator = create_calibrator(str(model), augmented_model_path=str(augmented),
                                    calibrate_method=CalibrationMethod.MinMax)
-    mins: dict[str, list] = {}
-    maxs: dict[str, list] = {}
+    mins, maxs = {}, {}  # tensor name -> one min (max) per image
     for image in tqdm(calibration, desc=progress, unit="img", disable=progress is None, leave=True):
         calibrator.calibrate_tensors_range = None  # forget the previous image
         calibrator.collect_data(_Batches(image[None], 1))

@@ -455,9 +455,8 @@ def format_report(report: VerifyReport) -> str:
             for r in asym]
     if report.sizes:
         lines += ["", "ONNX at other input sizes (dynamic height/width), vs torch at the same size:"]
-        for s in report.sizes:
-            lines.append(f"  {s.path:24} {s.size[0]}x{s.size[1]:<5} max abs diff {s.max_abs_diff:.2e}  "
-                         f"min cosine {s.min_cos:.6f}")
+        lines += [f"  {s.path:24} {s.size[0]}x{s.size[1]:<5} max abs diff {s.max_abs_diff:.2e}  "
+                  f"min cosine {s.min_cos:.6f}" for s in report.sizes]
     if report.embedders:
         lines += ["", "tflite-support ImageEmbedder (its own normalisation from the TFLite metadata) vs our embedder "
                       "(sdk preprocessing + ai-edge-litert), same file, same pixels:"]
@@ -469,9 +468,7 @@ def format_report(report: VerifyReport) -> str:
                              f"ms/img: ImageEmbedder {_f(e.ms_task_library, '.2f')}, ours {_f(e.ms_ours, '.2f')}")
     if report.notes:
         lines += [""] + [f"note: {n}" for n in report.notes]
-    lines += ["", "checks:"]
-    for c in report.checks:
-        lines.append(f"  [{'PASS' if c.passed else 'FAIL'}] {c.name}: {c.detail}")
+    lines += ["", "checks:"] + [f"  [{'PASS' if c.passed else 'FAIL'}] {c.name}: {c.detail}" for c in report.checks]
     failed = sum(not c.passed for c in report.checks)
     lines.append(f"{len(report.checks) - failed} of {len(report.checks)} checks passed" +
                  (f" ({failed} FAILED)" if failed else ""))

@@ -47,8 +47,7 @@ def _print_summary(out: Path, manifest) -> None:
     record = manifest.extra.get("export", {})
     parity = record.get("parity", {})
     typer.echo(f"\nwrote bundle {out} (embedding space {manifest.embedding_space}):")
-    header = f"  {'file':26} {'format':7} {'prec':5} {'layout':6} {'batch':7} {'size':>10}  parity vs torch"
-    typer.echo(header)
+    typer.echo(f"  {'file':26} {'format':7} {'prec':5} {'layout':6} {'batch':7} {'size':>10}  parity vs torch")
     for role, entry in manifest.models.items():
         for f in entry.files:
             p = parity.get(f.path, {})

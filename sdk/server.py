@@ -514,8 +514,8 @@ async def _add_embeddings(request: Request, state: ServerState) -> AddItemsRespo
     _check_space(state, req.space, "embed the gallery with the server's bundle")
     vectors = np.stack([decode_embedding(it.embedding, it.embedding_b64, it.dtype, state.dim) for it in req.items])
     ids = [it.id for it in req.items]
-    metas = [it.metadata for it in req.items]
-    result = await run_in_threadpool(state.index.add, ids, vectors, space=state.space, metadata=metas)
+    result = await run_in_threadpool(state.index.add, ids, vectors, space=state.space,
+                                     metadata=[it.metadata for it in req.items])
     state.after_write()
     return AddItemsResponse(ids=ids, **result)
 
