@@ -112,8 +112,7 @@ class _Thumbs:
         side = "g" if self.loo else side
         key = f"{side}{i}"
         if key not in self.data:
-            items = self.run.data.gallery if side == "g" else self.run.data.queries
-            src = items.sources[i]
+            src = (self.run.data.gallery if side == "g" else self.run.data.queries).sources[i]
             try:
                 jpeg = thumbnail_jpeg(src.open() if isinstance(src, Crop) else src, THUMB)
                 self.data[key] = base64.b64encode(jpeg).decode()
