@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.aff.config import DataConfig
-from training.config import ConfigError, load_config_file, to_dict
+from training.config import Config, ConfigError
 from training.checkpoint import CheckpointMeta, save_checkpoint
 from training.data import ImageDataset, LabelledImages
 from training.embed import embed_images
@@ -134,7 +134,7 @@ class CGDEvalConfig:
 
 
 @dataclass(frozen=True)
-class CGDConfig:
+class CGDConfig(Config):
     """One `train cgd` run: the main descriptor configuration plus `ablations` (more configurations,
     trained the same way), all in one table."""
 
@@ -158,9 +158,6 @@ class CGDConfig:
         """The main configuration first, then each ablation once."""
         return list(dict.fromkeys((self.model.descriptors, *self.ablations)))
 
-    def to_dict(self) -> dict:
-        return to_dict(self)
-
 
 def check_descriptors(descriptors: str, dim: int) -> None:
     """A descriptor configuration: S/M/G letters, each once, and a total dim the branches divide evenly."""
@@ -174,9 +171,7 @@ def check_descriptors(descriptors: str, dim: int) -> None:
                           f"pick a multiple of {len(descriptors)} (e.g. {len(descriptors) * max(1, dim // len(descriptors))})")
 
 
-def load_cgd_config(path: str | Path | None, overrides: Sequence[str] = ()) -> CGDConfig:
-    """Defaults, updated by a JSON/YAML file and then by dotted `--set key=value` overrides."""
-    return load_config_file(CGDConfig, path, overrides)
+load_cgd_config = CGDConfig.load
 
 
 # ------------------------------------------------------------------------------------------------ data

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sdk.preprocess import ImageError, load_image
 from training.aff.config import DataConfig
-from training.config import ConfigError, load_config_file, to_dict
+from training.config import Config, ConfigError, check_known
 from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, save_checkpoint
 from training.data import (DatasetError, LabelledImages, image_folder, make_instance_set, unlabelled_folder,
                            write_images)
@@ -83,7 +83,7 @@ class ProceduralConfig:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(Config):
     """One `train distill` run. Defaults are the paper's: tau 0.75, R 10, |D| 4000, B 1000, 30 epochs,
     weights of epochs 20 and 30 averaged."""
 
@@ -111,9 +111,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bad = [a for a in self.ablations if a not in ABLATIONS]
-        if bad:
-            raise ConfigError(f"unknown ablation {bad[0]!r}; choose from {sorted(ABLATIONS)}")
+        check_known(self.ablations, sorted(ABLATIONS), "ablation")
         if self.batch_size < 2 or self.epochs < 1 or self.max_images < 2:
             raise ConfigError(f"batch_size must be >= 2, epochs >= 1 and max_images >= 2, got {self.batch_size}, "
                               f"{self.epochs}, {self.max_images}")
@@ -128,13 +126,8 @@ class DistillConfig:
             raise ConfigError(f"procedural.seed {self.procedural.seed} equals data.seed: D would hold the evaluation "
                               "objects; give procedural another seed")
 
-    def to_dict(self) -> dict:
-        return to_dict(self)
 
-
-def load_distill_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DistillConfig:
-    """Defaults, updated by a JSON/YAML file and then by dotted `--set key=value` overrides."""
-    return load_config_file(DistillConfig, path, overrides)
+load_distill_config = DistillConfig.load
 
 
 # ------------------------------------------------------------------------------------------------ data

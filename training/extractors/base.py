@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from sdk.preprocess import PreprocessSpec
 from training.backbones import Backbone, create_backbone
 from training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from training.config import from_dict, to_dict
+from training.config import Config, from_dict
 from training.errors import TrainingError
 
 KINDS = ("delg", "dolg", "cvnet", "rmac", "noise", "mabnet")  # mabnet: a `train mabnet` checkpoint (training/extractors/mabnet.py)
@@ -60,7 +60,7 @@ class ExtractorTrainConfig:
 
 
 @dataclass(frozen=True)
-class ExtractorConfig:
+class ExtractorConfig(Config):
     """One gallery feature extractor. `kind` picks the architecture; `name` names its feature.
 
     Field meanings by kind:
@@ -112,9 +112,6 @@ class ExtractorConfig:
                                  "set weights to its mabnet.safetensors and train.epochs to 0")
         if self.kind != "delg" and self.num_local:
             raise ExtractorError(f"extractor {self.name}: only DELG produces local features (num_local), not {self.kind}")
-
-    def to_dict(self) -> dict:
-        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExtractorConfig":

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from sdk.vectors import l2_normalize
 from training.aff.config import DataConfig
 from training.checkpoint import CheckpointMeta, save_checkpoint
-from training.config import ConfigError, apply_overrides, from_dict, load_config_file, to_dict
+from training.config import Config, ConfigError, apply_overrides, check_known, from_dict, to_dict
 from training.data import ImageDataset, LabelledImages
 from training.embed import embed_images
 from training.evaluate import labelled_eval, labelled_eval_scores
@@ -162,7 +162,7 @@ class MABNetEvalConfig:
 
 
 @dataclass(frozen=True)
-class MABNetConfig:
+class MABNetConfig(Config):
     """One `train mabnet` run: the main MABNet, then each ablation and each lambda of the sweep, one table;
     `query`: a DistillConfig section (its student, epochs ...) to distil a phone query model into the main
     gallery's space (teacher, data and asymmetric mode are set here), None: no query model."""
@@ -182,22 +182,15 @@ class MABNetConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bad = [a for a in self.ablations if a not in ABLATIONS]
-        if bad:
-            raise ConfigError(f"unknown ablation {bad[0]!r}; choose from {sorted(ABLATIONS)}")
+        check_known(self.ablations, sorted(ABLATIONS), "ablation")
         if any(not 0.0 <= lam <= 1.0 for lam in self.lambdas):
             raise ConfigError(f"lambdas must lie in [0, 1], got {list(self.lambdas)}")
         if self.model.image_size not in (None, self.crops.global_size):
             raise ConfigError(f"model.image_size {self.model.image_size} differs from crops.global_size "
                               f"{self.crops.global_size}: the gallery input is the global crop size; set one")
 
-    def to_dict(self) -> dict:
-        return to_dict(self)
 
-
-def load_mabnet_config(path: str | Path | None, overrides: Sequence[str] = ()) -> MABNetConfig:
-    """Defaults, updated by a JSON/YAML file and then by dotted `--set key=value` overrides."""
-    return load_config_file(MABNetConfig, path, overrides)
+load_mabnet_config = MABNetConfig.load
 
 
 def variants(cfg: MABNetConfig) -> list[tuple[str, MABNetConfig]]:
