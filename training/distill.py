@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from sdk.preprocess import ImageError, load_image
 from training.aff.config import DataConfig
 from training.config import Config, ConfigError, check_known
 from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, save_checkpoint
-from training.data import (DatasetError, LabelledImages, image_folder, make_instance_set, unlabelled_folder,
-                           write_images)
+from training.data import (DatasetError, ImageDataset, LabelledImages, image_folder, make_instance_set,
+                           unlabelled_folder, write_images)
 from training.embed import embed_images, embed_multiscale
 from training.evaluate import labelled_eval
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
@@ -191,19 +191,6 @@ def load_distill_data(cfg: DistillConfig, log: Callable[[str], None] | None = No
     return DistillData(paths, evaluation, teacher_set)
 
 
-class _Indexed(Dataset):
-    """(preprocessed image, its row in the teacher embeddings) for the student."""
-
-    def __init__(self, paths: Sequence[Path], spec) -> None:
-        self.paths, self.transform = list(paths), eval_transform(spec)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        return self.transform(self.paths[i]), i
-
-
 # ------------------------------------------------------------------------------------------------ teacher
 
 
@@ -260,7 +247,8 @@ def train_student(cfg: DistillConfig, paths: Sequence[Path], targets: np.ndarray
     student = build_student(cfg, teacher_dim)
     targets_t = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)).to(resolve_device(device))
     batch = min(cfg.batch_size, len(paths))
-    loader = DataLoader(_Indexed(paths, student.spec), batch_size=batch, shuffle=True, drop_last=True,
+    loader = DataLoader(ImageDataset(list(zip(paths, range(len(paths)))), eval_transform(student.spec)),
+                        batch_size=batch, shuffle=True, drop_last=True,  # (image, its row of the teacher embeddings)
                         generator=torch.Generator().manual_seed(cfg.seed))
     run_dir = Path(cfg.out) / "runs" / cfg.name
     epochs_kept = {e for e in cfg.average_epochs if 1 <= e <= cfg.epochs} or {cfg.epochs}
