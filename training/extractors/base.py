@@ -118,7 +118,6 @@ class ExtractorConfig(Config):
         return from_dict(cls, d, f"extractor {d.get('name') or d.get('kind', '?')}" if isinstance(d, dict) else "extractor")
 
 
-
 # ------------------------------------------------------------------------------------------ trunk
 
 
@@ -239,13 +238,7 @@ class GalleryExtractor(nn.Module):
     def name(self) -> str:
         return self.config.name
 
-    @property
-    def local_dim(self) -> int:
-        return 0
-
-    @property
-    def num_local(self) -> int:
-        return 0
+    local_dim = num_local = 0  # global only; DELG's local features override both
 
     def _make_arcface(self) -> None:
         from training.losses import ArcFace

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from training.extractors.base import Extracted, ExtractorConfig, ExtractorError, GalleryExtractor
+from training.extractors.base import ExtractorConfig, ExtractorError, GalleryExtractor
 from training.mabnet.model import MABNet, MABNetModelConfig
 
 
@@ -55,9 +55,3 @@ class MABNetExtractor(GalleryExtractor):
     def global_descriptor(self, x: Tensor) -> Tensor:
         """The MABNet gallery descriptor (already multi-view: no extra scales)."""
         return self.mabnet(x)
-
-    def extract(self, x: Tensor) -> Extracted:
-        import torch
-
-        with torch.no_grad():
-            return Extracted(self.global_descriptor(x))

@@ -109,10 +109,6 @@ def _map_key(key: str, layout: ReleasedLayout) -> str | None:
     return None
 
 
-def _read(path: str | Path) -> dict[str, torch.Tensor]:
-    return read_state_dict_file(path, ExtractorError, "released checkpoint")
-
-
 def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) -> LoadReport:
     """Fill `extractor` from a released checkpoint in `layout` (see RELEASED_LAYOUTS); strict but explained."""
     if layout not in RELEASED_LAYOUTS:
@@ -125,7 +121,7 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
                              f"'{extractor.config.backbone}' (set backbone resnet50 or resnet101)")
     if spec.absent and extractor.num_local:
         raise ExtractorError(f"{path}: {spec.note}; set num_local=0 to load it as a global extractor")
-    source = _read(path)
+    source = read_state_dict_file(path, ExtractorError, "released checkpoint")
     target = extractor.state_dict()
     report = LoadReport()
     mapped: dict[str, torch.Tensor] = {}
