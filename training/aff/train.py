@@ -27,7 +27,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ from training.errors import TrainingError
 
 Log = Callable[[str], None]
 DEFAULT_LAYOUT = {"cvnet": "cvnet", "dolg": "dolg-pytorch", "delg": "delg-pytorch"}
+ABLATION_CHANGES = {"shared": {"classifier": "shared"}, "two_stage": {"schedule": "two_stage"}}  # to the JointConfig
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -395,14 +396,6 @@ def evaluate_pair(pair: TrainedPair, eval_features: FeatureSet, eval_images: Lab
 # ------------------------------------------------------------------------------------------ pipeline
 
 
-def _variant_config(joint: JointConfig, ablation: str) -> JointConfig:
-    if ablation == "shared":
-        return replace(joint, classifier="shared")
-    if ablation == "two_stage":
-        return replace(joint, schedule="two_stage")
-    raise TrainingError(f"unknown ablation {ablation!r}")
-
-
 def _variant_name(joint: JointConfig) -> str:
     return "two-stage" if joint.schedule == "two_stage" else f"{joint.classifier} classifier"
 
@@ -468,7 +461,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     timings["baselines"] = time.perf_counter() - t
 
     # ---- AFF: main variant + ablations
-    variants = [("main", cfg.train)] + [(a, _variant_config(cfg.train, a)) for a in cfg.ablations]
+    variants = [("main", cfg.train)] + [(a, replace(cfg.train, **ABLATION_CHANGES[a])) for a in cfg.ablations]
     results: dict[str, VariantResult] = {}
     pairs: dict[str, TrainedPair] = {}
     warm: WarmMixer | None = None
@@ -557,10 +550,6 @@ def run_studies(cfg: AFFConfig, splits: Splits, caches: dict[str, list], train_l
     return studies
 
 
-def _variant_dict(v: VariantResult) -> dict:
-    return {"variant": v.variant, "mixer": v.mixer, "asym": v.asym, "query_sym": v.query_sym, "ratio": v.ratio}
-
-
 def build_report(cfg: AFFConfig, splits: Splits, rows: list[dict], results: dict[str, VariantResult],
                  timings: dict, space: str, gallery_path: Path, query_path: Path,
                  fusions: dict[str, VariantResult] | None = None, studies: dict | None = None) -> dict:
@@ -588,8 +577,8 @@ def build_report(cfg: AFFConfig, splits: Splits, rows: list[dict], results: dict
         "gallery": str(gallery_path),
         "query": str(query_path),
         "rows": rows,
-        "variants": {k: _variant_dict(v) for k, v in results.items()},
-        "fusions": {k: _variant_dict(v) for k, v in (fusions or {}).items()},
+        "variants": {k: asdict(v) for k, v in results.items()},
+        "fusions": {k: asdict(v) for k, v in (fusions or {}).items()},
         **(studies or {}),
         "checks": checks,
         "seconds": timings,
