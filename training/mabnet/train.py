@@ -490,7 +490,6 @@ def run_mabnet(cfg: MABNetConfig, device: str = "cpu", progress: bool = True, lo
         rows.append(baseline_row(cfg, splits.eval, progress))
     space = new_space_id("mabnet")
     labels = np.asarray(splits.eval.labels)
-    rerank: list[dict] = []
     main_file = out / "mabnet.safetensors"
     for name, variant in variants(cfg):
         start, resumed = time.perf_counter(), (out / "runs" / name / "last.pt").is_file()
@@ -500,6 +499,7 @@ def run_mabnet(cfg: MABNetConfig, device: str = "cpu", progress: bool = True, lo
         last = history[-1] if history else {}
         row = {"run": name, **figures, "seconds": seconds, "resumed": resumed, "final_loss": last.get("loss"),
                "s": last.get("s"), "m": last.get("m")}
+        rows.append(row)
         if name == "mabnet":
             row["run"] = f"mabnet (lambda={cfg.transfer.lam:g}, per {cfg.transfer.every})"
             model.with_view("master")
@@ -509,15 +509,12 @@ def run_mabnet(cfg: MABNetConfig, device: str = "cpu", progress: bool = True, lo
                 save_checkpoint(model.with_view("combined"), out / "mabnet_combined.safetensors",
                                 CheckpointMeta(embedding_space=new_space_id("mabnet-c"), role="gallery", name="mabnet-c"))
             if cfg.eval.rerank:
-                rerank = rerank_rows(emb, labels, cfg.eval.ks)
+                rows += rerank_rows(emb, labels, cfg.eval.ks)
         else:
             save_checkpoint(model.with_view("master"), out / "runs" / name / "mabnet.safetensors",
                             CheckpointMeta(embedding_space=new_space_id("mabnet"), role="gallery", name=f"mabnet-{name}"))
-        rows.append(row)
         log(f"{name}: MABNet mAP {row['map'] * 100:.2f}" + (f", MABNet(C) {row['map_combined'] * 100:.2f}"
                                                            if "map_combined" in row else "") + f" ({seconds:.0f} s)")
-        if name == "mabnet":
-            rows += rerank
     query = distil_query(cfg, main_file, device, progress, log) if cfg.query is not None else None
     results = {"data": splits.description, "n_train": len(splits.train), "n_eval": len(splits.eval), "rows": rows,
                "query": query, "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
