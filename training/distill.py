@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sdk.preprocess import ImageError, load_image
+from sdk.vectors import l2_normalize
 from training.aff.config import DataConfig
 from training.config import Config, ConfigError, check_known
 from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, save_checkpoint
@@ -281,8 +282,7 @@ def train_student(cfg: DistillConfig, paths: Sequence[Path], targets: np.ndarray
 def _whitened(emb: np.ndarray, train_emb: np.ndarray) -> np.ndarray:
     dim = min(emb.shape[1], len(train_emb) - 1)
     mean, proj = learn_pca_whitening(train_emb, dim, power=0.25)
-    out = apply_pca_whitening(emb, mean, proj)
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return l2_normalize(apply_pca_whitening(emb, mean, proj))
 
 
 def evaluate_student(student: EmbeddingModel, teacher_eval: np.ndarray, eval_set: LabelledImages,

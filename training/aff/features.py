@@ -34,6 +34,7 @@ from training.errors import TrainingError
 
 CACHE_FORMAT = "retrieval-sdk/feature-cache"
 CACHE_VERSION = 1
+HEADER = "header.json"  # written last: a folder without it holds no complete cache
 
 
 class FeatureCacheError(TrainingError):
@@ -118,13 +119,9 @@ class FeatureCache:
         return f"FeatureCache({self.name!r}, count={self.count}, dims={ {k: v.shape[1:] for k, v in self.arrays.items()} })"
 
 
-def _header_path(root: Path) -> Path:
-    return root / "header.json"
-
-
 def read_header(root: str | Path) -> dict | None:
     """The cache header, or None when `root` holds no complete cache."""
-    path = _header_path(Path(root))
+    path = Path(root) / HEADER
     if not path.is_file():
         return None
     try:
@@ -253,7 +250,7 @@ def extract_features(
         "arrays": {k: {"file": f"{k}.npy", "shape": list(shape), "dtype": dt} for k, (shape, dt) in shapes.items()},
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    _header_path(tmp).write_text(json.dumps(header, indent=1))
+    (tmp / HEADER).write_text(json.dumps(header, indent=1))
     os.replace(tmp, root)  # the folder appears complete or not at all
     log(f"  {extractor.name}: extracted {n} images in {header['seconds']:.0f} s -> {root}")
     return open_cache(root, dataset=dataset, count=n)
