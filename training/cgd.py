@@ -30,7 +30,7 @@ from training.config import Config, ConfigError
 from training.checkpoint import CheckpointMeta, save_checkpoint
 from training.data import ImageDataset, LabelledImages
 from training.embed import embed_images
-from training.evaluate import labelled_eval
+from training.evaluate import format_table, labelled_eval
 from training.extractors.base import Trunk
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.heads import CGDHead
@@ -305,18 +305,10 @@ def evaluate(model: EmbeddingModel, data: LabelledImages, cfg: CGDEvalConfig, pr
 def table(rows: list[dict], ks: Sequence[int]) -> str:
     """One line per model: R@k and mAP (in %), its dim, and the training time (`resumed`: trained by an
     earlier command into the same out) and final loss."""
-    head = f"{'model':28s}" + "".join(f"{f'R@{k}':>8s}" for k in ks) + f"{'mAP':>8s}{'dim':>6s}{'train s':>9s}" \
-        f"{'loss':>8s}"
-    lines = [head]
-    for r in rows:
-        cells = "".join(f"{r[f'recall@{k}'] * 100:8.2f}" for k in ks) + f"{r['map'] * 100:8.2f}{r['dim']:6d}"
-        if r.get("resumed"):  # trained earlier (this command's seconds would be the replay's)
-            cells += f"{'resumed':>9s}"
-        else:
-            cells += f"{r['seconds']:9.0f}" if r.get("seconds") is not None else f"{'-':>9s}"
-        cells += f"{r['final_loss']:8.3f}" if r.get("final_loss") is not None else f"{'-':>8s}"
-        lines.append(f"{r['run']:28s}" + cells)
-    return "\n".join(lines)
+    columns = [(f"recall@{k}", f"R@{k}", 8, ".2f", 100) for k in ks] + [
+        ("map", "mAP", 8, ".2f", 100), ("dim", "dim", 6, "d", 1), ("seconds", "train s", 9, ".0f", 1),
+        ("final_loss", "loss", 8, ".3f", 1)]
+    return format_table(rows, columns, "model", 28)
 
 
 # ------------------------------------------------------------------------------------------------ the run

@@ -31,7 +31,7 @@ from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, sa
 from training.data import (DatasetError, ImageDataset, LabelledImages, image_folder, make_instance_set,
                            unlabelled_folder, write_images)
 from training.embed import embed_images, embed_multiscale
-from training.evaluate import labelled_eval
+from training.evaluate import format_table, labelled_eval
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.heads import apply_pca_whitening, learn_pca_whitening
 from training.models import EmbeddingModel, ModelConfig
@@ -308,21 +308,18 @@ def evaluate_student(student: EmbeddingModel, teacher_eval: np.ndarray, eval_set
 # ------------------------------------------------------------------------------------------------ the run
 
 
-_COLUMNS = (("student_map", "student mAP", 100), ("ratio", "x teacher", 1), ("student_multiscale_map", "multi-sc mAP", 100),
-            ("asymmetric_map", "asym mAP", 100), ("asym_over_teacher", "asym/teacher", 1),
-            ("self_cosine", "self cos", 1), ("final_loss", "final loss", 1))
+_COLUMNS = [(key, title, 14, ".2f", scale) for key, title, scale in (
+    ("student_map", "student mAP", 100), ("ratio", "x teacher", 1), ("student_multiscale_map", "multi-sc mAP", 100),
+    ("asymmetric_map", "asym mAP", 100), ("asym_over_teacher", "asym/teacher", 1), ("self_cosine", "self cos", 1),
+    ("final_loss", "final loss", 1))]
 
 
 def _table(rows: list[dict], teacher_map: float | None) -> str:
     """One line per run: the student's figures beside the teacher's. `student mAP` is measured as the
     teacher's is (single scale, no whitening), so `x teacher` compares like with like; `multi-sc mAP` is
     the paper's evaluation (multi-scale, square-rooted whitening learned on D)."""
-    head = f"{'run':20s}" + "".join(f"{title:>14s}" for _, title, _ in _COLUMNS)
-    lines = [f"teacher symmetric mAP {teacher_map * 100:.2f}" if teacher_map is not None else "no evaluation set", head]
-    for r in rows:
-        cells = [f"{r[k] * scale:14.2f}" if isinstance(r.get(k), float) else f"{'-':>14s}" for k, _, scale in _COLUMNS]
-        lines.append(f"{r['run']:20s}" + "".join(cells))
-    return "\n".join(lines)
+    first = f"teacher symmetric mAP {teacher_map * 100:.2f}" if teacher_map is not None else "no evaluation set"
+    return first + "\n" + format_table(rows, _COLUMNS, "run", 20)
 
 
 def run_distill(cfg: DistillConfig, device: str = "cpu", progress: bool = True,

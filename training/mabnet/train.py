@@ -30,7 +30,7 @@ from training.checkpoint import CheckpointMeta, save_checkpoint
 from training.config import Config, ConfigError, apply_overrides, check_known, from_dict, to_dict
 from training.data import ImageDataset, LabelledImages
 from training.embed import embed_images
-from training.evaluate import labelled_eval, labelled_eval_scores
+from training.evaluate import format_table, labelled_eval, labelled_eval_scores
 from training.heads import Whitening, learn_pca_whitening
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.losses import embedding_kl
@@ -419,25 +419,15 @@ def baseline_row(cfg: MABNetConfig, data: LabelledImages, progress: bool) -> dic
             "dim": int(emb.shape[1])}
 
 
-_COLUMNS = (("map_original", "orig-only", 100), ("map", "MABNet", 100), ("map_combined", "MABNet(C)", 100),
-            ("recall@1", "R@1", 100), ("s", "s", 1), ("m", "m", 1), ("seconds", "train s", 1), ("final_loss", "loss", 1))
+_COLUMNS = [(key, title, 11, ".2f", scale) for key, title, scale in (
+    ("map_original", "orig-only", 100), ("map", "MABNet", 100), ("map_combined", "MABNet(C)", 100),
+    ("recall@1", "R@1", 100), ("s", "s", 1), ("m", "m", 1), ("seconds", "train s", 1), ("final_loss", "loss", 1))]
 
 
 def table(rows: list[dict]) -> str:
     """One line per row: mAP of the master on the original only, MABNet (master over the gallery crops),
     MABNet(C), R@1 of MABNet (all %), the final ArcFace s and m, training seconds and final loss."""
-    head = f"{'row':32s}" + "".join(f"{title:>11s}" for _, title, _ in _COLUMNS)
-    lines = [head]
-    for r in rows:
-        cells = []
-        for key, _, scale in _COLUMNS:
-            v = r.get(key)
-            if key == "seconds" and r.get("resumed"):
-                cells.append(f"{'resumed':>11s}")
-            else:
-                cells.append(f"{v * scale:11.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{'-':>11s}")
-        lines.append(f"{r['run']:32s}" + "".join(cells))
-    return "\n".join(lines)
+    return format_table(rows, _COLUMNS, "row", 32)
 
 
 # ------------------------------------------------------------------------------------------------ query model
