@@ -10,6 +10,7 @@ tests and CPU runs use tiny variants of the same architectures.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +26,9 @@ from training.config import Config, from_dict
 from training.errors import TrainingError
 
 KINDS = ("delg", "dolg", "cvnet", "rmac", "noise", "mabnet")  # mabnet: a `train mabnet` checkpoint (training/extractors/mabnet.py)
+# kind -> the module (under training.extractors, imported when a kind is built) and class that builds it
+_CLASSES = {"delg": "delg:DELG", "dolg": "dolg:DOLG", "cvnet": "cvnet:CVNetGlobal", "rmac": "weak:RMACGlobal",
+            "noise": "weak:GaussianNoise", "mabnet": "mabnet:MABNetExtractor"}
 
 
 class ExtractorError(TrainingError):
@@ -294,25 +298,8 @@ def build_extractor(config: ExtractorConfig | dict, num_classes: int | None = No
     """The extractor for `config.kind`; with `num_classes`, it carries an ArcFace head for training."""
     if isinstance(config, dict):
         config = ExtractorConfig.from_dict(config)
-    if config.kind == "delg":
-        from training.extractors.delg import DELG
-
-        return DELG(config, num_classes)
-    if config.kind == "mabnet":
-        from training.extractors.mabnet import MABNetExtractor
-
-        return MABNetExtractor(config, num_classes)
-    if config.kind == "dolg":
-        from training.extractors.dolg import DOLG
-
-        return DOLG(config, num_classes)
-    if config.kind in ("rmac", "noise"):
-        from training.extractors.weak import GaussianNoise, RMACGlobal
-
-        return (RMACGlobal if config.kind == "rmac" else GaussianNoise)(config, num_classes)
-    from training.extractors.cvnet import CVNetGlobal
-
-    return CVNetGlobal(config, num_classes)
+    module, name = _CLASSES[config.kind].split(":")
+    return getattr(importlib.import_module(f"training.extractors.{module}"), name)(config, num_classes)
 
 
 def save_extractor(extractor: GalleryExtractor, path: str | Path, fingerprint: str = "", extra: dict | None = None) -> Path:
