@@ -127,17 +127,15 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
     mapped: dict[str, torch.Tensor] = {}
     unexpected = []
     for key, value in source.items():
+        new = _map_key(key, spec)
         if key.startswith(spec.ignore):
             report.ignored.append(key)
-            continue
-        new = _map_key(key, spec)
-        if new is None or new not in target:
-            if new is not None and new.startswith(CLASSIFIERS):
-                report.skipped_classifiers.append(key)  # the extractor has no such head
-                continue
+        elif new in target:
+            mapped[new] = value
+        elif new is not None and new.startswith(CLASSIFIERS):
+            report.skipped_classifiers.append(key)  # the extractor has no such head
+        else:
             unexpected.append(key)
-            continue
-        mapped[new] = value
     if unexpected:
         raise ExtractorError(
             f"{path} is not a {layout} checkpoint for this architecture: {len(unexpected)} tensors have no place "
@@ -153,13 +151,10 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
                 f"{path}: {key} has shape {tuple(mapped[key].shape)} in the checkpoint but {tuple(target[key].shape)} "
                 f"here; set the extractor's dim/local_dim/backbone to what the release was trained with"
             )
-    missing = [k for k in target if k not in mapped and not k.startswith(CLASSIFIERS)]
-    for key in list(missing):
-        if key.endswith("num_batches_tracked"):  # older checkpoints lack the BN step counter
-            missing.remove(key)
-        elif key.startswith(spec.absent):
-            report.absent.append(key)
-            missing.remove(key)
+    missing = [k for k in target if k not in mapped and not k.startswith(CLASSIFIERS)
+               and not k.endswith("num_batches_tracked")]  # older checkpoints lack the BN step counter
+    report.absent = [k for k in missing if k.startswith(spec.absent)]
+    missing = [k for k in missing if not k.startswith(spec.absent)]
     if missing:
         raise ExtractorError(
             f"{path} lacks {len(missing)} tensors of this {spec.kind} model (e.g. {missing[0]}); it is another "
