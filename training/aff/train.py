@@ -396,10 +396,6 @@ def evaluate_pair(pair: TrainedPair, eval_features: FeatureSet, eval_images: Lab
 # ------------------------------------------------------------------------------------------ pipeline
 
 
-def _variant_name(joint: JointConfig) -> str:
-    return "two-stage" if joint.schedule == "two_stage" else f"{joint.classifier} classifier"
-
-
 def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False, log: Log = print,
             device: str = "cpu", resume: bool = True) -> dict:
     """Run the whole pipeline, training on `device` (cpu|cuda|mps); write checkpoints and results.json
@@ -466,7 +462,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     pairs: dict[str, TrainedPair] = {}
     warm: WarmMixer | None = None
     for key, joint in variants:
-        name = _variant_name(joint)
+        name = "two-stage" if joint.schedule == "two_stage" else f"{joint.classifier} classifier"
         log(f"AFF training [{name}]: mixer {cfg.mixer.depth}x{cfg.mixer.dim}-d over {len(train_set.specs())} inputs, "
             f"query {cfg.query.backbone} @ {cfg.query.image_size} px, {joint.epochs} epochs")
         pair = train_aff(cfg, name, joint, train_set, splits.train, progress, log, warm, device, checkpoints)
