@@ -347,10 +347,8 @@ class FeatureSet:
         out: dict[str, torch.Tensor] = {}
         for name in self.names:
             arrays = self._arrays[name]
-            if name in self.redraw:
-                out[name] = torch.randn(len(idx), arrays["global"].shape[1])
-            else:
-                out[name] = torch.from_numpy(np.ascontiguousarray(arrays["global"][idx], dtype=np.float32))
+            out[name] = (torch.randn(len(idx), arrays["global"].shape[1]) if name in self.redraw
+                         else torch.from_numpy(np.ascontiguousarray(arrays["global"][idx], dtype=np.float32)))
             if self.use_local and "local" in arrays:
                 out[local_key(name)] = torch.from_numpy(np.ascontiguousarray(arrays["local"][idx], dtype=np.float32))
                 count = torch.from_numpy(np.asarray(arrays["local_count"][idx], dtype=np.int64))

@@ -435,10 +435,8 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
 
     # ---- baselines
     t = time.perf_counter()
-    rows: list[dict] = []
-    for (ex, _), g in zip(extractors, eval_set.globals_()):
-        rows.append({"name": f"{ex.name} ({ex.config.backbone}, {ex.global_dim}-d)", "kind": "single",
-                     "protocol": "symmetric", **symmetric(g, eval_labels)})
+    rows = [{"name": f"{ex.name} ({ex.config.backbone}, {ex.global_dim}-d)", "kind": "single", "protocol": "symmetric",
+             **symmetric(g, eval_labels)} for (ex, _), g in zip(extractors, eval_set.globals_())]
     rows.append({"name": f"ensemble (concat of {len(extractors)} normalised)", "kind": "ensemble",
                  "protocol": "symmetric", **symmetric(ensemble(eval_set.globals_()), eval_labels)})
     if cfg.baseline.concat_mlp:
