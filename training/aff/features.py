@@ -205,11 +205,10 @@ def extract_features(
             log(f"  {extractor.name}: cached features {root} ({cache.count} images)")
             return cache
         log(f"  {extractor.name}: cache {root} is stale ({'other dataset' if header['dataset'] != dataset else 'extractor changed'}); re-extracting")
-    if root.exists():
-        shutil.rmtree(root)
     tmp = root.with_name(root.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for old in (root, tmp):  # the stale cache, and the folder of an interrupted extraction
+        if old.exists():
+            shutil.rmtree(old)
     tmp.mkdir(parents=True)
 
     n = len(sources)

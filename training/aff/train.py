@@ -294,14 +294,13 @@ def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: Featur
     if not np.array_equal(labels_np, features.labels):
         raise LabelError("the training images' labels differ from the labels the features were cached with")
     labels = torch.from_numpy(labels_np)
-    history: dict = {}
 
     # stage 1: the mixer alone on the cached features (warm-up for joint, the first stage for two_stage)
     if warm is None or warm.key != _warm_key(cfg, joint, kind, features):
         warm = warm_up_mixer(cfg, joint, features, n_classes, f"[{variant}]", progress, log, device, checkpoints, kind)
     else:
         log(f"  [{variant}] mixer warm-up: starting from the same {joint.mixer_epochs}-epoch warm-up")
-    mixer, arc, history["mixer_only"] = warm.copy()
+    mixer, arc, mixer_only = warm.copy()
     torch.manual_seed(joint.seed + 1)  # the query model's new layers: the same init in every variant
 
     query = build_query_model(cfg.query.backbone, cfg.embedding_dim, cfg.query.image_size, cfg.query.pretrained)
@@ -350,8 +349,8 @@ def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: Featur
                                        [cfg.mixer.__dict__, cfg.query.__dict__, cfg.embedding_dim, joint.__dict__,
                                         features.fingerprint] + ([kind] if kind != "transformer" else []))),
                  on_epoch_start=train_modes, after_step=qcls.update, log=log)  # W_q <- alpha W_q + (1-alpha) W_mix
-    history["query"] = [e["query"] for e in epochs]
-    history["mixer"] = [e["mixer"] for e in epochs if "mixer" in e]
+    history = {"mixer_only": mixer_only, "query": [e["query"] for e in epochs],
+               "mixer": [e["mixer"] for e in epochs if "mixer" in e]}
     for module in (query, mixer, arc, qcls):
         module.cpu()
     return TrainedPair(variant, mixer, arc, query, history, time.perf_counter() - t0, warm)

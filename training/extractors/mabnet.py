@@ -50,8 +50,7 @@ class MABNetExtractor(GalleryExtractor):
         return cls(ec, model=MABNet(MABNetModelConfig(**{**config["mabnet"], "pretrained": False})))
 
     def embed(self, x: Tensor) -> Tensor:
-        return self.mabnet(x)
-
-    def global_descriptor(self, x: Tensor) -> Tensor:
         """The MABNet gallery descriptor (already multi-view: no extra scales)."""
         return self.mabnet(x)
+
+    global_descriptor = embed
