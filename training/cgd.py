@@ -26,11 +26,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.aff.config import DataConfig
-from training.config import ConfigError, load_config_file, to_dict
+from training.config import Config, ConfigError
 from training.checkpoint import CheckpointMeta, save_checkpoint
 from training.data import ImageDataset, LabelledImages
 from training.embed import embed_images
-from training.evaluate import labelled_eval
+from training.evaluate import format_table, labelled_eval
 from training.extractors.base import Trunk
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.heads import CGDHead
@@ -134,7 +134,7 @@ class CGDEvalConfig:
 
 
 @dataclass(frozen=True)
-class CGDConfig:
+class CGDConfig(Config):
     """One `train cgd` run: the main descriptor configuration plus `ablations` (more configurations,
     trained the same way), all in one table."""
 
@@ -158,9 +158,6 @@ class CGDConfig:
         """The main configuration first, then each ablation once."""
         return list(dict.fromkeys((self.model.descriptors, *self.ablations)))
 
-    def to_dict(self) -> dict:
-        return to_dict(self)
-
 
 def check_descriptors(descriptors: str, dim: int) -> None:
     """A descriptor configuration: S/M/G letters, each once, and a total dim the branches divide evenly."""
@@ -174,9 +171,7 @@ def check_descriptors(descriptors: str, dim: int) -> None:
                           f"pick a multiple of {len(descriptors)} (e.g. {len(descriptors) * max(1, dim // len(descriptors))})")
 
 
-def load_cgd_config(path: str | Path | None, overrides: Sequence[str] = ()) -> CGDConfig:
-    """Defaults, updated by a JSON/YAML file and then by dotted `--set key=value` overrides."""
-    return load_config_file(CGDConfig, path, overrides)
+load_cgd_config = CGDConfig.load
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -310,18 +305,10 @@ def evaluate(model: EmbeddingModel, data: LabelledImages, cfg: CGDEvalConfig, pr
 def table(rows: list[dict], ks: Sequence[int]) -> str:
     """One line per model: R@k and mAP (in %), its dim, and the training time (`resumed`: trained by an
     earlier command into the same out) and final loss."""
-    head = f"{'model':28s}" + "".join(f"{f'R@{k}':>8s}" for k in ks) + f"{'mAP':>8s}{'dim':>6s}{'train s':>9s}" \
-        f"{'loss':>8s}"
-    lines = [head]
-    for r in rows:
-        cells = "".join(f"{r[f'recall@{k}'] * 100:8.2f}" for k in ks) + f"{r['map'] * 100:8.2f}{r['dim']:6d}"
-        if r.get("resumed"):  # trained earlier (this command's seconds would be the replay's)
-            cells += f"{'resumed':>9s}"
-        else:
-            cells += f"{r['seconds']:9.0f}" if r.get("seconds") is not None else f"{'-':>9s}"
-        cells += f"{r['final_loss']:8.3f}" if r.get("final_loss") is not None else f"{'-':>8s}"
-        lines.append(f"{r['run']:28s}" + cells)
-    return "\n".join(lines)
+    columns = [(f"recall@{k}", f"R@{k}", 8, ".2f", 100) for k in ks] + [
+        ("map", "mAP", 8, ".2f", 100), ("dim", "dim", 6, "d", 1), ("seconds", "train s", 9, ".0f", 1),
+        ("final_loss", "loss", 8, ".3f", 1)]
+    return format_table(rows, columns, "model", 28)
 
 
 # ------------------------------------------------------------------------------------------------ the run

@@ -149,15 +149,18 @@ def read_header(path: str | Path) -> dict:
             "embedding_dim": int(raw["embedding_dim"]), "meta": CheckpointMeta(**json.loads(raw["meta"]))}
 
 
-def _build(module_type: str, config: dict, path: Path) -> nn.Module:
-    """A fresh module of `module_type` from its config (weights still random)."""
+def _build(module_type: str, config: dict, state: dict[str, torch.Tensor], preprocess: dict, path: Path) -> nn.Module:
+    """The module of `module_type` rebuilt from its config, weights (loaded strictly) and spec, in eval mode."""
     if module_type not in MODULE_TYPES:
         raise CheckpointError(f"{path}: unknown module type {module_type!r}: a file from a newer version?")
     where, name = MODULE_TYPES[module_type].split(":")
     try:
-        return getattr(importlib.import_module(where), name).from_config(config)
+        module = getattr(importlib.import_module(where), name).from_config(config)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} describes a {module_type} this version cannot build: {e}") from None
+    load_strict(module, state, str(path))
+    module.spec = PreprocessSpec.from_dict(preprocess)
+    return module.eval()
 
 
 def load_checkpoint(path: str | Path, expect: str | None = None) -> tuple[nn.Module, CheckpointMeta]:
@@ -170,10 +173,7 @@ def load_checkpoint(path: str | Path, expect: str | None = None) -> tuple[nn.Mod
         raise CheckpointError(f"{path} holds a {header['type']}, not a {expect}")
     from safetensors.torch import load_file
 
-    module = _build(header["type"], header["config"], path)
-    load_strict(module, load_file(str(path)), str(path))
-    module.spec = PreprocessSpec.from_dict(header["preprocess"])
-    return module.eval(), header["meta"]
+    return _build(header["type"], header["config"], load_file(str(path)), header["preprocess"], path), header["meta"]
 
 
 def _load_v1(path: Path, expect: str | None) -> tuple[nn.Module, CheckpointMeta]:
@@ -186,7 +186,5 @@ def _load_v1(path: Path, expect: str | None) -> tuple[nn.Module, CheckpointMeta]
     if fmt != "retrieval-sdk/checkpoint" or (expect not in (None, "embedding_model")):
         raise CheckpointError(f"{path} is not a retrieval-sdk checkpoint; train one with `retrieval-sdk quickstart` "
                               "or save it with training.checkpoint.save_checkpoint")
-    module = _build("embedding_model", payload["config"], path)
-    load_strict(module, payload["state_dict"], str(path))
-    module.spec = PreprocessSpec.from_dict(payload["preprocess"])
-    return module.eval(), CheckpointMeta(**payload["meta"])
+    module = _build("embedding_model", payload["config"], payload["state_dict"], payload["preprocess"], path)
+    return module, CheckpointMeta(**payload["meta"])

@@ -125,13 +125,6 @@ def _embed_crops(plan: list[tuple], models: Sequence[tuple], progress: bool, chu
     return [np.concatenate(out)[inverse] for out in rows]
 
 
-def _set_head(query: EmbeddingModel, w: np.ndarray, b: np.ndarray) -> None:
-    fc: nn.Linear = query.whiten.fc
-    with torch.no_grad():
-        fc.weight.copy_(torch.from_numpy(w))
-        fc.bias.copy_(torch.from_numpy(b))
-
-
 def _freeze_batchnorm(model: nn.Module) -> None:
     """Small batches of one dataset: keep the pretrained BN statistics (standard for fine-tuning)."""
     for m in model.modules():
@@ -152,8 +145,10 @@ def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, im
     torch.manual_seed(cfg.seed)
     plan = _crop_plan(images, cfg, rng, cfg.views) + _crop_plan(photos, cfg, rng, photo_views(cfg, len(photos)))
     targets, pooled = _embed_crops(plan, [(gallery, gallery_spec), (query.pooled, query.spec)], progress)
-    _set_head(query, *fit_linear_map(pooled, targets, cfg.ridge))
-    with torch.no_grad():
+    w, b = fit_linear_map(pooled, targets, cfg.ridge)
+    with torch.no_grad():  # the whitening FC set to the closed-form fit
+        query.whiten.fc.weight.copy_(torch.from_numpy(w))
+        query.whiten.fc.bias.copy_(torch.from_numpy(b))
         fitted = torch.nn.functional.normalize(query.whiten(torch.from_numpy(pooled)), dim=-1).numpy()
     history = {"fit_cosine_loss": float(1 - (fitted * targets).sum(1).mean()), "pairs": len(plan), "epoch_losses": []}
     if cfg.epochs:

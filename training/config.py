@@ -136,3 +136,28 @@ def load_config_file(cls: type, path: str | Path | None = None, overrides: list[
     """`cls` from `defaults` (or the file at `path`, JSON/YAML), then dotted `overrides`."""
     base = read_config_file(path) if path is not None else (defaults or {})
     return from_dict(cls, apply_overrides(base, list(overrides)))
+
+
+def check_known(values: Any, known: Any, what: str) -> None:
+    """A ConfigError naming the first of `values` that is not in `known` (the choices, as the message lists them)."""
+    bad = [v for v in values if v not in known]
+    if bad:
+        raise ConfigError(f"unknown {what} {bad[0]!r}; choose from {known}")
+
+
+class Config:
+    """Base of the config dataclasses: `to_dict`, `from_dict` (errors name `_where`) and `load` as above."""
+
+    _where = "config"
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return from_dict(cls, d, cls._where)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
+        """Defaults, updated by a JSON/YAML file and then by dotted `--set key=value` overrides."""
+        return load_config_file(cls, path, overrides)

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from torch.utils.data import Dataset
 
 from sdk.preprocess import ImageError, load_image
+from training.checkpoint import save_atomic
 from training.errors import TrainingError
 
 __all__ = [
@@ -261,10 +262,7 @@ def write_images(data: LabelledImages, root: str | Path) -> LabelledImages:
             continue
         path = root / data.classes[label] / f"{i:06d}.png"
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            load_image(source).save(tmp, format="PNG")
-            tmp.replace(path)
+            save_atomic(load_image(source), path, lambda img, tmp: img.save(tmp, format="PNG"))
         paths.append(path)
     return LabelledImages(paths, list(data.labels), data.classes)
 

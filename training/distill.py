@@ -21,16 +21,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from sdk.preprocess import ImageError, load_image
+from sdk.vectors import l2_normalize
 from training.aff.config import DataConfig
-from training.config import ConfigError, load_config_file, to_dict
+from training.config import Config, ConfigError, check_known
 from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, save_checkpoint
-from training.data import (DatasetError, LabelledImages, image_folder, make_instance_set, unlabelled_folder,
-                           write_images)
+from training.data import (DatasetError, ImageDataset, LabelledImages, image_folder, make_instance_set,
+                           unlabelled_folder, write_images)
 from training.embed import embed_images, embed_multiscale
-from training.evaluate import labelled_eval
+from training.evaluate import format_table, labelled_eval
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.heads import apply_pca_whitening, learn_pca_whitening
 from training.models import EmbeddingModel, ModelConfig
@@ -83,7 +84,7 @@ class ProceduralConfig:
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(Config):
     """One `train distill` run. Defaults are the paper's: tau 0.75, R 10, |D| 4000, B 1000, 30 epochs,
     weights of epochs 20 and 30 averaged."""
 
@@ -111,9 +112,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bad = [a for a in self.ablations if a not in ABLATIONS]
-        if bad:
-            raise ConfigError(f"unknown ablation {bad[0]!r}; choose from {sorted(ABLATIONS)}")
+        check_known(self.ablations, sorted(ABLATIONS), "ablation")
         if self.batch_size < 2 or self.epochs < 1 or self.max_images < 2:
             raise ConfigError(f"batch_size must be >= 2, epochs >= 1 and max_images >= 2, got {self.batch_size}, "
                               f"{self.epochs}, {self.max_images}")
@@ -128,13 +127,8 @@ class DistillConfig:
             raise ConfigError(f"procedural.seed {self.procedural.seed} equals data.seed: D would hold the evaluation "
                               "objects; give procedural another seed")
 
-    def to_dict(self) -> dict:
-        return to_dict(self)
 
-
-def load_distill_config(path: str | Path | None, overrides: Sequence[str] = ()) -> DistillConfig:
-    """Defaults, updated by a JSON/YAML file and then by dotted `--set key=value` overrides."""
-    return load_config_file(DistillConfig, path, overrides)
+load_distill_config = DistillConfig.load
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -198,19 +192,6 @@ def load_distill_data(cfg: DistillConfig, log: Callable[[str], None] | None = No
     return DistillData(paths, evaluation, teacher_set)
 
 
-class _Indexed(Dataset):
-    """(preprocessed image, its row in the teacher embeddings) for the student."""
-
-    def __init__(self, paths: Sequence[Path], spec) -> None:
-        self.paths, self.transform = list(paths), eval_transform(spec)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        return self.transform(self.paths[i]), i
-
-
 # ------------------------------------------------------------------------------------------------ teacher
 
 
@@ -267,7 +248,8 @@ def train_student(cfg: DistillConfig, paths: Sequence[Path], targets: np.ndarray
     student = build_student(cfg, teacher_dim)
     targets_t = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.float32)).to(resolve_device(device))
     batch = min(cfg.batch_size, len(paths))
-    loader = DataLoader(_Indexed(paths, student.spec), batch_size=batch, shuffle=True, drop_last=True,
+    loader = DataLoader(ImageDataset(list(zip(paths, range(len(paths)))), eval_transform(student.spec)),
+                        batch_size=batch, shuffle=True, drop_last=True,  # (image, its row of the teacher embeddings)
                         generator=torch.Generator().manual_seed(cfg.seed))
     run_dir = Path(cfg.out) / "runs" / cfg.name
     epochs_kept = {e for e in cfg.average_epochs if 1 <= e <= cfg.epochs} or {cfg.epochs}
@@ -300,8 +282,7 @@ def train_student(cfg: DistillConfig, paths: Sequence[Path], targets: np.ndarray
 def _whitened(emb: np.ndarray, train_emb: np.ndarray) -> np.ndarray:
     dim = min(emb.shape[1], len(train_emb) - 1)
     mean, proj = learn_pca_whitening(train_emb, dim, power=0.25)
-    out = apply_pca_whitening(emb, mean, proj)
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return l2_normalize(apply_pca_whitening(emb, mean, proj))
 
 
 def evaluate_student(student: EmbeddingModel, teacher_eval: np.ndarray, eval_set: LabelledImages,
@@ -327,21 +308,18 @@ def evaluate_student(student: EmbeddingModel, teacher_eval: np.ndarray, eval_set
 # ------------------------------------------------------------------------------------------------ the run
 
 
-_COLUMNS = (("student_map", "student mAP", 100), ("ratio", "x teacher", 1), ("student_multiscale_map", "multi-sc mAP", 100),
-            ("asymmetric_map", "asym mAP", 100), ("asym_over_teacher", "asym/teacher", 1),
-            ("self_cosine", "self cos", 1), ("final_loss", "final loss", 1))
+_COLUMNS = [(key, title, 14, ".2f", scale) for key, title, scale in (
+    ("student_map", "student mAP", 100), ("ratio", "x teacher", 1), ("student_multiscale_map", "multi-sc mAP", 100),
+    ("asymmetric_map", "asym mAP", 100), ("asym_over_teacher", "asym/teacher", 1), ("self_cosine", "self cos", 1),
+    ("final_loss", "final loss", 1))]
 
 
 def _table(rows: list[dict], teacher_map: float | None) -> str:
     """One line per run: the student's figures beside the teacher's. `student mAP` is measured as the
     teacher's is (single scale, no whitening), so `x teacher` compares like with like; `multi-sc mAP` is
     the paper's evaluation (multi-scale, square-rooted whitening learned on D)."""
-    head = f"{'run':20s}" + "".join(f"{title:>14s}" for _, title, _ in _COLUMNS)
-    lines = [f"teacher symmetric mAP {teacher_map * 100:.2f}" if teacher_map is not None else "no evaluation set", head]
-    for r in rows:
-        cells = [f"{r[k] * scale:14.2f}" if isinstance(r.get(k), float) else f"{'-':>14s}" for k, _, scale in _COLUMNS]
-        lines.append(f"{r['run']:20s}" + "".join(cells))
-    return "\n".join(lines)
+    first = f"teacher symmetric mAP {teacher_map * 100:.2f}" if teacher_map is not None else "no evaluation set"
+    return first + "\n" + format_table(rows, _COLUMNS, "run", 20)
 
 
 def run_distill(cfg: DistillConfig, device: str = "cpu", progress: bool = True,

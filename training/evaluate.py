@@ -391,6 +391,24 @@ def _labelled_result(ranked: _PositiveRanks, ks: tuple[int, ...]) -> LabelledRes
                           n_evaluated=int(valid.sum()))
 
 
+def format_table(rows: Sequence[Mapping], columns: Sequence[tuple], title: str, width: int) -> str:
+    """A run's results table: `title` over each row's "run", then a column per (key, heading, width, format
+    spec, scale); a value that is no number prints "-", and a resumed row's "seconds" "resumed"."""
+    lines = [f"{title:{width}s}" + "".join(f"{heading:>{w}s}" for _, heading, w, _, _ in columns)]
+    for r in rows:
+        cells = []
+        for key, _, w, spec, scale in columns:
+            v = r.get(key)
+            if key == "seconds" and r.get("resumed"):  # trained earlier: this command's seconds would be a replay's
+                cells.append(f"{'resumed':>{w}s}")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                cells.append(f"{v * scale:{w}{spec}}")
+            else:
+                cells.append(f"{'-':>{w}s}")
+        lines.append(f"{r['run']:{width}s}" + "".join(cells))
+    return "\n".join(lines)
+
+
 def class_map(query_emb: np.ndarray, query_labels: np.ndarray, gallery_emb: np.ndarray,
               gallery_labels: np.ndarray, exclude_self: bool = False, chunk_size: int = 1024) -> float:
     """Mean AP where positives share the query's label; queries without positives are left out."""

@@ -187,15 +187,9 @@ class CGDHead(nn.Module):
             raise TrainingError(
                 f"CGDHead expects a feature map (B, {self.in_channels}, H, W), got {tuple(feature_map.shape)}"
             )
-        first_pooled = None
-        descriptors = []
-        for pool, fc in zip(self.poolings, self.projections):
-            pooled = pool(feature_map)
-            if first_pooled is None:
-                first_pooled = pooled
-            descriptors.append(self.norm(fc(pooled)))
-        embedding = self.norm(torch.cat(descriptors, dim=-1))
-        return embedding, first_pooled
+        pooled = [pool(feature_map) for pool in self.poolings]
+        embedding = self.norm(torch.cat([self.norm(fc(p)) for fc, p in zip(self.projections, pooled)], dim=-1))
+        return embedding, pooled[0]
 
     def forward(self, feature_map: Tensor) -> Tensor:
         """Embedding (B, feature_dim), unit L2 norm: what gets exported."""

@@ -226,11 +226,8 @@ def batch_hard_triplet_loss(
         raise TrainingError(f"distance must be 'euclidean' or 'cosine', got {distance!r}")
     x = F.normalize(embeddings.float(), dim=-1)
     cos = x @ x.T
-    if distance == "cosine":
-        dist = 1.0 - cos
-    else:
-        # ||a - b||^2 = 2 - 2 a.b for unit vectors; the floor keeps sqrt's gradient finite at 0
-        dist = (2.0 - 2.0 * cos).clamp(min=1e-12).sqrt()
+    # euclidean: ||a - b||^2 = 2 - 2 a.b for unit vectors; the floor keeps sqrt's gradient finite at 0
+    dist = 1.0 - cos if distance == "cosine" else (2.0 - 2.0 * cos).clamp(min=1e-12).sqrt()
     same = labels[:, None] == labels[None, :]
     not_self = ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
     positive = same & not_self

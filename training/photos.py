@@ -120,11 +120,8 @@ def debian_photos(source: DebianPhotos, dpkg_info: Path | None = None, cache: Pa
                     and Path(f).is_file())
     if not source.archive_members:
         return [Path(f) for f in chosen]
-    out: list[Path] = []
-    for archive in chosen:
-        folder = (cache or PHOTO_CACHE) / source.package / Path(archive).stem
-        out += _cached_members(Path(archive), folder, source)
-    return out
+    folder = (cache or PHOTO_CACHE) / source.package
+    return [p for archive in chosen for p in _cached_members(Path(archive), folder / Path(archive).stem, source)]
 
 
 def _cached_members(archive: Path, folder: Path, source: DebianPhotos) -> list[Path]:

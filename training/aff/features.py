@@ -34,6 +34,7 @@ from training.errors import TrainingError
 
 CACHE_FORMAT = "retrieval-sdk/feature-cache"
 CACHE_VERSION = 1
+HEADER = "header.json"  # written last: a folder without it holds no complete cache
 
 
 class FeatureCacheError(TrainingError):
@@ -118,13 +119,9 @@ class FeatureCache:
         return f"FeatureCache({self.name!r}, count={self.count}, dims={ {k: v.shape[1:] for k, v in self.arrays.items()} })"
 
 
-def _header_path(root: Path) -> Path:
-    return root / "header.json"
-
-
 def read_header(root: str | Path) -> dict | None:
     """The cache header, or None when `root` holds no complete cache."""
-    path = _header_path(Path(root))
+    path = Path(root) / HEADER
     if not path.is_file():
         return None
     try:
@@ -208,11 +205,10 @@ def extract_features(
             log(f"  {extractor.name}: cached features {root} ({cache.count} images)")
             return cache
         log(f"  {extractor.name}: cache {root} is stale ({'other dataset' if header['dataset'] != dataset else 'extractor changed'}); re-extracting")
-    if root.exists():
-        shutil.rmtree(root)
     tmp = root.with_name(root.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for old in (root, tmp):  # the stale cache, and the folder of an interrupted extraction
+        if old.exists():
+            shutil.rmtree(old)
     tmp.mkdir(parents=True)
 
     n = len(sources)
@@ -253,7 +249,7 @@ def extract_features(
         "arrays": {k: {"file": f"{k}.npy", "shape": list(shape), "dtype": dt} for k, (shape, dt) in shapes.items()},
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    _header_path(tmp).write_text(json.dumps(header, indent=1))
+    (tmp / HEADER).write_text(json.dumps(header, indent=1))
     os.replace(tmp, root)  # the folder appears complete or not at all
     log(f"  {extractor.name}: extracted {n} images in {header['seconds']:.0f} s -> {root}")
     return open_cache(root, dataset=dataset, count=n)
@@ -350,10 +346,8 @@ class FeatureSet:
         out: dict[str, torch.Tensor] = {}
         for name in self.names:
             arrays = self._arrays[name]
-            if name in self.redraw:
-                out[name] = torch.randn(len(idx), arrays["global"].shape[1])
-            else:
-                out[name] = torch.from_numpy(np.ascontiguousarray(arrays["global"][idx], dtype=np.float32))
+            out[name] = (torch.randn(len(idx), arrays["global"].shape[1]) if name in self.redraw
+                         else torch.from_numpy(np.ascontiguousarray(arrays["global"][idx], dtype=np.float32)))
             if self.use_local and "local" in arrays:
                 out[local_key(name)] = torch.from_numpy(np.ascontiguousarray(arrays["local"][idx], dtype=np.float32))
                 count = torch.from_numpy(np.asarray(arrays["local_count"][idx], dtype=np.int64))

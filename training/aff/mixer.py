@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from training.config import from_dict, to_dict
+from training.config import Config
 from training.errors import TrainingError
 
 
@@ -100,7 +100,7 @@ class Block(nn.Module):
 
 
 @dataclass(frozen=True)
-class MixerArch:
+class MixerArch(Config):
     """What rebuilds a mixer: its inputs and sizes (saved in the gallery checkpoint)."""
 
     inputs: tuple[FeatureSpec, ...]
@@ -112,13 +112,7 @@ class MixerArch:
     dropout: float = 0.1
     embedding_dim: int = 256
     token_dropout: float = 0.0
-
-    def to_dict(self) -> dict:
-        return to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MixerArch":
-        return from_dict(cls, d, "mixer")
+    _where = "mixer"  # what from_dict's errors name
 
 
 class FeatureTokens(nn.Module):

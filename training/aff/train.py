@@ -27,7 +27,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ from training.errors import TrainingError
 
 Log = Callable[[str], None]
 DEFAULT_LAYOUT = {"cvnet": "cvnet", "dolg": "dolg-pytorch", "delg": "delg-pytorch"}
+ABLATION_CHANGES = {"shared": {"classifier": "shared"}, "two_stage": {"schedule": "two_stage"}}  # to the JointConfig
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -293,14 +294,13 @@ def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: Featur
     if not np.array_equal(labels_np, features.labels):
         raise LabelError("the training images' labels differ from the labels the features were cached with")
     labels = torch.from_numpy(labels_np)
-    history: dict = {}
 
     # stage 1: the mixer alone on the cached features (warm-up for joint, the first stage for two_stage)
     if warm is None or warm.key != _warm_key(cfg, joint, kind, features):
         warm = warm_up_mixer(cfg, joint, features, n_classes, f"[{variant}]", progress, log, device, checkpoints, kind)
     else:
         log(f"  [{variant}] mixer warm-up: starting from the same {joint.mixer_epochs}-epoch warm-up")
-    mixer, arc, history["mixer_only"] = warm.copy()
+    mixer, arc, mixer_only = warm.copy()
     torch.manual_seed(joint.seed + 1)  # the query model's new layers: the same init in every variant
 
     query = build_query_model(cfg.query.backbone, cfg.embedding_dim, cfg.query.image_size, cfg.query.pretrained)
@@ -349,8 +349,8 @@ def train_aff(cfg: AFFConfig, variant: str, joint: JointConfig, features: Featur
                                        [cfg.mixer.__dict__, cfg.query.__dict__, cfg.embedding_dim, joint.__dict__,
                                         features.fingerprint] + ([kind] if kind != "transformer" else []))),
                  on_epoch_start=train_modes, after_step=qcls.update, log=log)  # W_q <- alpha W_q + (1-alpha) W_mix
-    history["query"] = [e["query"] for e in epochs]
-    history["mixer"] = [e["mixer"] for e in epochs if "mixer" in e]
+    history = {"mixer_only": mixer_only, "query": [e["query"] for e in epochs],
+               "mixer": [e["mixer"] for e in epochs if "mixer" in e]}
     for module in (query, mixer, arc, qcls):
         module.cpu()
     return TrainedPair(variant, mixer, arc, query, history, time.perf_counter() - t0, warm)
@@ -395,18 +395,6 @@ def evaluate_pair(pair: TrainedPair, eval_features: FeatureSet, eval_images: Lab
 # ------------------------------------------------------------------------------------------ pipeline
 
 
-def _variant_config(joint: JointConfig, ablation: str) -> JointConfig:
-    if ablation == "shared":
-        return replace(joint, classifier="shared")
-    if ablation == "two_stage":
-        return replace(joint, schedule="two_stage")
-    raise TrainingError(f"unknown ablation {ablation!r}")
-
-
-def _variant_name(joint: JointConfig) -> str:
-    return "two-stage" if joint.schedule == "two_stage" else f"{joint.classifier} classifier"
-
-
 def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False, log: Log = print,
             device: str = "cpu", resume: bool = True) -> dict:
     """Run the whole pipeline, training on `device` (cpu|cuda|mps); write checkpoints and results.json
@@ -446,10 +434,8 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
 
     # ---- baselines
     t = time.perf_counter()
-    rows: list[dict] = []
-    for (ex, _), g in zip(extractors, eval_set.globals_()):
-        rows.append({"name": f"{ex.name} ({ex.config.backbone}, {ex.global_dim}-d)", "kind": "single",
-                     "protocol": "symmetric", **symmetric(g, eval_labels)})
+    rows = [{"name": f"{ex.name} ({ex.config.backbone}, {ex.global_dim}-d)", "kind": "single", "protocol": "symmetric",
+             **symmetric(g, eval_labels)} for (ex, _), g in zip(extractors, eval_set.globals_())]
     rows.append({"name": f"ensemble (concat of {len(extractors)} normalised)", "kind": "ensemble",
                  "protocol": "symmetric", **symmetric(ensemble(eval_set.globals_()), eval_labels)})
     if cfg.baseline.concat_mlp:
@@ -468,12 +454,12 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     timings["baselines"] = time.perf_counter() - t
 
     # ---- AFF: main variant + ablations
-    variants = [("main", cfg.train)] + [(a, _variant_config(cfg.train, a)) for a in cfg.ablations]
+    variants = [("main", cfg.train)] + [(a, replace(cfg.train, **ABLATION_CHANGES[a])) for a in cfg.ablations]
     results: dict[str, VariantResult] = {}
     pairs: dict[str, TrainedPair] = {}
     warm: WarmMixer | None = None
     for key, joint in variants:
-        name = _variant_name(joint)
+        name = "two-stage" if joint.schedule == "two_stage" else f"{joint.classifier} classifier"
         log(f"AFF training [{name}]: mixer {cfg.mixer.depth}x{cfg.mixer.dim}-d over {len(train_set.specs())} inputs, "
             f"query {cfg.query.backbone} @ {cfg.query.image_size} px, {joint.epochs} epochs")
         pair = train_aff(cfg, name, joint, train_set, splits.train, progress, log, warm, device, checkpoints)
@@ -557,10 +543,6 @@ def run_studies(cfg: AFFConfig, splits: Splits, caches: dict[str, list], train_l
     return studies
 
 
-def _variant_dict(v: VariantResult) -> dict:
-    return {"variant": v.variant, "mixer": v.mixer, "asym": v.asym, "query_sym": v.query_sym, "ratio": v.ratio}
-
-
 def build_report(cfg: AFFConfig, splits: Splits, rows: list[dict], results: dict[str, VariantResult],
                  timings: dict, space: str, gallery_path: Path, query_path: Path,
                  fusions: dict[str, VariantResult] | None = None, studies: dict | None = None) -> dict:
@@ -588,8 +570,8 @@ def build_report(cfg: AFFConfig, splits: Splits, rows: list[dict], results: dict
         "gallery": str(gallery_path),
         "query": str(query_path),
         "rows": rows,
-        "variants": {k: _variant_dict(v) for k, v in results.items()},
-        "fusions": {k: _variant_dict(v) for k, v in (fusions or {}).items()},
+        "variants": {k: asdict(v) for k, v in results.items()},
+        "fusions": {k: asdict(v) for k, v in (fusions or {}).items()},
         **(studies or {}),
         "checks": checks,
         "seconds": timings,

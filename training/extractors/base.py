@@ -10,6 +10,7 @@ tests and CPU runs use tiny variants of the same architectures.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -21,10 +22,13 @@ from torch import Tensor, nn
 from sdk.preprocess import PreprocessSpec
 from training.backbones import Backbone, create_backbone
 from training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from training.config import from_dict, to_dict
+from training.config import Config, from_dict
 from training.errors import TrainingError
 
 KINDS = ("delg", "dolg", "cvnet", "rmac", "noise", "mabnet")  # mabnet: a `train mabnet` checkpoint (training/extractors/mabnet.py)
+# kind -> the module (under training.extractors, imported when a kind is built) and class that builds it
+_CLASSES = {"delg": "delg:DELG", "dolg": "dolg:DOLG", "cvnet": "cvnet:CVNetGlobal", "rmac": "weak:RMACGlobal",
+            "noise": "weak:GaussianNoise", "mabnet": "mabnet:MABNetExtractor"}
 
 
 class ExtractorError(TrainingError):
@@ -60,7 +64,7 @@ class ExtractorTrainConfig:
 
 
 @dataclass(frozen=True)
-class ExtractorConfig:
+class ExtractorConfig(Config):
     """One gallery feature extractor. `kind` picks the architecture; `name` names its feature.
 
     Field meanings by kind:
@@ -113,13 +117,9 @@ class ExtractorConfig:
         if self.kind != "delg" and self.num_local:
             raise ExtractorError(f"extractor {self.name}: only DELG produces local features (num_local), not {self.kind}")
 
-    def to_dict(self) -> dict:
-        return to_dict(self)
-
     @classmethod
     def from_dict(cls, d: dict) -> "ExtractorConfig":
         return from_dict(cls, d, f"extractor {d.get('name') or d.get('kind', '?')}" if isinstance(d, dict) else "extractor")
-
 
 
 # ------------------------------------------------------------------------------------------ trunk
@@ -242,13 +242,7 @@ class GalleryExtractor(nn.Module):
     def name(self) -> str:
         return self.config.name
 
-    @property
-    def local_dim(self) -> int:
-        return 0
-
-    @property
-    def num_local(self) -> int:
-        return 0
+    local_dim = num_local = 0  # global only; DELG's local features override both
 
     def _make_arcface(self) -> None:
         from training.losses import ArcFace
@@ -304,25 +298,8 @@ def build_extractor(config: ExtractorConfig | dict, num_classes: int | None = No
     """The extractor for `config.kind`; with `num_classes`, it carries an ArcFace head for training."""
     if isinstance(config, dict):
         config = ExtractorConfig.from_dict(config)
-    if config.kind == "delg":
-        from training.extractors.delg import DELG
-
-        return DELG(config, num_classes)
-    if config.kind == "mabnet":
-        from training.extractors.mabnet import MABNetExtractor
-
-        return MABNetExtractor(config, num_classes)
-    if config.kind == "dolg":
-        from training.extractors.dolg import DOLG
-
-        return DOLG(config, num_classes)
-    if config.kind in ("rmac", "noise"):
-        from training.extractors.weak import GaussianNoise, RMACGlobal
-
-        return (RMACGlobal if config.kind == "rmac" else GaussianNoise)(config, num_classes)
-    from training.extractors.cvnet import CVNetGlobal
-
-    return CVNetGlobal(config, num_classes)
+    module, name = _CLASSES[config.kind].split(":")
+    return getattr(importlib.import_module(f"training.extractors.{module}"), name)(config, num_classes)
 
 
 def save_extractor(extractor: GalleryExtractor, path: str | Path, fingerprint: str = "", extra: dict | None = None) -> Path:

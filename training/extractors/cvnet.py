@@ -15,8 +15,6 @@ from torch import Tensor, nn
 from training.extractors.base import ExtractorConfig, GalleryExtractor
 from training.pooling import GeM
 
-CVNET_SCALES = (0.7071, 1.0, 1.4142)
-
 
 class GlobalHead(nn.Module):
     def __init__(self, in_channels: int, dim: int, p: float = 3.0):

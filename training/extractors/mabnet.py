@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from training.extractors.base import Extracted, ExtractorConfig, ExtractorError, GalleryExtractor
+from training.extractors.base import ExtractorConfig, ExtractorError, GalleryExtractor
 from training.mabnet.model import MABNet, MABNetModelConfig
 
 
@@ -50,14 +50,7 @@ class MABNetExtractor(GalleryExtractor):
         return cls(ec, model=MABNet(MABNetModelConfig(**{**config["mabnet"], "pretrained": False})))
 
     def embed(self, x: Tensor) -> Tensor:
-        return self.mabnet(x)
-
-    def global_descriptor(self, x: Tensor) -> Tensor:
         """The MABNet gallery descriptor (already multi-view: no extra scales)."""
         return self.mabnet(x)
 
-    def extract(self, x: Tensor) -> Extracted:
-        import torch
-
-        with torch.no_grad():
-            return Extracted(self.global_descriptor(x))
+    global_descriptor = embed

@@ -109,10 +109,6 @@ def _map_key(key: str, layout: ReleasedLayout) -> str | None:
     return None
 
 
-def _read(path: str | Path) -> dict[str, torch.Tensor]:
-    return read_state_dict_file(path, ExtractorError, "released checkpoint")
-
-
 def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) -> LoadReport:
     """Fill `extractor` from a released checkpoint in `layout` (see RELEASED_LAYOUTS); strict but explained."""
     if layout not in RELEASED_LAYOUTS:
@@ -125,23 +121,21 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
                              f"'{extractor.config.backbone}' (set backbone resnet50 or resnet101)")
     if spec.absent and extractor.num_local:
         raise ExtractorError(f"{path}: {spec.note}; set num_local=0 to load it as a global extractor")
-    source = _read(path)
+    source = read_state_dict_file(path, ExtractorError, "released checkpoint")
     target = extractor.state_dict()
     report = LoadReport()
     mapped: dict[str, torch.Tensor] = {}
     unexpected = []
     for key, value in source.items():
+        new = _map_key(key, spec)
         if key.startswith(spec.ignore):
             report.ignored.append(key)
-            continue
-        new = _map_key(key, spec)
-        if new is None or new not in target:
-            if new is not None and new.startswith(CLASSIFIERS):
-                report.skipped_classifiers.append(key)  # the extractor has no such head
-                continue
+        elif new in target:
+            mapped[new] = value
+        elif new is not None and new.startswith(CLASSIFIERS):
+            report.skipped_classifiers.append(key)  # the extractor has no such head
+        else:
             unexpected.append(key)
-            continue
-        mapped[new] = value
     if unexpected:
         raise ExtractorError(
             f"{path} is not a {layout} checkpoint for this architecture: {len(unexpected)} tensors have no place "
@@ -157,13 +151,10 @@ def load_released(extractor: GalleryExtractor, path: str | Path, layout: str) ->
                 f"{path}: {key} has shape {tuple(mapped[key].shape)} in the checkpoint but {tuple(target[key].shape)} "
                 f"here; set the extractor's dim/local_dim/backbone to what the release was trained with"
             )
-    missing = [k for k in target if k not in mapped and not k.startswith(CLASSIFIERS)]
-    for key in list(missing):
-        if key.endswith("num_batches_tracked"):  # older checkpoints lack the BN step counter
-            missing.remove(key)
-        elif key.startswith(spec.absent):
-            report.absent.append(key)
-            missing.remove(key)
+    missing = [k for k in target if k not in mapped and not k.startswith(CLASSIFIERS)
+               and not k.endswith("num_batches_tracked")]  # older checkpoints lack the BN step counter
+    report.absent = [k for k in missing if k.startswith(spec.absent)]
+    missing = [k for k in missing if not k.startswith(spec.absent)]
     if missing:
         raise ExtractorError(
             f"{path} lacks {len(missing)} tensors of this {spec.kind} model (e.g. {missing[0]}); it is another "

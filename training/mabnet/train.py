@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader
 from sdk.vectors import l2_normalize
 from training.aff.config import DataConfig
 from training.checkpoint import CheckpointMeta, save_checkpoint
-from training.config import ConfigError, apply_overrides, from_dict, load_config_file, to_dict
+from training.config import Config, ConfigError, apply_overrides, check_known, from_dict, to_dict
 from training.data import ImageDataset, LabelledImages
 from training.embed import embed_images
-from training.evaluate import labelled_eval, labelled_eval_scores
+from training.evaluate import format_table, labelled_eval, labelled_eval_scores
 from training.heads import Whitening, learn_pca_whitening
 from training.fit import FitConfig, OptimConfig, fit, resolve_device
 from training.losses import embedding_kl
@@ -162,7 +162,7 @@ class MABNetEvalConfig:
 
 
 @dataclass(frozen=True)
-class MABNetConfig:
+class MABNetConfig(Config):
     """One `train mabnet` run: the main MABNet, then each ablation and each lambda of the sweep, one table;
     `query`: a DistillConfig section (its student, epochs ...) to distil a phone query model into the main
     gallery's space (teacher, data and asymmetric mode are set here), None: no query model."""
@@ -182,22 +182,15 @@ class MABNetConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        bad = [a for a in self.ablations if a not in ABLATIONS]
-        if bad:
-            raise ConfigError(f"unknown ablation {bad[0]!r}; choose from {sorted(ABLATIONS)}")
+        check_known(self.ablations, sorted(ABLATIONS), "ablation")
         if any(not 0.0 <= lam <= 1.0 for lam in self.lambdas):
             raise ConfigError(f"lambdas must lie in [0, 1], got {list(self.lambdas)}")
         if self.model.image_size not in (None, self.crops.global_size):
             raise ConfigError(f"model.image_size {self.model.image_size} differs from crops.global_size "
                               f"{self.crops.global_size}: the gallery input is the global crop size; set one")
 
-    def to_dict(self) -> dict:
-        return to_dict(self)
 
-
-def load_mabnet_config(path: str | Path | None, overrides: Sequence[str] = ()) -> MABNetConfig:
-    """Defaults, updated by a JSON/YAML file and then by dotted `--set key=value` overrides."""
-    return load_config_file(MABNetConfig, path, overrides)
+load_mabnet_config = MABNetConfig.load
 
 
 def variants(cfg: MABNetConfig) -> list[tuple[str, MABNetConfig]]:
@@ -426,25 +419,15 @@ def baseline_row(cfg: MABNetConfig, data: LabelledImages, progress: bool) -> dic
             "dim": int(emb.shape[1])}
 
 
-_COLUMNS = (("map_original", "orig-only", 100), ("map", "MABNet", 100), ("map_combined", "MABNet(C)", 100),
-            ("recall@1", "R@1", 100), ("s", "s", 1), ("m", "m", 1), ("seconds", "train s", 1), ("final_loss", "loss", 1))
+_COLUMNS = [(key, title, 11, ".2f", scale) for key, title, scale in (
+    ("map_original", "orig-only", 100), ("map", "MABNet", 100), ("map_combined", "MABNet(C)", 100),
+    ("recall@1", "R@1", 100), ("s", "s", 1), ("m", "m", 1), ("seconds", "train s", 1), ("final_loss", "loss", 1))]
 
 
 def table(rows: list[dict]) -> str:
     """One line per row: mAP of the master on the original only, MABNet (master over the gallery crops),
     MABNet(C), R@1 of MABNet (all %), the final ArcFace s and m, training seconds and final loss."""
-    head = f"{'row':32s}" + "".join(f"{title:>11s}" for _, title, _ in _COLUMNS)
-    lines = [head]
-    for r in rows:
-        cells = []
-        for key, _, scale in _COLUMNS:
-            v = r.get(key)
-            if key == "seconds" and r.get("resumed"):
-                cells.append(f"{'resumed':>11s}")
-            else:
-                cells.append(f"{v * scale:11.2f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{'-':>11s}")
-        lines.append(f"{r['run']:32s}" + "".join(cells))
-    return "\n".join(lines)
+    return format_table(rows, _COLUMNS, "row", 32)
 
 
 # ------------------------------------------------------------------------------------------------ query model
@@ -497,7 +480,6 @@ def run_mabnet(cfg: MABNetConfig, device: str = "cpu", progress: bool = True, lo
         rows.append(baseline_row(cfg, splits.eval, progress))
     space = new_space_id("mabnet")
     labels = np.asarray(splits.eval.labels)
-    rerank: list[dict] = []
     main_file = out / "mabnet.safetensors"
     for name, variant in variants(cfg):
         start, resumed = time.perf_counter(), (out / "runs" / name / "last.pt").is_file()
@@ -507,6 +489,7 @@ def run_mabnet(cfg: MABNetConfig, device: str = "cpu", progress: bool = True, lo
         last = history[-1] if history else {}
         row = {"run": name, **figures, "seconds": seconds, "resumed": resumed, "final_loss": last.get("loss"),
                "s": last.get("s"), "m": last.get("m")}
+        rows.append(row)
         if name == "mabnet":
             row["run"] = f"mabnet (lambda={cfg.transfer.lam:g}, per {cfg.transfer.every})"
             model.with_view("master")
@@ -516,15 +499,12 @@ def run_mabnet(cfg: MABNetConfig, device: str = "cpu", progress: bool = True, lo
                 save_checkpoint(model.with_view("combined"), out / "mabnet_combined.safetensors",
                                 CheckpointMeta(embedding_space=new_space_id("mabnet-c"), role="gallery", name="mabnet-c"))
             if cfg.eval.rerank:
-                rerank = rerank_rows(emb, labels, cfg.eval.ks)
+                rows += rerank_rows(emb, labels, cfg.eval.ks)
         else:
             save_checkpoint(model.with_view("master"), out / "runs" / name / "mabnet.safetensors",
                             CheckpointMeta(embedding_space=new_space_id("mabnet"), role="gallery", name=f"mabnet-{name}"))
-        rows.append(row)
         log(f"{name}: MABNet mAP {row['map'] * 100:.2f}" + (f", MABNet(C) {row['map_combined'] * 100:.2f}"
                                                            if "map_combined" in row else "") + f" ({seconds:.0f} s)")
-        if name == "mabnet":
-            rows += rerank
     query = distil_query(cfg, main_file, device, progress, log) if cfg.query is not None else None
     results = {"data": splits.description, "n_train": len(splits.train), "n_eval": len(splits.eval), "rows": rows,
                "query": query, "seconds": time.perf_counter() - t0, "config": cfg.to_dict()}
