@@ -6,7 +6,8 @@ needed, so every random crop is one more training pair.
 
 Two stages: (1) the query's whitening FC is fitted in closed form (ridge regression from the query's
 pooled features to the gallery embeddings, on the clean images plus `views` random crops of each);
-(2) optional end-to-end epochs (SGD, BatchNorm statistics frozen) minimising 1 - cos(query, gallery).
+(2) optional end-to-end epochs (SGD, BatchNorm statistics frozen) minimising 1 - cos(query, gallery), on
+the images and the photos, one random crop of each per epoch.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, im
         fitted = torch.nn.functional.normalize(query.whiten(torch.from_numpy(pooled)), dim=-1).numpy()
     history = {"fit_cosine_loss": float(1 - (fitted * targets).sum(1).mean()), "pairs": len(plan), "epoch_losses": []}
     if cfg.epochs:
-        history["epoch_losses"] = _train_end_to_end(query, gallery, gallery_spec, images, cfg, rng, progress, device)
+        sources = list(images) + list(photos)  # the real photos train end to end too, one random crop per epoch
+        history["epoch_losses"] = _train_end_to_end(query, gallery, gallery_spec, sources, cfg, rng, progress, device)
     query.eval()
     return history
 

@@ -109,6 +109,22 @@ def test_end_to_end_epochs_decode_images_batch_by_batch(tiny_images, monkeypatch
         assert sorted(map(str, loads)) == sorted(map(str, tiny_images))
 
 
+def test_end_to_end_epochs_train_on_the_photos_too(tiny_images, monkeypatch):
+    """`photos` join the end-to-end epochs as well as the closed-form fit (they used to train the head only):
+    with no extra crops, each image and each photo is decoded once for the fit and once for the one epoch."""
+    import training.compatible as compatible
+
+    loads, real_load = [], compatible.load_image
+    monkeypatch.setattr(compatible, "load_image", lambda s: loads.append(str(s)) or real_load(s))
+    gallery = EmbeddingModel(ModelConfig("tiny_efficientnet", "gem", embedding_dim=8)).eval()
+    query = EmbeddingModel(ModelConfig("tiny_resnet", "gem", embedding_dim=8)).eval()
+    images, photos = list(tiny_images[:4]), list(tiny_images[4:7])
+    history = train_compatible(query, gallery, gallery.spec, images,
+                               CompatConfig(views=0, photo_views=0, epochs=1, batch_size=8), progress=False, photos=photos)
+    assert len(history["epoch_losses"]) == 1
+    assert sorted(loads) == sorted(2 * [str(p) for p in images + photos])
+
+
 @pytest.mark.slow
 def test_huge_photos_do_not_exhaust_memory(tmp_path):
     """Regression: 40 full-resolution crops of every 5120x2880 wallpaper used to be held at once (OOM-killed
