@@ -17,7 +17,8 @@ from training.extractors.base import ExtractorConfig, ExtractorTrainConfig
 
 DATA_KINDS = ("fashion_mnist", "instances", "folder", "csv", "gldv2")
 SPLITS = ("test", "classes", "images")
-ABLATIONS = ("shared", "two_stage")
+ABLATION_CHANGES = {"shared": {"classifier": "shared"}, "two_stage": {"schedule": "two_stage"}}  # to the JointConfig
+ABLATIONS = tuple(ABLATION_CHANGES)
 FUSION_VARIANTS = tuple(k for k in FUSION_KINDS if k != "transformer")
 
 

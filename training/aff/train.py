@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from training.aff.config import AFFConfig, JointConfig
+from training.aff.config import ABLATION_CHANGES, AFFConfig, JointConfig
 from training.aff.features import FeatureSet, LabelError, check_labels, dataset_fingerprint, extract_features
 from training.aff.gallery import save_gallery
 from training.aff.mixer import ConcatMLP, MixerArch, build_mixer, ensemble
@@ -56,7 +56,6 @@ from training.errors import TrainingError
 
 Log = Callable[[str], None]
 DEFAULT_LAYOUT = {"cvnet": "cvnet", "dolg": "dolg-pytorch", "delg": "delg-pytorch"}
-ABLATION_CHANGES = {"shared": {"classifier": "shared"}, "two_stage": {"schedule": "two_stage"}}  # to the JointConfig
 
 
 # ------------------------------------------------------------------------------------------ data

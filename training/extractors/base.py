@@ -25,10 +25,11 @@ from training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from training.config import Config, from_dict
 from training.errors import TrainingError
 
-KINDS = ("delg", "dolg", "cvnet", "rmac", "noise", "mabnet")  # mabnet: a `train mabnet` checkpoint (training/extractors/mabnet.py)
-# kind -> the module (under training.extractors, imported when a kind is built) and class that builds it
+# kind -> the module (under training.extractors, imported when a kind is built) and class that builds it;
+# mabnet: a `train mabnet` checkpoint (training/extractors/mabnet.py)
 _CLASSES = {"delg": "delg:DELG", "dolg": "dolg:DOLG", "cvnet": "cvnet:CVNetGlobal", "rmac": "weak:RMACGlobal",
             "noise": "weak:GaussianNoise", "mabnet": "mabnet:MABNetExtractor"}
+KINDS = tuple(_CLASSES)
 
 
 class ExtractorError(TrainingError):
