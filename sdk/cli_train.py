@@ -30,7 +30,7 @@ def quickstart(
     gallery_backbone: str = typer.Option("efficientnet_lite2", help="Pretrained gallery backbone."),
     gallery: Optional[Path] = typer.Option(None, help="A trained gallery checkpoint (e.g. `train cgd`'s model.safetensors) "
                                                        "instead of the pretrained backbone + GeM + PCA-whitening."),
-    query_backbone: str = typer.Option("efficientnet_lite0", help="Pretrained query backbone (phone side)."),
+    query_backbone: str = typer.Option("efficientnet_lite1", help="Pretrained query backbone (phone side)."),
     image_size: int = typer.Option(160, min=32, help="Input size for both models."),
     dim: int = typer.Option(128, min=2, help="Embedding dim of the shared space (gallery PCA-whitening)."),
     whitening_power: float = typer.Option(0.25, min=0.0, max=0.5, help="Gallery PCA-whitening power: 0.25 square-rooted "
@@ -52,7 +52,7 @@ def quickstart(
     device: str = typer.Option("cpu", help="Where the end-to-end epochs train: cpu | cuda | mps."),
     progress: bool = PROGRESS,
 ) -> None:
-    """Embed a gallery with a pretrained gallery model, fit an EfficientNet-Lite0 query model into its
+    """Embed a gallery with a pretrained gallery model, fit an EfficientNet-Lite1 query model into its
     space, and print symmetric and asymmetric mAP on held-out classes."""
     if images is not None and not images.is_dir():
         fail(f"--images {images} is not a folder (expected DIR/<class>/<image>.jpg)")

@@ -1,4 +1,4 @@
-"""The first end-to-end run: a pretrained gallery model, an EfficientNet-Lite0 query model fitted into its
+"""The first end-to-end run: a pretrained gallery model, an EfficientNet-Lite1 query model fitted into its
 space, and symmetric vs asymmetric mAP on held-out objects.
 
 Data: the procedural instance set (default) or `--images DIR` with class subfolders. Classes are
@@ -35,7 +35,7 @@ class QuickstartConfig:
     images: Path | None = None
     gallery_backbone: str = "efficientnet_lite2"
     gallery: Path | None = None  # a trained gallery checkpoint (e.g. `train cgd`'s model.safetensors) instead of GeM + PCA
-    query_backbone: str = "efficientnet_lite0"  # measured best of the phone backbones (docs, README)
+    query_backbone: str = "efficientnet_lite1"  # measured best of the phone backbones (README's table)
     image_size: int = 160
     embedding_dim: int = 128  # the gallery space: GeM + PCA-whitening to this many dims (capped by data)
     whitening_power: float = 0.25  # 0.25: square-rooted PCA whitening (rank distillation's); 0.5: full whitening
