@@ -163,12 +163,12 @@ class Trunk(nn.Module):
     def tail_parameters(self) -> list[nn.Parameter]:
         return self._split(False)
 
-    def set_freeze_stem(self, frozen: bool) -> None:
-        """Keep the layers below conv4 fixed: no gradients, BatchNorm statistics frozen (eval mode)."""
+    def set_freeze_stem(self, frozen: bool) -> "Trunk":
+        """Keep the layers below conv4 fixed: no gradients, BatchNorm statistics frozen (eval mode); returns self."""
         self.freeze_stem = frozen
         for p in self.stem_parameters():
             p.requires_grad_(not frozen)
-        self.train(self.training)
+        return self.train(self.training)
 
     def train(self, mode: bool = True) -> "Trunk":
         super().train(mode)

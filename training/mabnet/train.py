@@ -300,10 +300,7 @@ def _stem_trunks(model: MABNet):
     if model.master.backbone.config.kind != "cnn":
         raise MABNetError(f"train.freeze_stem needs a CNN backbone (it freezes the layers below the stride-16 stage); "
                           f"{model.config.backbone} is a ViT: set train.freeze_stem=false")
-    trunks = [Trunk(block.backbone) for block in model.blocks]
-    for t in trunks:
-        t.set_freeze_stem(True)
-    return trunks
+    return [Trunk(block.backbone).set_freeze_stem(True) for block in model.blocks]
 
 
 def train_mabnet(cfg: MABNetConfig, row: str, data: LabelledImages, device: str = "cpu", progress: bool = True,
