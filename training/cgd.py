@@ -197,13 +197,6 @@ def build_model(cfg: CGDConfig, descriptors: str) -> EmbeddingModel:
                                       input_size=m.image_size, last_stride=m.last_stride), pretrained=m.pretrained)
 
 
-def baseline_model(cfg: CGDConfig) -> EmbeddingModel:
-    """The untrained baseline: the same pretrained backbone (same input size and stride) + plain GeM."""
-    m = cfg.model
-    return EmbeddingModel(ModelConfig(m.backbone, "gem", gem_p=m.gem_p, input_size=m.image_size,
-                                      last_stride=m.last_stride), pretrained=m.pretrained)
-
-
 def cgd_losses(head: CGDHead, feature_map: torch.Tensor, labels: torch.Tensor, cfg: CGDLossConfig) -> dict:
     """The two CGD terms on one batch: batch-hard triplet on the combined descriptor, smoothed and
     temperature-scaled cross-entropy on the first branch's classifier."""
@@ -324,8 +317,9 @@ def run_cgd(cfg: CGDConfig, device: str = "cpu", progress: bool = True, log: Log
         f"P x K = {cfg.sampler.p} x {cfg.sampler.k}, {cfg.train.epochs} epochs; descriptor configurations "
         f"{', '.join(cfg.descriptor_configs)}")
     rows = []
-    if cfg.eval.baseline:
-        baseline = baseline_model(cfg)
+    if cfg.eval.baseline:  # untrained: the same pretrained backbone (same input size and stride) + plain GeM
+        baseline = EmbeddingModel(ModelConfig(m.backbone, "gem", gem_p=m.gem_p, input_size=m.image_size,
+                                              last_stride=m.last_stride), pretrained=m.pretrained)
         row = {"run": "pretrained + GeM (no training)", **evaluate(baseline, splits.eval, cfg.eval, progress,
                                                                       "baseline (eval)")}
         rows.append(row)

@@ -129,18 +129,14 @@ def load_splits(cfg: AFFConfig) -> Splits:
 # ------------------------------------------------------------------------------------------ extractors
 
 
-def _extractor_fingerprint(ec: ExtractorConfig, train_fp: str, num_classes: int) -> str:
-    text = json.dumps({"config": ec.to_dict(), "data": train_fp, "classes": num_classes}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str, out: Path, progress: bool,
                       log: Log, device: str = "cpu",
                       checkpoints: Checkpoints | None = None) -> tuple[GalleryExtractor, Path, float]:
     """Train (or load the cached / released) extractor; returns it frozen, its checkpoint and seconds spent."""
     t0 = time.perf_counter()
     path = out / "extractors" / f"{ec.name}.safetensors"
-    fingerprint = _extractor_fingerprint(ec, train_fp, len(train.classes))
+    text = json.dumps({"config": ec.to_dict(), "data": train_fp, "classes": len(train.classes)}, sort_keys=True)
+    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
     if path.is_file():
         try:
             cached = read_header(path)["meta"].extra.get("fingerprint")
