@@ -414,15 +414,15 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     log(f"data: {splits.description}")
 
     log(f"gallery extractors ({len(cfg.extractors)}), trained with ArcFace on the training split, then frozen:")
-    extractors: list[tuple[GalleryExtractor, Path]] = []
+    extractors: list[GalleryExtractor] = []
     for ec in cfg.extractors:
-        ex, path, sec = prepare_extractor(ec, splits.train, train_fp, out, progress, log, device, checkpoints)
-        extractors.append((ex, path))
+        ex, _, sec = prepare_extractor(ec, splits.train, train_fp, out, progress, log, device, checkpoints)
+        extractors.append(ex)
         timings[f"extractor {ec.name}"] = sec
 
     log("features (extracted once, memory-mapped caches):")
     t = time.perf_counter()
-    caches = extract_splits([ex for ex, _ in extractors], splits, cfg, overwrite_cache, progress, log)
+    caches = extract_splits(extractors, splits, cfg, overwrite_cache, progress, log)
     train_set = FeatureSet(caches["train"], train_labels, len(splits.train.classes), cfg.mixer.use_local).load()
     eval_set = FeatureSet(caches["eval"], eval_labels, len(splits.eval.classes), cfg.mixer.use_local).load()
     timings["features"] = time.perf_counter() - t
@@ -430,7 +430,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     # ---- baselines
     t = time.perf_counter()
     rows = [{"name": f"{ex.name} ({ex.config.backbone}, {ex.global_dim}-d)", "kind": "single", "protocol": "symmetric",
-             **symmetric(g, eval_labels)} for (ex, _), g in zip(extractors, eval_set.globals_())]
+             **symmetric(g, eval_labels)} for ex, g in zip(extractors, eval_set.globals_())]
     rows.append({"name": f"ensemble (concat of {len(extractors)} normalised)", "kind": "ensemble",
                  "protocol": "symmetric", **symmetric(ensemble(eval_set.globals_()), eval_labels)})
     if cfg.baseline.concat_mlp:
@@ -478,7 +478,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     # ---- outputs
     main = pairs["main"]
     space = new_space_id("aff")
-    gallery_path = save_gallery(out / "gallery.safetensors", main.mixer, [ex for ex, _ in extractors], space,
+    gallery_path = save_gallery(out / "gallery.safetensors", main.mixer, extractors, space,
                                 extra={"variant": main.variant, "mixer_map": results["main"].mixer["map"]})
     query_path = save_checkpoint(main.query, out / "query.safetensors", CheckpointMeta(
         embedding_space=space, role="query", name=f"aff-query-{cfg.query.backbone}",
