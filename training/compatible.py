@@ -126,13 +126,6 @@ def _embed_crops(plan: list[tuple], models: Sequence[tuple], progress: bool, chu
     return [np.concatenate(out)[inverse] for out in rows]
 
 
-def _freeze_batchnorm(model: nn.Module) -> None:
-    """Small batches of one dataset: keep the pretrained BN statistics (standard for fine-tuning)."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-
-
 def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, images: Sequence, cfg: CompatConfig,
                      progress: bool = True, device: str = "cpu", photos: Sequence = ()) -> dict:
     """Fine-tune `query` into `gallery`'s space on `images` (cfg.views crops each) and real `photos`
@@ -189,9 +182,11 @@ def _train_end_to_end(query, gallery, gallery_spec, images, cfg, rng, progress, 
             target = gallery(x_gallery)
         return {"loss": (1 - (query(x_query) * target).sum(-1)).mean()}
 
-    def train_modes(epoch: int) -> None:
+    def train_modes(epoch: int) -> None:  # small batches of one dataset: the pretrained BN statistics are kept
         query.train()
-        _freeze_batchnorm(query)
+        for m in query.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
     data = _CropPairs(list(images), cfg, rng, query.spec, gallery_spec)
     groups = [{"params": list(query.backbone.parameters()), "lr": cfg.lr * cfg.backbone_lr_scale},

@@ -438,16 +438,13 @@ def fashion_mnist(
 # ---------------------------------------------------------------- procedural instance-retrieval set
 
 
-def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
-    r, g, b = colorsys.hsv_to_rgb(h % 1.0, s, v)
-    return (int(r * 255), int(g * 255), int(b * 255))
-
-
 def _draw_object(rng: np.random.Generator, size: int) -> Image.Image:
     """One distinctive object: a gradient background, a stripe texture and a dozen shapes in its own palette."""
     hues = rng.uniform(0, 1) + np.array([0.0, rng.uniform(0.15, 0.5), rng.uniform(0.5, 0.85)])
     def colour() -> tuple[int, int, int]:
-        return _hsv(rng.choice(hues) + rng.normal(0, 0.03), rng.uniform(0.45, 1.0), rng.uniform(0.3, 1.0))
+        rgb = colorsys.hsv_to_rgb((rng.choice(hues) + rng.normal(0, 0.03)) % 1.0, rng.uniform(0.45, 1.0),
+                                  rng.uniform(0.3, 1.0))
+        return tuple(int(c * 255) for c in rgb)
 
     # background: a linear gradient between two palette colours in a random direction
     c0, c1 = np.array(colour(), np.float32), np.array(colour(), np.float32)

@@ -143,14 +143,6 @@ class DistillData:
     teacher_train: LabelledImages | None  # the labelled training split, for teacher_train
 
 
-def _labelled_split(cfg: DistillConfig) -> tuple[LabelledImages, LabelledImages]:
-    from training.aff.train import load_splits  # the one reader of every labelled layout and split
-
-    splits = load_splits(cfg)
-    root = Path(cfg.out) / "data"
-    return write_images(splits.train, root / "train"), write_images(splits.eval, root / "held_out")
-
-
 def _readable(path: Path) -> bool:
     """Whether the SDK's one image decoder (`sdk.preprocess.load_image`) reads the file."""
     try:
@@ -165,7 +157,11 @@ def load_distill_data(cfg: DistillConfig, log: Callable[[str], None] | None = No
     paths: list[Path] = []
     evaluation = teacher_set = None
     if cfg.data is not None:
-        teacher_set, evaluation = _labelled_split(cfg)
+        from training.aff.train import load_splits  # the one reader of every labelled layout and split
+
+        splits = load_splits(cfg)
+        root = Path(cfg.out) / "data"
+        teacher_set, evaluation = write_images(splits.train, root / "train"), write_images(splits.eval, root / "held_out")
         paths += [Path(p) for p in teacher_set.paths]
     if cfg.images:
         found = unlabelled_folder(cfg.images)
@@ -279,12 +275,6 @@ def train_student(cfg: DistillConfig, paths: Sequence[Path], targets: np.ndarray
 # ------------------------------------------------------------------------------------------------ eval
 
 
-def _whitened(emb: np.ndarray, train_emb: np.ndarray) -> np.ndarray:
-    dim = min(emb.shape[1], len(train_emb) - 1)
-    mean, proj = learn_pca_whitening(train_emb, dim, power=0.25)
-    return l2_normalize(apply_pca_whitening(emb, mean, proj))
-
-
 def evaluate_student(student: EmbeddingModel, teacher_eval: np.ndarray, eval_set: LabelledImages,
                      train_paths: Sequence[Path], cfg: EvalConfig, asymmetric: bool, progress: bool) -> dict:
     """Symmetric mAP of the student (multi-scale, optionally whitened on D) and, in asymmetric mode, the
@@ -294,8 +284,10 @@ def evaluate_student(student: EmbeddingModel, teacher_eval: np.ndarray, eval_set
     multi = embed_multiscale(student, eval_set.paths, student.spec, cfg.scales, progress=progress) \
         if len(cfg.scales) > 1 else single
     sym = multi
-    if cfg.whiten:
-        sym = _whitened(multi, embed_multiscale(student, list(train_paths), student.spec, cfg.scales, progress=progress))
+    if cfg.whiten:  # square-rooted PCA whitening learned on D's multi-scale embeddings
+        train_emb = embed_multiscale(student, list(train_paths), student.spec, cfg.scales, progress=progress)
+        mean, proj = learn_pca_whitening(train_emb, min(multi.shape[1], len(train_emb) - 1), power=0.25)
+        sym = l2_normalize(apply_pca_whitening(multi, mean, proj))
     row = {"student_map": labelled_eval(single, labels, single, labels, ks=(1,), exclude_self=True).map,
            "student_multiscale_map": labelled_eval(sym, labels, sym, labels, ks=(1,), exclude_self=True).map}
     if asymmetric:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from training.compatible import CompatConfig, photo_views, train_compatible
-from training.data import LabelledImages, image_folder, make_instance_set, split_classes, unlabelled_folder
+from training.data import image_folder, make_instance_set, split_classes, unlabelled_folder
 from training.embed import embed_images
 from training.evaluate import asymmetric_eval
 from training.fit import resolve_device
@@ -52,18 +52,13 @@ class QuickstartConfig:
     device: str = "cpu"  # where the end-to-end compatibility epochs train (cpu | cuda | mps)
 
 
-def load_images(cfg: QuickstartConfig) -> LabelledImages:
-    if cfg.images is not None:
-        return image_folder(cfg.images)
-    return make_instance_set(cfg.out / "procedural", n_objects=cfg.n_objects, n_views=cfg.n_views, seed=cfg.seed)
-
-
 def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     """Train and evaluate; write checkpoints and results.json to cfg.out; return the results."""
     resolve_device(cfg.device)  # fail before any work when the device is not here
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    data = load_images(cfg)
+    data = image_folder(cfg.images) if cfg.images is not None else make_instance_set(
+        cfg.out / "procedural", n_objects=cfg.n_objects, n_views=cfg.n_views, seed=cfg.seed)
     train, held_out = split_classes(data, held_out=cfg.held_out, seed=cfg.seed)
     log(f"data: {len(data.paths)} images of {len(data.classes)} classes -> "
         f"{len(train.paths)} training images, {len(held_out.paths)} held-out images "

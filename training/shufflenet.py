@@ -55,10 +55,3 @@ def shufflenet_v2_x1_0(pretrained: bool = False, **kwargs) -> ShuffleNetV2:
     if pretrained:
         raise TrainingError("no pretrained ShuffleNetV2 weights are available here; pass a local file instead")
     return ShuffleNetV2("1_0", **{k: v for k, v in kwargs.items() if k in ("num_classes", "global_pool")})
-
-
-@register_model
-def shufflenet_v2_x0_5(pretrained: bool = False, **kwargs) -> ShuffleNetV2:
-    if pretrained:
-        raise TrainingError("no pretrained ShuffleNetV2 weights are available here; pass a local file instead")
-    return ShuffleNetV2("0_5", **{k: v for k, v in kwargs.items() if k in ("num_classes", "global_pool")})

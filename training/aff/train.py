@@ -129,18 +129,14 @@ def load_splits(cfg: AFFConfig) -> Splits:
 # ------------------------------------------------------------------------------------------ extractors
 
 
-def _extractor_fingerprint(ec: ExtractorConfig, train_fp: str, num_classes: int) -> str:
-    text = json.dumps({"config": ec.to_dict(), "data": train_fp, "classes": num_classes}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def prepare_extractor(ec: ExtractorConfig, train: LabelledImages, train_fp: str, out: Path, progress: bool,
                       log: Log, device: str = "cpu",
                       checkpoints: Checkpoints | None = None) -> tuple[GalleryExtractor, Path, float]:
     """Train (or load the cached / released) extractor; returns it frozen, its checkpoint and seconds spent."""
     t0 = time.perf_counter()
     path = out / "extractors" / f"{ec.name}.safetensors"
-    fingerprint = _extractor_fingerprint(ec, train_fp, len(train.classes))
+    text = json.dumps({"config": ec.to_dict(), "data": train_fp, "classes": len(train.classes)}, sort_keys=True)
+    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
     if path.is_file():
         try:
             cached = read_header(path)["meta"].extra.get("fingerprint")
@@ -418,15 +414,15 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     log(f"data: {splits.description}")
 
     log(f"gallery extractors ({len(cfg.extractors)}), trained with ArcFace on the training split, then frozen:")
-    extractors: list[tuple[GalleryExtractor, Path]] = []
+    extractors: list[GalleryExtractor] = []
     for ec in cfg.extractors:
-        ex, path, sec = prepare_extractor(ec, splits.train, train_fp, out, progress, log, device, checkpoints)
-        extractors.append((ex, path))
+        ex, _, sec = prepare_extractor(ec, splits.train, train_fp, out, progress, log, device, checkpoints)
+        extractors.append(ex)
         timings[f"extractor {ec.name}"] = sec
 
     log("features (extracted once, memory-mapped caches):")
     t = time.perf_counter()
-    caches = extract_splits([ex for ex, _ in extractors], splits, cfg, overwrite_cache, progress, log)
+    caches = extract_splits(extractors, splits, cfg, overwrite_cache, progress, log)
     train_set = FeatureSet(caches["train"], train_labels, len(splits.train.classes), cfg.mixer.use_local).load()
     eval_set = FeatureSet(caches["eval"], eval_labels, len(splits.eval.classes), cfg.mixer.use_local).load()
     timings["features"] = time.perf_counter() - t
@@ -434,7 +430,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     # ---- baselines
     t = time.perf_counter()
     rows = [{"name": f"{ex.name} ({ex.config.backbone}, {ex.global_dim}-d)", "kind": "single", "protocol": "symmetric",
-             **symmetric(g, eval_labels)} for (ex, _), g in zip(extractors, eval_set.globals_())]
+             **symmetric(g, eval_labels)} for ex, g in zip(extractors, eval_set.globals_())]
     rows.append({"name": f"ensemble (concat of {len(extractors)} normalised)", "kind": "ensemble",
                  "protocol": "symmetric", **symmetric(ensemble(eval_set.globals_()), eval_labels)})
     if cfg.baseline.concat_mlp:
@@ -482,7 +478,7 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
     # ---- outputs
     main = pairs["main"]
     space = new_space_id("aff")
-    gallery_path = save_gallery(out / "gallery.safetensors", main.mixer, [ex for ex, _ in extractors], space,
+    gallery_path = save_gallery(out / "gallery.safetensors", main.mixer, extractors, space,
                                 extra={"variant": main.variant, "mixer_map": results["main"].mixer["map"]})
     query_path = save_checkpoint(main.query, out / "query.safetensors", CheckpointMeta(
         embedding_space=space, role="query", name=f"aff-query-{cfg.query.backbone}",

@@ -154,21 +154,18 @@ class Trunk(nn.Module):
         self._stem = set(names[: max(i for i, n in enumerate(names) if n.startswith(prefix)) + 1])
         self.freeze_stem = False
 
-    def _split(self, stem: bool) -> list[nn.Parameter]:
-        return [p for n, p in self.backbone.model.named_parameters() if (n in self._stem) == stem]
-
     def stem_parameters(self) -> list[nn.Parameter]:
-        return self._split(True)
+        return [p for n, p in self.backbone.model.named_parameters() if n in self._stem]
 
     def tail_parameters(self) -> list[nn.Parameter]:
-        return self._split(False)
+        return [p for n, p in self.backbone.model.named_parameters() if n not in self._stem]
 
-    def set_freeze_stem(self, frozen: bool) -> None:
-        """Keep the layers below conv4 fixed: no gradients, BatchNorm statistics frozen (eval mode)."""
+    def set_freeze_stem(self, frozen: bool) -> "Trunk":
+        """Keep the layers below conv4 fixed: no gradients, BatchNorm statistics frozen (eval mode); returns self."""
         self.freeze_stem = frozen
         for p in self.stem_parameters():
             p.requires_grad_(not frozen)
-        self.train(self.training)
+        return self.train(self.training)
 
     def train(self, mode: bool = True) -> "Trunk":
         super().train(mode)

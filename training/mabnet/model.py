@@ -168,6 +168,11 @@ class MABNet(nn.Module):
         return self.master.backbone
 
     @property
+    def blocks(self) -> list[Block]:
+        """The master, then the assistant when there is one."""
+        return [self.master] + ([self.assistant] if self.assistant is not None else [])
+
+    @property
     def embedding_dim(self) -> int:
         per_block = self.config.gallery.views * self.config.dim
         return per_block * (2 if self.config.mode == "combined" else 1)

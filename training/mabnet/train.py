@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -290,9 +290,8 @@ def init_fc_pca(model: MABNet, data: LabelledImages, progress: bool = True) -> N
         raise MABNetError(f"train.head_init='pca' needs more than model.dim={dim} training images and pooled "
                           f"channels (got {feats.shape[0]} images, {feats.shape[1]} channels); use head_init='random'")
     fc = Whitening.from_pca(*learn_pca_whitening(feats, dim, power=0.25)).fc
-    for b in (model.master, model.assistant):
-        if b is not None:
-            b.fc.load_state_dict(fc.state_dict())
+    for b in model.blocks:
+        b.fc.load_state_dict(fc.state_dict())
 
 
 def _stem_trunks(model: MABNet):
@@ -301,11 +300,7 @@ def _stem_trunks(model: MABNet):
     if model.master.backbone.config.kind != "cnn":
         raise MABNetError(f"train.freeze_stem needs a CNN backbone (it freezes the layers below the stride-16 stage); "
                           f"{model.config.backbone} is a ViT: set train.freeze_stem=false")
-    blocks = [model.master] + ([model.assistant] if model.assistant is not None else [])
-    trunks = [Trunk(block.backbone) for block in blocks]
-    for t in trunks:
-        t.set_freeze_stem(True)
-    return trunks
+    return [Trunk(block.backbone).set_freeze_stem(True) for block in model.blocks]
 
 
 def train_mabnet(cfg: MABNetConfig, row: str, data: LabelledImages, device: str = "cpu", progress: bool = True,
@@ -316,19 +311,17 @@ def train_mabnet(cfg: MABNetConfig, row: str, data: LabelledImages, device: str 
     run_dir = Path(cfg.out) / "runs" / row
     check_resume_classes(run_dir, n_classes)
     model = build_model(cfg)
-    lc, t, c = cfg.loss, cfg.train, cfg.crops
+    lc, t = cfg.loss, cfg.train
     if t.head_init == "pca" and not (run_dir / "last.pt").is_file():  # a resumed run loads its weights
         init_fc_pca(model, data, progress)
     model.set_classes(n_classes, lc.arcface_s, lc.arcface_m, lc.s_bounds, lc.m_bounds)
-    transform = MultiCropTransform(model.spec, c.n_global, c.global_size, c.global_scale, c.n_local, c.local_size,
-                                   c.local_scale, color_jitter=c.color_jitter, seed=cfg.seed, grayscale=c.grayscale,
-                                   blur=c.blur, solarize=c.solarize, small_images=c.small_images)
+    transform = MultiCropTransform(model.spec, seed=cfg.seed, **asdict(cfg.crops))  # CropConfig: its fields by name
     if len(data) < t.batch_size:
         raise MABNetError(f"{len(data)} training images are fewer than train.batch_size={t.batch_size}; lower it")
     loader = DataLoader(ImageDataset(data, transform), batch_size=t.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
     trunks = _stem_trunks(model) if t.freeze_stem else []
-    backbone_ids = {id(p) for p in _backbone_params(model)}
+    backbone_ids = {id(p) for block in model.blocks for p in block.backbone.parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) in backbone_ids and p.requires_grad],
                "lr": t.lr * t.backbone_lr_scale},
               {"params": [p for p in model.parameters() if id(p) not in backbone_ids], "lr": t.lr}]
@@ -352,11 +345,6 @@ def train_mabnet(cfg: MABNetConfig, row: str, data: LabelledImages, device: str 
         trunk.set_freeze_stem(False)
     model.set_classes(None)  # the heads were for training: the saved model is the gallery descriptor alone
     return model.cpu().eval(), history
-
-
-def _backbone_params(model: MABNet) -> list[torch.nn.Parameter]:
-    blocks = [model.master] + ([model.assistant] if model.assistant is not None else [])
-    return [p for block in blocks for p in block.backbone.parameters()]
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -401,8 +389,7 @@ def rerank_rows(emb: dict, labels: np.ndarray, ks: Sequence[int]) -> list[dict]:
                 q = aqe(e, e, rc.qe_k, exclude_self=True) if method == "aqe" else \
                     alpha_qe(e, e, rc.alpha_qe_k, rc.alpha, exclude_self=True)
                 r = labelled_eval(q, labels, e, labels, ks=ks, exclude_self=True)
-            key = "map" if mode == "master" else "map_combined"
-            row[key] = r.map
+            row["map" if mode == "master" else "map_combined"] = r.map
             if mode == "master":
                 row.update({f"recall@{k}": v for k, v in r.recall.items()})
         rows.append(row)
