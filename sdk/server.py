@@ -51,7 +51,7 @@ from sdk.index import GalleryIndex, IndexConfig, check_vectors
 from sdk.index_url import open_index, url_scheme
 from sdk.json_limits import loads as parse_json
 from sdk.preprocess import ImageError, thumbnail_jpeg
-from sdk.rerank import RERANK_METHODS, DiffusionCache, DiffusionNotReady, RerankConfig, rerank_search
+from sdk.rerank import RERANK_METHODS, DiffusionCache, DiffusionNotReady, Method, RerankConfig, rerank_search
 from sdk.server_asgi import Metrics, ServiceMiddleware
 
 log = logging.getLogger("retrieval_sdk.server")
@@ -59,8 +59,6 @@ log = logging.getLogger("retrieval_sdk.server")
 SCOPES = ("read", "write")
 API_KEYS_ENV = "RETRIEVAL_SDK_API_KEYS"
 FloatValue = Annotated[float, Field(allow_inf_nan=False)]
-RerankName = Literal["none", "aqe", "alpha_qe", "diffusion"]
-assert set(RerankName.__args__) == set(RERANK_METHODS)  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -143,7 +141,7 @@ class SearchRequest(BaseModel):
                                          description="The query embedding as base64 of little-endian float32 or int8.")
     dtype: Literal["float32", "int8"] = Field("float32", description="dtype of embedding_b64.")
     k: int = Field(10, ge=1, le=100000)
-    rerank: RerankName = "none"
+    rerank: Method = "none"
     with_metadata: bool = True
     filter: Optional[dict] = Field(None, max_length=32, description=(
         "Only items whose metadata has, for every key, one of the values: {\"color\": \"red\", \"shop\": [1, 2]} "
