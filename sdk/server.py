@@ -440,14 +440,14 @@ async def _json_body(request: Request, model: type[BaseModel]):
     return await run_in_threadpool(parse)
 
 
-def _json_request_body(name: str) -> dict:
+def _request_body(schemas: dict[str, str]) -> dict:
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+        ctype: {"schema": {"$ref": f"#/components/schemas/{name}"}} for ctype, name in schemas.items()}}}
 
 
 @router.post("/v1/search", response_model=SearchResponse, dependencies=[READ], tags=["search"],
              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR, 429: _ERROR},
-             openapi_extra=_json_request_body("SearchRequest"))
+             openapi_extra=_request_body({"application/json": "SearchRequest"}))
 async def search(request: Request, state: State) -> SearchResponse:
     """Search with a query embedding computed on the device (same embedding space)."""
     req = await _json_body(request, SearchRequest)
@@ -542,9 +542,7 @@ async def _add_images(request: Request, state: ServerState) -> AddItemsResponse:
 
 @router.post("/v1/items", response_model=AddItemsResponse, dependencies=[WRITE], tags=["items"],
              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR, 415: _ERROR},
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": {"$ref": "#/components/schemas/AddItemsRequest"}},
-                 "multipart/form-data": {"schema": {"$ref": "#/components/schemas/AddImagesForm"}}}}})
+             openapi_extra=_request_body({"application/json": "AddItemsRequest", "multipart/form-data": "AddImagesForm"}))
 async def add_items(request: Request, state: State) -> AddItemsResponse:
     """Add or replace items: precomputed gallery embeddings (JSON) or images (multipart; the server
     embeds them with the gallery model and keeps a thumbnail)."""
