@@ -122,9 +122,6 @@ class Embedder:
             out.append([normalize(np.asarray(c), spec) for c in crops])
         return out
 
-    def _prepare(self, image: ImageInput) -> list[list[np.ndarray]]:
-        return self._views(to_pil(image))
-
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         y = self.runner.embed(batch)
         if y.shape[1] != self.dim:
@@ -163,7 +160,7 @@ class Embedder:
 
         def prepare(i):
             try:
-                return i, self._prepare(images[i]), None
+                return i, self._views(to_pil(images[i])), None
             except ImageError as e:
                 if not skip_errors:
                     raise
