@@ -144,7 +144,7 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: np.ndarray, pro
             calib.calibrate({SIGNATURE: [sample]}, qt._recipe_manager)
         qt.quantize(robust_ranges(calib.get_model_qsvs()), enable_progress_report=False).export_model(
             str(dst), overwrite=True)
-    inline_buffers(dst, short_names=True)
+    inline_buffers(dst)
     return Path(dst)
 
 
@@ -157,20 +157,19 @@ def convert_fp16(src: str | Path, dst: str | Path) -> Path:
     with _quiet():
         quantizer.Quantizer(str(src), _recipe("fp16")).quantize(enable_progress_report=False).export_model(
             str(dst), overwrite=True)
-    inline_buffers(dst, short_names=True)
+    inline_buffers(dst)
     return Path(dst)
 
 
-def inline_buffers(path: str | Path, short_names: bool = False) -> None:
-    """Rewrite a .tflite with every weight buffer inside the flatbuffer. ai-edge-quantizer stores
-    buffers of models over 256 KB after the flatbuffer (offset/size fields, a 2023+ schema feature):
-    LiteRT reads that, but tflite-support's metadata writer drops such buffers and its Task Library
-    runtime cannot load them. Files under 2 GB gain nothing from the external layout."""
+def inline_buffers(path: str | Path) -> None:
+    """Rewrite a quantized .tflite with short tensor names and every weight buffer inside the flatbuffer.
+    ai-edge-quantizer stores buffers of models over 256 KB after the flatbuffer (offset/size fields, a 2023+
+    schema feature): LiteRT reads that, but tflite-support's metadata writer drops such buffers and its Task
+    Library runtime cannot load them. Files under 2 GB gain nothing from the external layout."""
     from ai_edge_litert.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model(str(path))  # resolves offset buffers into .data
-    if short_names:
-        shorten_tensor_names(model)
+    shorten_tensor_names(model)
     Path(path).write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
 
 

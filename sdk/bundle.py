@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -148,14 +147,19 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     return manifest
 
 
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write a text file through a temporary file and a rename: a crash never leaves half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def write_manifest(bundle: str | Path, manifest: Manifest) -> Path:
     """Write manifest.json atomically (temp file + rename)."""
-    bundle = Path(bundle)
-    bundle.mkdir(parents=True, exist_ok=True)
-    tmp = bundle / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest.to_dict(), indent=2))
-    os.replace(tmp, bundle / MANIFEST)
-    return bundle / MANIFEST
+    return write_atomic(Path(bundle) / MANIFEST, json.dumps(manifest.to_dict(), indent=2))
 
 
 def describe_file(bundle: str | Path, path: str, **kwargs) -> ModelFile:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 
@@ -21,6 +22,13 @@ def fail(message: str, code: int = 2) -> None:
     """Print `error: message` on stderr and exit with `code`."""
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
+
+
+def require_folders(flag: str, *folders: Path | None, expected: str = "") -> None:
+    """fail() naming `flag` unless every given folder (None: not given) is a directory."""
+    for folder in folders:
+        if folder is not None and not folder.is_dir():
+            fail(f"{flag} {folder} is not a folder{expected}")
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from sdk.cli_errors import fail, user_errors
+from sdk.cli_errors import require_folders, user_errors
 
 
 def export_command(
@@ -34,8 +34,7 @@ def export_command(
     with user_errors():
         from export.bundle import export_bundle
 
-        if calibration is not None and not calibration.is_dir():
-            fail(f"--calibration {calibration} is not a folder; pass a folder of photos (50-300 is plenty)")
+        require_folders("--calibration", calibration, expected="; pass a folder of photos (50-300 is plenty)")
         manifest = export_bundle(checkpoint, out, gallery_checkpoint=gallery, formats=format, precisions=precision,
                                  calibration=calibration, max_calibration_images=max_calibration_images,
                                  coreml_image_input=coreml_image_input, tflite_metadata=tflite_metadata,
@@ -85,9 +84,7 @@ def verify_command(
     with user_errors():
         from export.verify import format_report, verify_bundle, write_json
 
-        for folder in images:
-            if not folder.is_dir():
-                fail(f"--images {folder} is not a folder")
+        require_folders("--images", *images)
         report = verify_bundle(bundle, images, checkpoint=checkpoint, gallery_checkpoint=gallery_checkpoint,
                                threads=threads, runs=runs, tflite_support=tflite_support, max_images=max_images,
                                progress=progress, log=typer.echo)

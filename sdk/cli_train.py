@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from sdk.cli_errors import fail, user_errors
+from sdk.cli_errors import fail, require_folders, user_errors
 
 THREADS = typer.Option(None, help="torch CPU threads (default: all cores).")
 PROGRESS = typer.Option(True, help="Show progress bars.")
@@ -54,15 +54,11 @@ def quickstart(
 ) -> None:
     """Embed a gallery with a pretrained gallery model, fit an EfficientNet-Lite1 query model into its
     space, and print symmetric and asymmetric mAP on held-out classes."""
-    if images is not None and not images.is_dir():
-        fail(f"--images {images} is not a folder (expected DIR/<class>/<image>.jpg)")
+    require_folders("--images", images, expected=" (expected DIR/<class>/<image>.jpg)")
     if gallery is not None and not gallery.is_file():
         fail(f"--gallery {gallery} is not a checkpoint file (e.g. runs/cgd/model.safetensors)")
-    if unlabelled is not None and not unlabelled.is_dir():
-        fail(f"--unlabelled {unlabelled} is not a folder of photos")
-    for folder in eval_photos:
-        if not folder.is_dir():
-            fail(f"--eval-photos {folder} is not a folder")
+    require_folders("--unlabelled", unlabelled, expected=" of photos")
+    require_folders("--eval-photos", *eval_photos)
     with user_errors():
         from training import quickstart as qs
         from training.compatible import CompatConfig
@@ -163,9 +159,8 @@ def distill(
         fail(f"--config {config} does not exist")
     if mode not in (None, "symmetric", "asymmetric"):
         fail(f"--mode must be symmetric or asymmetric, got {mode!r}")
-    for folder, flag in ((images, "--images"), (eval_images, "--eval-images")):
-        if folder is not None and not folder.is_dir():
-            fail(f"{flag} {folder} is not a folder")
+    require_folders("--images", images)
+    require_folders("--eval-images", eval_images)
     with user_errors():
         from training.distill import ABLATIONS, load_distill_config, run_distill
 
@@ -199,8 +194,7 @@ def cgd(
     write model.safetensors (exportable; usable as a quickstart gallery, a teacher or a query model)."""
     if config is not None and not config.is_file():
         fail(f"--config {config} does not exist")
-    if images is not None and not images.is_dir():
-        fail(f"--images {images} is not a folder (expected DIR/<class>/<image>.jpg)")
+    require_folders("--images", images, expected=" (expected DIR/<class>/<image>.jpg)")
     with user_errors():
         from training.cgd import load_cgd_config, run_cgd
 

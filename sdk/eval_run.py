@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sdk.backends import BackendError
-from sdk.bundle import Manifest, ModelFile, read_manifest
+from sdk.bundle import Manifest, ModelFile, read_manifest, write_atomic
 from sdk.errors import SdkError, SpaceMismatchError
 from sdk.eval_data import Crop, EvalSet, build_eval_set, drop_unreadable, source_keys
 from sdk.eval_metrics import (RERANK_METHODS, GallerySearch, Labels, Reranker, SideResult, headline_map, labelled_side,
@@ -341,11 +341,6 @@ def results_dict(run: EvalRun) -> dict:
 
 
 def write_results(run: EvalRun, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results_dict(run), indent=2))
-    tmp.replace(path)
-    return path
+    return write_atomic(out / "results.json", json.dumps(results_dict(run), indent=2))
 
 

@@ -260,8 +260,10 @@ def matches_filter(meta: dict | None, where: dict[str, list[FilterValue]]) -> bo
 _MISSING = object()
 
 
-def _id_maps(pairs: Sequence[tuple[str, int]], n: int) -> tuple[list[str | None], dict[str, int]]:
-    """(label -> id or None, id -> label) for `n` labels from the (id, label) pairs of the live items."""
+def _id_maps(pairs: Sequence[tuple[str, int]], vectors: VectorIndex) -> tuple[list[str | None], dict[str, int]]:
+    """(label -> id or None, id -> label) from the (id, label) pairs of the live items, which also become the
+    live labels of `vectors` (its tombstone bitmap)."""
+    n = vectors.total
     id_of: list[str | None] = [None] * n
     label_of: dict[str, int] = {}
     for item_id, label in pairs:
@@ -270,6 +272,7 @@ def _id_maps(pairs: Sequence[tuple[str, int]], n: int) -> tuple[list[str | None]
                                     "restore or rebuild the index")
         id_of[label] = item_id
         label_of[item_id] = label
+    vectors.set_live(np.fromiter(label_of.values(), np.int64, len(label_of)))
     return id_of, label_of
 
 
@@ -390,12 +393,7 @@ class GalleryIndex(IndexSurface):
         if batch:
             self._vectors.append(np.stack(batch))
         self._unsaved = len(batch)
-        self._after_load(self._store.items())
-
-    def _after_load(self, pairs: Sequence[tuple[str, int]] = ()) -> None:
-        """Rebuild the id maps and the tombstone bitmap from (id, label) pairs of the live items."""
-        self._id_of, self._label_of = _id_maps(pairs, self._vectors.total)
-        self._vectors.set_live(np.fromiter(self._label_of.values(), np.int64, len(self._label_of)))
+        self._id_of, self._label_of = _id_maps(self._store.items(), self._vectors)
 
     # ------------------------------------------------------------------------------------- internals
     def _check_writable(self) -> None:
@@ -544,8 +542,7 @@ class GalleryIndex(IndexSurface):
                 if snapshot:
                     (self.path / snapshot[0]).unlink(missing_ok=True)
                 raise
-            id_of, label_of = _id_maps(pairs, new.total)
-            new.set_live(np.fromiter(label_of.values(), np.int64, len(label_of)))
+            id_of, label_of = _id_maps(pairs, new)
             with self._lock.write():  # the swap: searches wait only for these assignments
                 self._vectors, self._id_of, self._label_of = new, id_of, label_of
                 self._unsaved = new.total - covered if self.path is not None else 0

@@ -154,6 +154,11 @@ class PgVectorIndex(ExternalIndex):
         self._check_open()
         return self._pool.connection()
 
+    def _rows(self, sql: str, args=None) -> list[tuple]:
+        """Every row of one read statement, on a pooled connection."""
+        with self._conn() as conn:
+            return conn.execute(sql, args).fetchall()
+
     # ---------------------------------------------------------------------------------------- writes
     def _lock_collection(self, conn) -> None:
         """Lock this collection's row for the transaction (writers serialise), bump its version and check
@@ -225,43 +230,37 @@ class PgVectorIndex(ExternalIndex):
 
     def get_vectors(self, ids) -> np.ndarray:
         ids = list(ids)
-        with self._conn() as conn:
-            rows = dict(conn.execute(f"SELECT id, embedding FROM {self._table} WHERE id = ANY(%s)", (ids,)).fetchall())
+        rows = dict(self._rows(f"SELECT id, embedding FROM {self._table} WHERE id = ANY(%s)", (ids,)))
         missing = [i for i in ids if i not in rows]
         if missing:
             raise UnknownIdError(f"unknown id {missing[0]!r}")
         return _matrix([rows[i] for i in ids], self.dim)
 
     def live_vectors(self) -> tuple[list[str], np.ndarray]:
-        with self._conn() as conn:
-            rows = conn.execute(f"SELECT id, embedding FROM {self._table} ORDER BY id").fetchall()
+        rows = self._rows(f"SELECT id, embedding FROM {self._table} ORDER BY id")
         return [r[0] for r in rows], _matrix([r[1] for r in rows], self.dim)
 
     def get_metadata(self, ids) -> dict[str, dict | None]:
         if not ids:
             return {}
-        with self._conn() as conn:
-            return dict(conn.execute(f"SELECT id, metadata FROM {self._table} WHERE id = ANY(%s)", (list(ids),)).fetchall())
+        return dict(self._rows(f"SELECT id, metadata FROM {self._table} WHERE id = ANY(%s)", (list(ids),)))
 
     def get(self, item_id: str) -> dict:
-        with self._conn() as conn:
-            row = conn.execute(f"SELECT metadata, updated FROM {self._table} WHERE id = %s", (item_id,)).fetchone()
-        if row is None:
+        rows = self._rows(f"SELECT metadata, updated FROM {self._table} WHERE id = %s", (item_id,))
+        if not rows:
             raise UnknownIdError(f"unknown id {item_id!r}")
-        return {"id": item_id, "metadata": row[0], "updated": row[1]}
+        return {"id": item_id, "metadata": rows[0][0], "updated": rows[0][1]}
 
     def _thumbnail(self, item_id: str) -> tuple[bytes, str] | None:
-        with self._conn() as conn:
-            row = conn.execute(f"SELECT thumbnail, thumb_mime FROM {self._table} WHERE id = %s AND thumbnail IS NOT NULL",
-                               (item_id,)).fetchone()
-        return None if row is None else (bytes(row[0]), row[1])
+        rows = self._rows(f"SELECT thumbnail, thumb_mime FROM {self._table} WHERE id = %s AND thumbnail IS NOT NULL",
+                          (item_id,))
+        return (bytes(rows[0][0]), rows[0][1]) if rows else None
 
     def _collection_value(self, column: str) -> int:
-        with self._conn() as conn:
-            row = conn.execute(f"SELECT {column} FROM rsdk_collections WHERE name = %s", (self.name,)).fetchone()
-        if row is None:
+        rows = self._rows(f"SELECT {column} FROM rsdk_collections WHERE name = %s", (self.name,))
+        if not rows:
             raise GalleryIndexError(f"collection {self.name!r} was dropped from {redact(self.url)}")
-        return int(row[0])
+        return int(rows[0][0])
 
     @property
     def version(self) -> int:
@@ -272,12 +271,10 @@ class PgVectorIndex(ExternalIndex):
         return self._collection_value("count")
 
     def __contains__(self, item_id) -> bool:
-        with self._conn() as conn:
-            return conn.execute(f"SELECT 1 FROM {self._table} WHERE id = %s", (item_id,)).fetchone() is not None
+        return bool(self._rows(f"SELECT 1 FROM {self._table} WHERE id = %s", (item_id,)))
 
     def ids(self) -> list[str]:
-        with self._conn() as conn:
-            return [r[0] for r in conn.execute(f"SELECT id FROM {self._table} ORDER BY id")]
+        return [r[0] for r in self._rows(f"SELECT id FROM {self._table} ORDER BY id")]
 
     def close(self) -> None:
         with self._close_lock:

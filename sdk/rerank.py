@@ -17,15 +17,15 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from sdk.errors import SdkError
 from sdk.vectors import l2_normalize
 
-RERANK_METHODS = ("none", "aqe", "alpha_qe", "diffusion")
 Method = Literal["none", "aqe", "alpha_qe", "diffusion"]
+RERANK_METHODS = get_args(Method)
 
 
 def _as_rows(x, what: str) -> np.ndarray:

@@ -51,7 +51,7 @@ from sdk.index import GalleryIndex, IndexConfig, check_vectors
 from sdk.index_url import open_index, url_scheme
 from sdk.json_limits import loads as parse_json
 from sdk.preprocess import ImageError, thumbnail_jpeg
-from sdk.rerank import RERANK_METHODS, DiffusionCache, DiffusionNotReady, RerankConfig, rerank_search
+from sdk.rerank import RERANK_METHODS, DiffusionCache, DiffusionNotReady, Method, RerankConfig, rerank_search
 from sdk.server_asgi import Metrics, ServiceMiddleware
 
 log = logging.getLogger("retrieval_sdk.server")
@@ -59,8 +59,6 @@ log = logging.getLogger("retrieval_sdk.server")
 SCOPES = ("read", "write")
 API_KEYS_ENV = "RETRIEVAL_SDK_API_KEYS"
 FloatValue = Annotated[float, Field(allow_inf_nan=False)]
-RerankName = Literal["none", "aqe", "alpha_qe", "diffusion"]
-assert set(RerankName.__args__) == set(RERANK_METHODS)  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -143,7 +141,7 @@ class SearchRequest(BaseModel):
                                          description="The query embedding as base64 of little-endian float32 or int8.")
     dtype: Literal["float32", "int8"] = Field("float32", description="dtype of embedding_b64.")
     k: int = Field(10, ge=1, le=100000)
-    rerank: RerankName = "none"
+    rerank: Method = "none"
     with_metadata: bool = True
     filter: Optional[dict] = Field(None, max_length=32, description=(
         "Only items whose metadata has, for every key, one of the values: {\"color\": \"red\", \"shop\": [1, 2]} "
@@ -442,14 +440,14 @@ async def _json_body(request: Request, model: type[BaseModel]):
     return await run_in_threadpool(parse)
 
 
-def _json_request_body(name: str) -> dict:
+def _request_body(schemas: dict[str, str]) -> dict:
     return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+        ctype: {"schema": {"$ref": f"#/components/schemas/{name}"}} for ctype, name in schemas.items()}}}
 
 
 @router.post("/v1/search", response_model=SearchResponse, dependencies=[READ], tags=["search"],
              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR, 429: _ERROR},
-             openapi_extra=_json_request_body("SearchRequest"))
+             openapi_extra=_request_body({"application/json": "SearchRequest"}))
 async def search(request: Request, state: State) -> SearchResponse:
     """Search with a query embedding computed on the device (same embedding space)."""
     req = await _json_body(request, SearchRequest)
@@ -544,9 +542,7 @@ async def _add_images(request: Request, state: ServerState) -> AddItemsResponse:
 
 @router.post("/v1/items", response_model=AddItemsResponse, dependencies=[WRITE], tags=["items"],
              responses={400: _ERROR, 401: _ERROR, 403: _ERROR, 409: _ERROR, 413: _ERROR, 415: _ERROR},
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": {"$ref": "#/components/schemas/AddItemsRequest"}},
-                 "multipart/form-data": {"schema": {"$ref": "#/components/schemas/AddImagesForm"}}}}})
+             openapi_extra=_request_body({"application/json": "AddItemsRequest", "multipart/form-data": "AddImagesForm"}))
 async def add_items(request: Request, state: State) -> AddItemsResponse:
     """Add or replace items: precomputed gallery embeddings (JSON) or images (multipart; the server
     embeds them with the gallery model and keeps a thumbnail)."""
