@@ -108,3 +108,17 @@ def test_latency_benchmark_bad_input_is_one_line(tmp_path, bundle):
         proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0, args
         assert "Traceback" not in proc.stderr and message in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+def test_query_backbones_benchmark_prints_a_ratio_per_candidate():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "query_backbones.py"
+    proc = subprocess.run([sys.executable, str(script), "--size", "64", "--rounds", "1", "--calls", "2"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
+    assert set(rows) == {"mobilenetv2_100", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    assert float(rows["efficientnet_lite2"][-1]) == 1.0  # the gallery against itself
+    assert all(float(r[-1]) > 0 and float(r[1].rstrip("M")) > 1 for r in rows.values())
