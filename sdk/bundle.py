@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -147,19 +148,24 @@ def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     return manifest
 
 
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write a text file through a temporary file and a rename: a crash never leaves half of it."""
+def _write_text(text: str, path: Path) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def save_atomic(payload: object, path: str | Path, write: Callable[[object, Path], None] = _write_text) -> Path:
+    """Write `payload` with `write(payload, tmp)` (default: as UTF-8 text) to a temporary file, then rename it:
+    a crash never leaves a half-written file under `path`. The one atomic writer of sdk, export and training."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    write(payload, tmp)
     tmp.replace(path)
     return path
 
 
 def write_manifest(bundle: str | Path, manifest: Manifest) -> Path:
     """Write manifest.json atomically (temp file + rename)."""
-    return write_atomic(Path(bundle) / MANIFEST, json.dumps(manifest.to_dict(), indent=2))
+    return save_atomic(json.dumps(manifest.to_dict(), indent=2), Path(bundle) / MANIFEST)
 
 
 def describe_file(bundle: str | Path, path: str, **kwargs) -> ModelFile:

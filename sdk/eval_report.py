@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdk.bundle import write_atomic
+from sdk.bundle import save_atomic
 from sdk.eval_data import Crop, name_label
 from sdk.eval_metrics import HIST_BINS, RECALL_LEVELS, SideResult
 from sdk.eval_run import EvalRun, FileRun, summary_table
@@ -237,4 +237,4 @@ def render(run: EvalRun) -> str:
 
 
 def write_report(run: EvalRun, path: Path) -> Path:
-    return write_atomic(path, render(run))
+    return save_atomic(render(run), path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from sdk.backends import BackendError
-from sdk.bundle import Manifest, ModelFile, read_manifest, write_atomic
+from sdk.bundle import Manifest, ModelFile, read_manifest, save_atomic
 from sdk.errors import SdkError, SpaceMismatchError
 from sdk.eval_data import Crop, EvalSet, build_eval_set, drop_unreadable, source_keys
 from sdk.eval_metrics import (RERANK_METHODS, GallerySearch, Labels, Reranker, SideResult, headline_map, labelled_side,
@@ -183,12 +183,14 @@ class _Embeddings:
         ok = [positions[j] for j in ok]
         errors = sorted(errors + [(positions[j], msg) for j, msg in bad])
         if self.cfg.cache:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.stem + ".tmp.npz")
-            np.savez(tmp, vectors=vectors, ok=np.asarray(ok, np.int64), errors=json.dumps(errors),
-                     seconds=seconds)
-            tmp.replace(path)
+            save_atomic(dict(vectors=vectors, ok=np.asarray(ok, np.int64), errors=json.dumps(errors), seconds=seconds),
+                        path, _save_npz)
         return Embedded(vectors, ok, errors, seconds, False)
+
+
+def _save_npz(arrays: dict, path: Path) -> None:
+    with open(path, "wb") as fh:  # a file object: np.savez appends ".npz" to a name that lacks it
+        np.savez(fh, **arrays)
 
 
 def _rate(e: Embedded) -> float:
@@ -341,6 +343,6 @@ def results_dict(run: EvalRun) -> dict:
 
 
 def write_results(run: EvalRun, out: Path) -> Path:
-    return write_atomic(out / "results.json", json.dumps(results_dict(run), indent=2))
+    return save_atomic(json.dumps(results_dict(run), indent=2), out / "results.json")
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sdk.bundle import save_atomic
 from sdk.preprocess import PreprocessSpec
 from training.errors import TrainingError
 
@@ -54,16 +54,6 @@ class CheckpointMeta:
 
 
 # ------------------------------------------------------------------------------------------ torch files
-
-
-def save_atomic(payload: object, path: str | Path, write: Callable[[object, Path], None] = torch.save) -> Path:
-    """Write via a temporary file and a rename: a crash never leaves a half-written file under `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    write(payload, tmp)
-    tmp.replace(path)
-    return path
 
 
 def read_torch_file(path: str | Path, error: type[Exception], what: str, hint: str = "") -> object:

@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from torch.utils.data import Dataset
 
+from sdk.bundle import save_atomic
 from sdk.preprocess import ImageError, load_image
-from training.checkpoint import save_atomic
 from training.errors import TrainingError
 
 __all__ = [

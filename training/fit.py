@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from training.checkpoint import save_atomic
+from sdk.bundle import save_atomic
 from training.errors import TrainingError
 
 DEVICES = ("cpu", "cuda", "mps")
@@ -301,7 +301,7 @@ def fit(step: StepFn, data: Sized, modules: Mapping[str, nn.Module], param_group
                              "epoch_sums": sums, "rng": _rng_state(), "optimizer": opt.state_dict(),
                              "modules": {n: m.state_dict() for n, m in modules.items()},
                              "scheduler": sched.state_dict(), "scaler": scaler.state_dict()},
-                            Path(cfg.checkpoint_dir, "last.pt"))
+                            Path(cfg.checkpoint_dir, "last.pt"), torch.save)
         bar.close()
         if log and seen:
             sec = time.perf_counter() - t0

@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from sdk.bundle import sha256_path
+from sdk.bundle import save_atomic, sha256_path
 from sdk.vectors import l2_normalize
-from training.checkpoint import save_atomic
 from training.errors import TrainingError
 
 DEFAULT_CACHE = Path("~/.cache/retrieval-sdk/teacher")
