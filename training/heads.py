@@ -90,14 +90,6 @@ class Whitening(nn.Module):
             raise TrainingError(f"in_dim and out_dim must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
         self.fc = nn.Linear(in_dim, out_dim, bias=bias)
 
-    @property
-    def in_dim(self) -> int:
-        return self.fc.in_features
-
-    @property
-    def out_dim(self) -> int:
-        return self.fc.out_features
-
     @classmethod
     def from_pca(cls, mean: np.ndarray, projection: np.ndarray) -> "Whitening":
         """A Whitening whose W x + b equals projection @ (x - mean) (the output of `learn_pca_whitening`)."""

