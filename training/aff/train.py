@@ -48,7 +48,7 @@ from training.checkpoint import FORMAT, CheckpointError, CheckpointMeta, load_st
 from training.extractors import (ExtractorConfig, GalleryExtractor, build_extractor, load_extractor, load_released,
                                  save_extractor, train_extractor)
 from training.extractors.released import CLASSIFIERS
-from training.fit import Checkpoints, FitConfig, OptimConfig, fit, resolve_device, stage_fit
+from training.fit import Checkpoints, FitConfig, OptimConfig, fit, stage_fit
 from training.losses import ArcFace
 from training.models import new_space_id
 from training.transforms import eval_transform, train_transform
@@ -397,11 +397,9 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
 
     Every training stage checkpoints into cfg.out/checkpoints, so an interrupted run continues where it
     stopped (`resume=False`: each stage starts afresh); the folder is removed once the run has finished."""
-    resolve_device(device)  # an absent GPU stops the run here, not after the data and features
+    out = cfg.start(device)  # an absent GPU stops the run here, not after the data and features
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(out / "checkpoints", resume)
     torch.manual_seed(cfg.seed)
 
