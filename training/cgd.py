@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from training.config import Checked, ConfigError, RunConfig
 from training.checkpoint import CheckpointMeta, save_checkpoint
-from training.data import ImageDataset, LabelledImages
+from training.data import ImageDataset, LabelledImages, load_splits
 from training.embed import embed_images
 from training.evaluate import format_table, labelled_eval
 from training.extractors.base import Trunk
@@ -164,10 +164,8 @@ load_cgd_config = CGDConfig.load
 
 
 def load_data(cfg: CGDConfig):
-    """The training and held-out splits of `cfg.data` (training.aff.train.load_splits, the one reader of
-    every labelled layout), with the sampler's checks run on the training labels before any model is built."""
-    from training.aff.train import load_splits
-
+    """The training and held-out splits of `cfg.data` (training.data.load_splits), with the sampler's checks
+    run on the training labels before any model is built."""
     splits = load_splits(cfg)
     PKSampler(splits.train.labels, **asdict(cfg.sampler))
     return splits

@@ -27,7 +27,7 @@ from sdk.preprocess import ImageError, load_image
 from sdk.vectors import l2_normalize
 from training.config import ConfigError, DataConfig, RunConfig, check_known
 from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, save_checkpoint
-from training.data import (DatasetError, ImageDataset, LabelledImages, image_folder, make_instance_set,
+from training.data import (DatasetError, ImageDataset, LabelledImages, image_folder, load_splits, make_instance_set,
                            unlabelled_folder, write_images)
 from training.embed import embed_images, embed_multiscale
 from training.evaluate import format_table, labelled_eval
@@ -151,8 +151,6 @@ def load_distill_data(cfg: DistillConfig, log: Callable[[str], None] | None = No
     paths: list[Path] = []
     evaluation = teacher_set = None
     if cfg.data is not None:
-        from training.aff.train import load_splits  # the one reader of every labelled layout and split
-
         splits = load_splits(cfg)
         root = Path(cfg.out) / "data"
         teacher_set, evaluation = write_images(splits.train, root / "train"), write_images(splits.eval, root / "held_out")

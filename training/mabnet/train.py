@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from sdk.vectors import l2_normalize
 from training.checkpoint import CheckpointMeta, save_checkpoint
 from training.config import Checked, ConfigError, RunConfig, apply_overrides, check_known, from_dict, to_dict
-from training.data import ImageDataset, LabelledImages
+from training.data import ImageDataset, LabelledImages, load_splits
 from training.embed import embed_images
 from training.evaluate import format_table, labelled_eval, labelled_eval_scores
 from training.heads import Whitening, learn_pca_whitening
@@ -424,8 +424,6 @@ def distil_query(cfg: MABNetConfig, gallery: Path, device: str, progress: bool, 
 
 def run_mabnet(cfg: MABNetConfig, device: str = "cpu", progress: bool = True, log: Log | None = print) -> dict:
     """The whole run (see the module docstring); returns what results.json holds."""
-    from training.aff.train import load_splits  # the one reader of every labelled layout and split
-
     if cfg.query is not None:
         query_config(cfg, Path(cfg.out) / "mabnet.safetensors")  # a bad query section fails before any work
     log = log or (lambda _: None)
