@@ -32,7 +32,7 @@ from training.embed import embed_images
 from training.evaluate import format_table, labelled_eval
 from training.extractors.base import Trunk
 from training.fit import FitConfig, OptimConfig, fit
-from training.heads import CGDHead
+from training.heads import CGDHead, check_gd_config
 from training.losses import batch_hard_triplet_loss, label_smoothing_cross_entropy
 from training.models import EmbeddingModel, ModelConfig, new_space_id
 from training.samplers import SMALL_CLASSES, PKSampler
@@ -59,7 +59,7 @@ class CGDModelConfig(Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_descriptors(self.descriptors, self.dim)
+        check_gd_config(self.descriptors, self.dim)
 
 
 @dataclass(frozen=True)
@@ -137,24 +137,12 @@ class CGDConfig(RunConfig, run="cgd"):
     def __post_init__(self) -> None:
         super().__post_init__()
         for d in self.ablations:
-            check_descriptors(d, self.model.dim)
+            check_gd_config(d, self.model.dim)
 
     @property
     def descriptor_configs(self) -> list[str]:
         """The main configuration first, then each ablation once."""
         return list(dict.fromkeys((self.model.descriptors, *self.ablations)))
-
-
-def check_descriptors(descriptors: str, dim: int) -> None:
-    """A descriptor configuration: S/M/G letters, each once, and a total dim the branches divide evenly."""
-    if not isinstance(descriptors, str) or not descriptors or any(c not in "SMG" for c in descriptors):
-        raise ConfigError(f"descriptor configuration {descriptors!r} must be letters S (SPoC), M (MAC), G (GeM), "
-                          "e.g. 'SG' or 'SMG'")
-    if len(set(descriptors)) != len(descriptors):
-        raise ConfigError(f"descriptor configuration {descriptors!r} repeats a letter; use each at most once")
-    if dim < len(descriptors) or dim % len(descriptors):
-        raise ConfigError(f"total dim {dim} is not divisible by the {len(descriptors)} branches of {descriptors!r}; "
-                          f"pick a multiple of {len(descriptors)} (e.g. {len(descriptors) * max(1, dim // len(descriptors))})")
 
 
 load_cgd_config = CGDConfig.load

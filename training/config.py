@@ -169,7 +169,7 @@ def check_fields(cfg: Any, rules: dict, where: str = "", error: type[Exception] 
     for keys, rule in rules.items():
         for key in keys.split():
             value = getattr(cfg, key)
-            if value in rule if isinstance(rule, tuple) else _holds(value, rule):
+            if (value in rule) if isinstance(rule, tuple) else _holds(value, rule):
                 continue
             if isinstance(rule, tuple):
                 rule = " or ".join(map(repr, rule)) if len(rule) == 2 else f"one of {rule}"
@@ -179,8 +179,8 @@ def check_fields(cfg: Any, rules: dict, where: str = "", error: type[Exception] 
 
 
 class Checked:
-    """Base of the config dataclasses: after __init__ each field named in `_checks` is held to its rule
-    (check_fields), the error an `_error` that names `_where`.key."""
+    """Base of the config dataclasses: after __init__, each field named in `_checks` is held to its rule by
+    check_fields, which raises an `_error` naming `_where`.key."""
 
     _checks: ClassVar[dict] = {}
     _where: ClassVar[str] = ""
