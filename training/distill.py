@@ -87,7 +87,8 @@ class DistillConfig(RunConfig, run="distill"):
     """One `train distill` run. Defaults are the paper's: tau 0.75, R 10, |D| 4000, B 1000, 30 epochs,
     weights of epochs 20 and 30 averaged."""
 
-    data: DataConfig | None = None  # a labelled set: its training split joins D (labels dropped), its held-out split evaluates
+    # a labelled set: its training split joins D (labels dropped), its held-out split evaluates
+    data: DataConfig | None = None
     teacher: str = ""  # checkpoint .safetensors | bundle folder | http(s)://serve-url (its /v1/embed; a write
     # key in $RETRIEVAL_SDK_TEACHER_KEY, kept out of configs and results)
     teacher_train: dict | None = None  # no `teacher`: train one with labels on data's training split (ExtractorConfig)
