@@ -25,15 +25,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from training.aff.config import DataConfig
-from training.config import Config, ConfigError
+from training.config import Checked, ConfigError, RunConfig
 from training.checkpoint import CheckpointMeta, save_checkpoint
-from training.data import ImageDataset, LabelledImages
+from training.data import ImageDataset, LabelledImages, load_splits
 from training.embed import embed_images
 from training.evaluate import format_table, labelled_eval
 from training.extractors.base import Trunk
-from training.fit import FitConfig, OptimConfig, fit, resolve_device
-from training.heads import CGDHead
+from training.fit import FitConfig, OptimConfig, fit
+from training.heads import CGDHead, check_gd_config
 from training.losses import batch_hard_triplet_loss, label_smoothing_cross_entropy
 from training.models import EmbeddingModel, ModelConfig, new_space_id
 from training.samplers import SMALL_CLASSES, PKSampler
@@ -43,7 +42,7 @@ Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
-class CGDModelConfig:
+class CGDModelConfig(Checked):
     """Backbone and head. `descriptors` is the main run's configuration (S SPoC, M MAC, G GeM; the first
     letter feeds the auxiliary classifier), `dim` the total embedding dim, split evenly over the branches."""
 
@@ -55,17 +54,16 @@ class CGDModelConfig:
     dim: int = 512
     gem_p: float = 3.0
     head_init: str = "pca"  # pca: each branch FC starts as PCA of its pretrained pooled descriptors | random
+    _where = "model"
+    _checks = {"head_init": ("pca", "random"), "last_stride": (1, 2)}
 
     def __post_init__(self) -> None:
-        check_descriptors(self.descriptors, self.dim)
-        if self.head_init not in ("pca", "random"):
-            raise ConfigError(f"model.head_init must be 'pca' or 'random', got {self.head_init!r}")
-        if self.last_stride not in (1, 2):
-            raise ConfigError(f"model.last_stride must be 1 (last downsampling removed) or 2, got {self.last_stride}")
+        super().__post_init__()
+        check_gd_config(self.descriptors, self.dim)
 
 
 @dataclass(frozen=True)
-class CGDLossConfig:
+class CGDLossConfig(Checked):
     """The paper's terms: triplet margin 0.1 on the combined descriptor; label smoothing 0.1 and temperature
     0.5 on the auxiliary classifier's softmax."""
 
@@ -74,18 +72,17 @@ class CGDLossConfig:
     temperature: float = 0.5
     triplet_weight: float = 1.0
     classification_weight: float = 1.0
+    _where = "loss"
+    _checks = {"margin triplet_weight classification_weight": ">= 0", "smoothing": "[0, 1)", "temperature": "> 0"}
 
     def __post_init__(self) -> None:
-        if self.margin < 0 or not 0 <= self.smoothing < 1 or self.temperature <= 0:
-            raise ConfigError(f"loss needs margin >= 0, smoothing in [0, 1) and temperature > 0, got "
-                              f"{self.margin}, {self.smoothing}, {self.temperature}")
-        if self.triplet_weight < 0 or self.classification_weight < 0 or not (self.triplet_weight or
-                                                                             self.classification_weight):
-            raise ConfigError("loss.triplet_weight and loss.classification_weight must be >= 0, not both 0")
+        super().__post_init__()
+        if not (self.triplet_weight or self.classification_weight):
+            raise ConfigError("loss.triplet_weight and loss.classification_weight cannot both be 0")
 
 
 @dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(Checked):
     """P classes x K images per batch; `small_classes` says what a class with fewer than K images does
     (error | repeat | drop, see training.samplers.PKSampler); `batches` per epoch (None: images / (P K))."""
 
@@ -93,16 +90,12 @@ class SamplerConfig:
     k: int = 4
     small_classes: str = "error"
     batches: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.p < 2 or self.k < 2:
-            raise ConfigError(f"sampler needs p >= 2 and k >= 2, got p={self.p}, k={self.k}")
-        if self.small_classes not in SMALL_CLASSES:
-            raise ConfigError(f"sampler.small_classes must be one of {SMALL_CLASSES}, got {self.small_classes!r}")
+    _where = "sampler"
+    _checks = {"p k": ">= 2", "small_classes": SMALL_CLASSES}
 
 
 @dataclass(frozen=True)
-class CGDTrainConfig:
+class CGDTrainConfig(Checked):
     """Adam with the cosine schedule at the paper's lr 1e-4 (its batch is 128 at 224 px on a GPU); the head
     learns `head_lr_scale` times faster (1: a PCA-initialised head needs no catching up).
     `freeze_stem` keeps the backbone below its last stride-16 stage fixed (the paper trains it all): no
@@ -116,11 +109,8 @@ class CGDTrainConfig:
     augment: bool = True
     grad_clip: float | None = 10.0
     max_steps: int | None = None  # per epoch (tests, smoke runs)
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.lr <= 0 or self.head_lr_scale <= 0:
-            raise ConfigError(f"train needs epochs >= 1, lr > 0 and head_lr_scale > 0, got {self.epochs}, {self.lr}, "
-                              f"{self.head_lr_scale}")
+    _where = "train"
+    _checks = {"epochs": ">= 1", "lr head_lr_scale": "> 0"}
 
 
 @dataclass(frozen=True)
@@ -134,41 +124,25 @@ class CGDEvalConfig:
 
 
 @dataclass(frozen=True)
-class CGDConfig(Config):
+class CGDConfig(RunConfig, run="cgd"):
     """One `train cgd` run: the main descriptor configuration plus `ablations` (more configurations,
     trained the same way), all in one table."""
 
-    name: str = "cgd"
-    out: str = "runs/cgd"
-    data: DataConfig = field(default_factory=lambda: DataConfig(kind="instances", split="classes"))
     model: CGDModelConfig = field(default_factory=CGDModelConfig)
     loss: CGDLossConfig = field(default_factory=CGDLossConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: CGDTrainConfig = field(default_factory=CGDTrainConfig)
     eval: CGDEvalConfig = field(default_factory=CGDEvalConfig)
-    ablations: tuple[str, ...] = ()
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for d in self.ablations:
-            check_descriptors(d, self.model.dim)
+            check_gd_config(d, self.model.dim)
 
     @property
     def descriptor_configs(self) -> list[str]:
         """The main configuration first, then each ablation once."""
         return list(dict.fromkeys((self.model.descriptors, *self.ablations)))
-
-
-def check_descriptors(descriptors: str, dim: int) -> None:
-    """A descriptor configuration: S/M/G letters, each once, and a total dim the branches divide evenly."""
-    if not isinstance(descriptors, str) or not descriptors or any(c not in "SMG" for c in descriptors):
-        raise ConfigError(f"descriptor configuration {descriptors!r} must be letters S (SPoC), M (MAC), G (GeM), "
-                          "e.g. 'SG' or 'SMG'")
-    if len(set(descriptors)) != len(descriptors):
-        raise ConfigError(f"descriptor configuration {descriptors!r} repeats a letter; use each at most once")
-    if dim < len(descriptors) or dim % len(descriptors):
-        raise ConfigError(f"total dim {dim} is not divisible by the {len(descriptors)} branches of {descriptors!r}; "
-                          f"pick a multiple of {len(descriptors)} (e.g. {len(descriptors) * max(1, dim // len(descriptors))})")
 
 
 load_cgd_config = CGDConfig.load
@@ -178,10 +152,8 @@ load_cgd_config = CGDConfig.load
 
 
 def load_data(cfg: CGDConfig):
-    """The training and held-out splits of `cfg.data` (training.aff.train.load_splits, the one reader of
-    every labelled layout), with the sampler's checks run on the training labels before any model is built."""
-    from training.aff.train import load_splits
-
+    """The training and held-out splits of `cfg.data` (training.data.load_splits), with the sampler's checks
+    run on the training labels before any model is built."""
     splits = load_splits(cfg)
     PKSampler(splits.train.labels, **asdict(cfg.sampler))
     return splits
@@ -305,11 +277,9 @@ def table(rows: list[dict], ks: Sequence[int]) -> str:
 
 def run_cgd(cfg: CGDConfig, device: str = "cpu", progress: bool = True, log: Log | None = print) -> dict:
     """The whole run (see the module docstring); returns what results.json holds."""
-    resolve_device(device)
     log = log or (lambda _: None)
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.start(device)
     splits = load_data(cfg)
     log(splits.description)
     m = cfg.model

@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
+import operator
 import types
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from training.errors import TrainingError
 
@@ -145,19 +148,132 @@ def check_known(values: Any, known: Any, what: str) -> None:
         raise ConfigError(f"unknown {what} {bad[0]!r}; choose from {known}")
 
 
-class Config:
-    """Base of the config dataclasses: `to_dict`, `from_dict` (errors name `_where`) and `load` as above."""
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
 
-    _where = "config"
+
+def _holds(value: Any, rule: str) -> bool:
+    if value is None or isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value is None and rule.endswith(" or null")
+    rule = rule.removesuffix(" or null")
+    if rule[0] in "[(":
+        lo, hi = (float(x) for x in rule[1:-1].split(","))
+        return (lo <= value if rule[0] == "[" else lo < value) and (value <= hi if rule[-1] == "]" else value < hi)
+    op, bound = rule.split()
+    return _COMPARE[op](value, float(bound))
+
+
+def check_fields(cfg: Any, rules: dict, where: str = "", error: type[Exception] = ConfigError) -> None:
+    """Raise `error` naming `where`.key and the value of the first field of `cfg` that breaks its rule: a tuple of
+    choices, or a range (">= 1", "> 0", "[0, 1)", "(0, 1]"; "... or null" lets None pass). A key of `rules` may
+    name several fields (space-separated) that share one rule."""
+    for keys, rule in rules.items():
+        for key in keys.split():
+            value = getattr(cfg, key)
+            if (value in rule) if isinstance(rule, tuple) else _holds(value, rule):
+                continue
+            if isinstance(rule, tuple):
+                rule = " or ".join(map(repr, rule)) if len(rule) == 2 else f"one of {rule}"
+            elif rule[0] in "[(":
+                rule = f"in {rule}"
+            raise error(f"{where + '.' if where else ''}{key} must be {rule}, got {value!r}")
+
+
+class Checked:
+    """Base of the config dataclasses: after __init__, each field named in `_checks` is held to its rule by
+    check_fields, which raises an `_error` naming `_where`.key."""
+
+    _checks: ClassVar[dict] = {}
+    _where: ClassVar[str] = ""
+    _error: ClassVar[type[Exception]] = ConfigError
+
+    def __post_init__(self) -> None:
+        check_fields(self, self._checks, self._where, self._error)
+
+
+class Config(Checked):
+    """Base of the top-level config dataclasses: `to_dict`, `from_dict` (errors name `_where`) and `load` as above."""
 
     def to_dict(self) -> dict:
         return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict):
-        return from_dict(cls, d, cls._where)
+        return from_dict(cls, d, cls._where or "config")
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()):
         """Defaults, updated by a JSON/YAML file and then by dotted `--set key=value` overrides."""
         return load_config_file(cls, path, overrides)
+
+
+DATA_KINDS = ("fashion_mnist", "instances", "folder", "csv", "gldv2")
+SPLITS = ("test", "classes", "images")
+
+
+@dataclass(frozen=True)
+class DataConfig(Checked):
+    """Which labelled set, and how its held-out evaluation split is made.
+
+    kind: fashion_mnist (idx files under `root`) | instances (the procedural set, written under OUT/data) |
+    folder (ROOT/<class>/<image>) | csv (`csv` with path,label) | gldv2 (`csv` = train.csv or
+    train_clean.csv, `root` = the image tree). split: "test" (Fashion-MNIST's own test split: unseen
+    images of the training classes) | "images" (per class, a `held_out` fraction of its images is
+    held out: unseen views of seen objects) | "classes" (a `held_out` fraction of the classes is held
+    out: unseen objects, the AFF/landmark setting).
+    """
+
+    kind: str = "fashion_mnist"
+    root: str | None = None
+    csv: str | None = None
+    split: str = "test"
+    held_out: float = 0.3
+    train_limit: int | None = 6000
+    eval_limit: int | None = 2000
+    n_objects: int = 120
+    n_views: int = 8
+    image_size: int = 128
+    seed: int = 0
+    _where = "data"
+    _checks = {"kind": DATA_KINDS, "split": SPLITS, "held_out": "(0, 1)", "train_limit eval_limit": ">= 2 or null"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.split == "test" and self.kind != "fashion_mnist":
+            raise ConfigError(f"data.split='test' needs a dataset with a test split (fashion_mnist); for "
+                              f"{self.kind} use 'images' or 'classes'")
+        if self.kind in ("csv", "gldv2") and not self.csv:
+            raise ConfigError(f"data.kind={self.kind} needs data.csv (the CSV file)")
+        if self.kind in ("folder", "gldv2") and not self.root:
+            raise ConfigError(f"data.kind={self.kind} needs data.root (the image folder)")
+
+
+@dataclass(frozen=True)
+class RunConfig(Config):
+    """The fields every `train` command's config shares: the run's `name` and `out` folder (by default the
+    command's name and runs/<it>, given as `class CGDConfig(RunConfig, run="cgd")`), the labelled `data`,
+    the extra `ablations` rows and the `seed`."""
+
+    _run: ClassVar[str] = "run"
+    name: str = ""
+    out: str = ""
+    data: DataConfig = field(default_factory=lambda: DataConfig(kind="instances", split="classes"))
+    ablations: tuple[str, ...] = ()
+    seed: int = 0
+
+    def __init_subclass__(cls, run: str = "", **kw) -> None:
+        super().__init_subclass__(**kw)
+        cls._run = run or cls._run
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.name or self._run)
+        object.__setattr__(self, "out", self.out or f"runs/{self._run}")
+        super().__post_init__()
+
+    def start(self, device: str) -> Path:
+        """A run's first step: `device` checked (an absent GPU stops the run before any work), `out` created."""
+        from training.fit import resolve_device  # training.fit imports this module
+
+        resolve_device(device)
+        out = Path(self.out)
+        out.mkdir(parents=True, exist_ok=True)
+        return out

@@ -47,6 +47,10 @@ class DatasetError(TrainingError):
     """A dataset folder, manifest or file is missing or not in the expected layout."""
 
 
+class LabelError(TrainingError):
+    """Labels missing or not fitting the features / classifier."""
+
+
 # ---------------------------------------------------------------- containers
 
 
@@ -204,6 +208,73 @@ def split_query_gallery(
     chosen = set(queries)
     gallery = [i for i in range(len(data)) if i not in chosen]
     return data.subset(sorted(queries)), data.subset(gallery)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A run's labelled training split, its held-out evaluation split and how they were made."""
+
+    train: LabelledImages
+    eval: LabelledImages
+    description: str
+
+
+def _subset(data: LabelledImages, limit: int | None, seed: int) -> LabelledImages:
+    if limit is None or limit >= len(data):
+        return data
+    idx = sorted(random.Random(seed).sample(range(len(data)), limit))
+    return data.subset(idx)
+
+
+def split_images(data: LabelledImages, held_out: float, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
+    """Per class, a `held_out` fraction of its images (at least 2 when it has >= 4) goes to evaluation;
+    both parts keep every class, so evaluation sees unseen images of seen classes."""
+    rng = random.Random(seed)
+    train_idx, eval_idx = [], []
+    for members in data.indices_by_class():
+        members = list(members)
+        rng.shuffle(members)
+        k = max(2, round(held_out * len(members))) if len(members) >= 4 else 0
+        eval_idx += members[:k]
+        train_idx += members[k:]
+    if not eval_idx:
+        raise DatasetError("no class has >= 4 images, so no evaluation images could be held out")
+    return data.subset(sorted(train_idx)), data.subset(sorted(eval_idx))
+
+
+def load_splits(cfg) -> Splits:
+    """The training and evaluation splits of `cfg.data` (a training.config.DataConfig), files written under
+    `cfg.out`: the one reader of every labelled layout and split, for every `train` command."""
+    d = cfg.data
+    out = Path(cfg.out)
+    if d.kind == "fashion_mnist":
+        root = d.root or "/usr/share/datasets/fashion-mnist"
+        train = fashion_mnist(root, "train", d.train_limit)
+        evaluation = fashion_mnist(root, "test", d.eval_limit)
+        desc = (f"Fashion-MNIST: train {len(train)} images (first of the train split), evaluation {len(evaluation)} "
+                f"test-split images of the same {len(train.classes)} classes")
+        return Splits(train, evaluation, desc)
+    if d.kind == "instances":
+        folder = out / "data" / f"instances-{d.n_objects}x{d.n_views}-{d.image_size}px-seed{d.seed}"
+        data = make_instance_set(folder, n_objects=d.n_objects, n_views=d.n_views, image_size=d.image_size, seed=d.seed)
+        name = f"procedural instance set ({d.n_objects} objects x {d.n_views} views)"
+    elif d.kind == "folder":
+        data, name = image_folder(d.root), f"image folder {d.root}"
+    elif d.kind == "csv":
+        data, name = csv_manifest(d.csv, d.root), f"CSV {d.csv}"
+    else:
+        data, name = gldv2_csv(d.csv, d.root), f"GLDv2 {d.csv}"
+        if "" in data.classes:
+            raise LabelError(f"{d.csv} has rows without a landmark_id: every image needs a class label")
+    if d.split == "classes":
+        train, evaluation = split_classes(data, held_out=d.held_out, seed=d.seed)
+        how = f"{len(evaluation.classes)} held-out classes (unseen objects) vs {len(train.classes)} training classes"
+    else:
+        train, evaluation = split_images(data, d.held_out, seed=d.seed)
+        how = f"held-out images of the {len(train.classes)} training classes (unseen views of seen objects)"
+    train = _subset(train, d.train_limit, d.seed)
+    evaluation = _subset(evaluation, d.eval_limit, d.seed + 1)
+    return Splits(train, evaluation, f"{name}: train {len(train)} images, evaluation {len(evaluation)} images, {how}")
 
 
 # ---------------------------------------------------------------- readers

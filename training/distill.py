@@ -25,10 +25,9 @@ from torch.utils.data import DataLoader
 
 from sdk.preprocess import ImageError, load_image
 from sdk.vectors import l2_normalize
-from training.aff.config import DataConfig
-from training.config import Config, ConfigError, check_known
+from training.config import ConfigError, DataConfig, RunConfig, check_known
 from training.checkpoint import CheckpointMeta, load_checkpoint, read_header, save_checkpoint
-from training.data import (DatasetError, ImageDataset, LabelledImages, image_folder, make_instance_set,
+from training.data import (DatasetError, ImageDataset, LabelledImages, image_folder, load_splits, make_instance_set,
                            unlabelled_folder, write_images)
 from training.embed import embed_images, embed_multiscale
 from training.evaluate import format_table, labelled_eval
@@ -84,12 +83,12 @@ class ProceduralConfig:
 
 
 @dataclass(frozen=True)
-class DistillConfig(Config):
+class DistillConfig(RunConfig, run="distill"):
     """One `train distill` run. Defaults are the paper's: tau 0.75, R 10, |D| 4000, B 1000, 30 epochs,
     weights of epochs 20 and 30 averaged."""
 
-    name: str = "distill"
-    out: str = "runs/distill"
+    # a labelled set: its training split joins D (labels dropped), its held-out split evaluates
+    data: DataConfig | None = None
     teacher: str = ""  # checkpoint .safetensors | bundle folder | http(s)://serve-url (its /v1/embed; a write
     # key in $RETRIEVAL_SDK_TEACHER_KEY, kept out of configs and results)
     teacher_train: dict | None = None  # no `teacher`: train one with labels on data's training split (ExtractorConfig)
@@ -97,7 +96,6 @@ class DistillConfig(Config):
     teacher_cache: str | None = str(DEFAULT_CACHE)
     images: str | None = None  # a folder of unlabelled images, part of D
     procedural: ProceduralConfig | None = None  # new procedural objects, part of D (written under OUT/data)
-    data: DataConfig | None = None  # a labelled set: its training split joins D (labels dropped), its held-out split evaluates
     eval_images: str | None = None  # a labelled folder (class subfolders) to evaluate on instead
     max_images: int = 4000  # |D|
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -108,14 +106,11 @@ class DistillConfig(Config):
     lr: float = 1e-4  # l0 (the paper decays it as l0 * exp(-0.01 * epoch))
     weight_decay: float = 1e-6
     average_epochs: tuple[int, ...] = (20, 30)
-    ablations: tuple[str, ...] = ()
-    seed: int = 0
+    _checks = {"batch_size max_images": ">= 2", "epochs": ">= 1"}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_known(self.ablations, sorted(ABLATIONS), "ablation")
-        if self.batch_size < 2 or self.epochs < 1 or self.max_images < 2:
-            raise ConfigError(f"batch_size must be >= 2, epochs >= 1 and max_images >= 2, got {self.batch_size}, "
-                              f"{self.epochs}, {self.max_images}")
         if not (self.teacher or self.teacher_train):
             raise ConfigError("say which teacher to distil: --teacher CHECKPOINT|BUNDLE|URL (or teacher_train in a config)")
         if self.teacher_train and self.data is None:
@@ -157,8 +152,6 @@ def load_distill_data(cfg: DistillConfig, log: Callable[[str], None] | None = No
     paths: list[Path] = []
     evaluation = teacher_set = None
     if cfg.data is not None:
-        from training.aff.train import load_splits  # the one reader of every labelled layout and split
-
         splits = load_splits(cfg)
         root = Path(cfg.out) / "data"
         teacher_set, evaluation = write_images(splits.train, root / "train"), write_images(splits.eval, root / "held_out")
@@ -317,10 +310,8 @@ def _table(rows: list[dict], teacher_map: float | None) -> str:
 def run_distill(cfg: DistillConfig, device: str = "cpu", progress: bool = True,
                 log: Callable[[str], None] = print) -> dict:
     """The whole run (see the module docstring); returns what results.json holds."""
-    resolve_device(device)
     log = log or (lambda _: None)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.start(device)
     key = os.environ.get(TEACHER_KEY_ENV) or None
     teacher: Teacher | None = resolve_teacher(cfg.teacher, key) if cfg.teacher else None  # a bad teacher fails first
     data = load_distill_data(cfg, log)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sdk.bundle import save_atomic
+from training.config import Checked
 from training.errors import TrainingError
 
 DEVICES = ("cpu", "cuda", "mps")
@@ -49,7 +50,7 @@ class NonFiniteLossError(FitError):
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Checked):
     """Optimiser and schedule; learning rates travel in the param groups (one per group)."""
 
     name: str = "adamw"  # adamw | adam (L2 weight decay, as rank distillation's paper) | sgd
@@ -58,17 +59,12 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine (to 0 over the run) | constant | exp (lr * exp(-exp_decay * epoch))
     exp_decay: float = 0.01  # exp only: the paper's l0 * exp(-0.01 * epoch)
     warmup_steps: int = 0  # cosine only: linear warm-up from 0 over these steps, then the cosine over the rest
-
-    def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS or self.schedule not in SCHEDULES:
-            raise FitError(f"optimizer must be one of {OPTIMIZERS} and schedule one of {SCHEDULES}, got "
-                           f"{self.name!r}, {self.schedule!r}")
-        if self.warmup_steps < 0:
-            raise FitError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+    _where, _error = "optimizer", FitError
+    _checks = {"name": OPTIMIZERS, "schedule": SCHEDULES, "warmup_steps": ">= 0"}
 
 
 @dataclass(frozen=True)
-class FitConfig:
+class FitConfig(Checked):
     """How to run the loop. `max_steps` caps the steps of each epoch (tests and smoke runs);
     checkpoints go to `checkpoint_dir` every `checkpoint_every` steps and at each epoch end."""
 
@@ -85,11 +81,8 @@ class FitConfig:
     run_key: str = ""  # what the run is (a config hash): a checkpoint of another run is refused
     desc: str = "train"
     progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0 or self.checkpoint_every < 0 or (self.max_steps or 1) < 1 or (self.grad_clip or 1) <= 0:
-            raise FitError(f"fit needs epochs >= 0, checkpoint_every >= 0, max_steps >= 1 and grad_clip > 0 (or None); "
-                           f"got {self.epochs}, {self.checkpoint_every}, {self.max_steps}, {self.grad_clip}")
+    _where, _error = "fit", FitError
+    _checks = {"epochs checkpoint_every": ">= 0", "max_steps": ">= 1 or null", "grad_clip": "> 0 or null"}
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,20 @@ class Whitening(nn.Module):
 _GD_POOLINGS = {"S": SPoC, "M": MAC, "G": GeM}
 
 
+def check_gd_config(gd_config: str, feature_dim: int) -> None:
+    """A CGD descriptor configuration: S/M/G letters, each once, and a total dim its branches divide evenly
+    (CGDHead checks its own; `train cgd` checks every configuration of a run before any work)."""
+    if not isinstance(gd_config, str) or not gd_config or any(c not in _GD_POOLINGS for c in gd_config):
+        raise TrainingError(f"descriptor configuration {gd_config!r} must be letters S (SPoC), M (MAC), G (GeM), "
+                            "a non-empty string such as 'SG' or 'SMG'")
+    if len(set(gd_config)) != len(gd_config):
+        raise TrainingError(f"descriptor configuration {gd_config!r} repeats a letter; use each at most once")
+    n = len(gd_config)
+    if feature_dim < n or feature_dim % n:
+        raise TrainingError(f"total dim {feature_dim} is not divisible by the {n} branches of {gd_config!r}; pick a "
+                            f"multiple of the {n} branches (e.g. {n * max(1, feature_dim // n)})")
+
+
 class CGDHead(nn.Module):
     """Combined Global Descriptor head (Jun et al. 2019, arXiv:1903.10663).
 
@@ -137,23 +151,11 @@ class CGDHead(nn.Module):
         super().__init__()
         if in_channels < 1:
             raise TrainingError(f"in_channels must be >= 1, got {in_channels}")
-        if not gd_config or any(c not in _GD_POOLINGS for c in gd_config):
-            raise TrainingError(
-                f"gd_config {gd_config!r} must be a non-empty string of the letters S (SPoC), M (MAC), "
-                "G (GeM), e.g. 'SMG'"
-            )
-        if len(set(gd_config)) != len(gd_config):
-            raise TrainingError(f"gd_config {gd_config!r} repeats a descriptor; use each letter at most once")
-        n = len(gd_config)
-        if feature_dim < n or feature_dim % n:
-            raise TrainingError(
-                f"feature_dim={feature_dim} must be a positive multiple of the {n} branches in {gd_config!r}"
-            )
-
+        check_gd_config(gd_config, feature_dim)
         self.in_channels = in_channels
         self.gd_config = gd_config
         self.feature_dim = feature_dim
-        branch_dim = feature_dim // n
+        branch_dim = feature_dim // len(gd_config)
         self.poolings = nn.ModuleList(
             GeM(p=gem_p, learnable=False) if c == "G" else _GD_POOLINGS[c]() for c in gd_config
         )

@@ -36,22 +36,15 @@ def _check_labels(labels: Tensor, batch: int, num_classes: int | None = None) ->
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
         raise TrainingError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
     if num_classes is not None and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise TrainingError(
-            f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, {int(labels.max())}]"
-        )
+        raise TrainingError(f"labels must lie in [0, {num_classes}), got range [{int(labels.min())}, "
+                            f"{int(labels.max())}]")
 
 
 # ------------------------------------------------------------------------------------------ ArcFace
 
 
-def arcface_logits(
-    embeddings: Tensor,
-    weight: Tensor,
-    labels: Tensor | None,
-    s: float | Tensor = 30.0,
-    m: float | Tensor = 0.5,
-    easy_margin: bool = False,
-) -> Tensor:
+def arcface_logits(embeddings: Tensor, weight: Tensor, labels: Tensor | None, s: float | Tensor = 30.0,
+                   m: float | Tensor = 0.5, easy_margin: bool = False) -> Tensor:
     """ArcFace logits (Deng et al. 2019): s * cos(theta_y + m) for the target class, s * cos(theta_j) elsewhere.
 
     Embeddings (B, D) and class weights (C, D) are L2-normalised here, so any weight matrix works (a
@@ -61,10 +54,8 @@ def arcface_logits(
     Computed in float32.
     """
     if embeddings.dim() != 2 or weight.dim() != 2 or embeddings.shape[1] != weight.shape[1]:
-        raise TrainingError(
-            f"expected embeddings (B, D) and weight (C, D) with the same D, "
-            f"got {tuple(embeddings.shape)} and {tuple(weight.shape)}"
-        )
+        raise TrainingError(f"expected embeddings (B, D) and weight (C, D) with the same D, "
+                            f"got {tuple(embeddings.shape)} and {tuple(weight.shape)}")
     cosine = F.linear(F.normalize(embeddings.float(), dim=-1), F.normalize(weight.float(), dim=-1))
     if labels is None:
         return s * cosine
@@ -91,21 +82,11 @@ class ArcFace(nn.Module):
     or schedule from the caller to stay away from 0.
     """
 
-    def __init__(
-        self,
-        embedding_dim: int,
-        num_classes: int,
-        s: float = 30.0,
-        m: float = 0.5,
-        learnable_scale: bool = False,
-        learnable_margin: bool = False,
-        easy_margin: bool = False,
-    ) -> None:
+    def __init__(self, embedding_dim: int, num_classes: int, s: float = 30.0, m: float = 0.5,
+                 learnable_scale: bool = False, learnable_margin: bool = False, easy_margin: bool = False) -> None:
         super().__init__()
         if embedding_dim < 1 or num_classes < 2:
-            raise TrainingError(
-                f"need embedding_dim >= 1 and num_classes >= 2, got {embedding_dim} and {num_classes}"
-            )
+            raise TrainingError(f"need embedding_dim >= 1 and num_classes >= 2, got {embedding_dim} and {num_classes}")
         if s <= 0:
             raise TrainingError(f"ArcFace scale s must be > 0, got {s}")
         if not 0 <= m < math.pi:
@@ -139,10 +120,8 @@ class ArcFace(nn.Module):
         return F.cross_entropy(self.logits(embeddings, labels), labels.long())
 
     def extra_repr(self) -> str:
-        return (
-            f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
-            f"s={float(self.s):.3f}, m={float(self.margin):.3f}, easy_margin={self.easy_margin}"
-        )
+        return (f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}, "
+                f"s={float(self.s):.3f}, m={float(self.margin):.3f}, easy_margin={self.easy_margin}")
 
 
 def _logit(fraction: float) -> float:
@@ -186,9 +165,8 @@ class BoundedArcFace(ArcFace):
 # ------------------------------------------------------------------------------ classification loss
 
 
-def label_smoothing_cross_entropy(
-    logits: Tensor, labels: Tensor, smoothing: float = 0.1, temperature: float = 1.0
-) -> Tensor:
+def label_smoothing_cross_entropy(logits: Tensor, labels: Tensor, smoothing: float = 0.1,
+                                  temperature: float = 1.0) -> Tensor:
     """Cross-entropy of logits / temperature against labels smoothed toward uniform (CGD's auxiliary loss).
 
     Target distribution: (1 - smoothing) on the label plus smoothing / C on every class; batch mean.
@@ -210,9 +188,8 @@ def label_smoothing_cross_entropy(
 # ------------------------------------------------------------------------------------ triplet loss
 
 
-def batch_hard_triplet_loss(
-    embeddings: Tensor, labels: Tensor, margin: float = 0.1, distance: str = "euclidean"
-) -> Tensor:
+def batch_hard_triplet_loss(embeddings: Tensor, labels: Tensor, margin: float = 0.1,
+                            distance: str = "euclidean") -> Tensor:
     """Batch-hard triplet loss (Hermans et al. 2017) on L2-normalised embeddings.
 
     Each anchor takes its farthest same-label sample and its nearest other-label sample:
@@ -234,10 +211,8 @@ def batch_hard_triplet_loss(
     negative = ~same
     valid = positive.any(dim=1) & negative.any(dim=1)
     if not bool(valid.any()):
-        raise TrainingError(
-            "batch-hard triplet loss found no anchor with both a positive and a negative; "
-            "sample batches with >= 2 images for some class and >= 2 classes (P x K sampling)"
-        )
+        raise TrainingError("batch-hard triplet loss found no anchor with both a positive and a negative; "
+                            "sample batches with >= 2 images for some class and >= 2 classes (P x K sampling)")
     hardest_pos = dist.masked_fill(~positive, float("-inf")).amax(dim=1)
     hardest_neg = dist.masked_fill(~negative, float("inf")).amin(dim=1)
     losses = F.relu(hardest_pos - hardest_neg + margin)
@@ -247,18 +222,15 @@ def batch_hard_triplet_loss(
 # ---------------------------------------------------------------------------------- distillation
 
 
-def embedding_kl(
-    student: Tensor, teacher: Tensor, temperature: float = 1.0, detach_teacher: bool = True
-) -> Tensor:
+def embedding_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0, detach_teacher: bool = True) -> Tensor:
     """KL(softmax(teacher / T) || softmax(student / T)) over the embedding dimension, batch mean.
 
     MABNet's master/assistant agreement term. No T^2 factor is applied; scale the loss weight instead.
     Unit-norm embeddings give near-uniform softmaxes at T=1, so a small T is usual for them.
     """
     if student.shape != teacher.shape or student.dim() != 2:
-        raise TrainingError(
-            f"student and teacher must both have shape (B, D), got {tuple(student.shape)} and {tuple(teacher.shape)}"
-        )
+        raise TrainingError(f"student and teacher must both have shape (B, D), got {tuple(student.shape)} and "
+                            f"{tuple(teacher.shape)}")
     if temperature <= 0:
         raise TrainingError(f"temperature must be > 0, got {temperature}")
     if detach_teacher:

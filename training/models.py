@@ -16,16 +16,16 @@ from torch import nn
 
 from sdk.preprocess import PreprocessSpec
 from training.backbones import create_backbone
+from training.config import Checked
 from training.checkpoint import CheckpointError, CheckpointMeta, load_checkpoint, save_checkpoint  # noqa: F401
 from training.heads import CGDHead, L2Norm, Whitening
 from training.pooling import build_pooling
-from training.errors import TrainingError
 
 POOLINGS = ("gem", "spoc", "mac", "cgd")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Checked):
     """How to rebuild an embedding model. embedding_dim=None keeps the pooled dimension (no FC)."""
 
     backbone: str
@@ -35,10 +35,7 @@ class ModelConfig:
     cgd_config: str = "SMG"
     input_size: int | None = None  # overrides the backbone's pretrained input size
     last_stride: int = 2  # 1: the backbone's last downsampling removed (CGD), a 2x larger final map
-
-    def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise TrainingError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+    _checks = {"pooling": POOLINGS}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.losses import listwise_ap_loss
+from training.config import Checked, ConfigError
 from training.errors import TrainingError
+from training.losses import listwise_ap_loss
 
 
 @dataclass(frozen=True)
-class RankDistillConfig:
+class RankDistillConfig(Checked):
     """The loss's knobs; the defaults are the paper's where it gives them (tau, R)."""
 
     tau: float = 0.75  # similarity-labelling threshold on the teacher's cosine
@@ -47,18 +48,13 @@ class RankDistillConfig:
     symmetric_weight: float = 1.0  # student vs student ranking (the paper's loss)
     cross_weight: float = 0.0  # asymmetric mode: student queries ranked against teacher embeddings
     pull_weight: float = 0.0  # asymmetric mode: 1 - cos(student, teacher) per image
+    _where = "loss"
+    _checks = {"tau": "(-1, 1)", "mix_iterations symmetric_weight cross_weight pull_weight": ">= 0", "alpha": "> 0"}
 
     def __post_init__(self) -> None:
-        if not -1.0 < self.tau < 1.0:
-            raise TrainingError(f"tau must lie in (-1, 1) (a cosine threshold), got {self.tau}")
-        if self.mix_iterations < 0:
-            raise TrainingError(f"mix_iterations must be >= 0, got {self.mix_iterations}")
-        if self.alpha <= 0:
-            raise TrainingError(f"alpha must be > 0 (Beta(alpha, alpha)), got {self.alpha}")
-        if min(self.symmetric_weight, self.cross_weight, self.pull_weight) < 0:
-            raise TrainingError("loss weights must be >= 0")
+        super().__post_init__()
         if self.symmetric_weight + self.cross_weight + self.pull_weight == 0:
-            raise TrainingError("at least one of symmetric_weight, cross_weight, pull_weight must be > 0")
+            raise ConfigError("at least one of loss.symmetric_weight, cross_weight, pull_weight must be > 0")
 
     @property
     def asymmetric(self) -> bool:

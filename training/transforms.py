@@ -20,6 +20,7 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from sdk.preprocess import PreprocessSpec, load_image, normalize, preprocess_image
 
+from training.config import check_fields
 from training.errors import TrainingError
 
 ImageSource = Union[str, Path, bytes, Image.Image]
@@ -182,8 +183,7 @@ class TrainTransform:
     def __post_init__(self) -> None:
         self.scale = _check_range("scale", self.scale, 0.0, 1.0)
         self.ratio = _check_range("ratio", self.ratio, 0.0, math.inf)
-        if not 0.0 <= self.color_jitter < 1.0:
-            raise TrainingError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
+        check_fields(self, {"color_jitter": "[0, 1)"}, error=TrainingError)
 
     def __call__(self, source: ImageSource) -> torch.Tensor:
         rng = _seeded_rng(self.seed, self._state)
@@ -225,11 +225,8 @@ class MultiCropTransform:
     _state: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.small_images not in SMALL_IMAGES:
-            raise TrainingError(f"small_images must be one of {SMALL_IMAGES}, got {self.small_images!r}")
-        if not all(0.0 <= p <= 1.0 for p in (self.grayscale, self.blur, self.solarize)):
-            raise TrainingError(f"grayscale, blur and solarize are probabilities in [0, 1], got "
-                                f"{self.grayscale}, {self.blur}, {self.solarize}")
+        check_fields(self, {"small_images": SMALL_IMAGES, "grayscale blur solarize": "[0, 1]",
+                            "color_jitter": "[0, 1)"}, error=TrainingError)
         if not isinstance(self.n_global, int) or self.n_global < 1:
             raise TrainingError(f"n_global must be an int >= 1 (the teacher sees global crops), got {self.n_global}")
         if not isinstance(self.n_local, int) or self.n_local < 0:
@@ -239,8 +236,6 @@ class MultiCropTransform:
         self.global_scale = _check_range("global_scale", self.global_scale, 0.0, 1.0)
         self.local_scale = _check_range("local_scale", self.local_scale, 0.0, 1.0)
         self.ratio = _check_range("ratio", self.ratio, 0.0, math.inf)
-        if not 0.0 <= self.color_jitter < 1.0:
-            raise TrainingError(f"color_jitter must be in [0, 1), got {self.color_jitter}")
 
     def _crop(self, img: Image.Image, size, scale, rng: random.Random) -> torch.Tensor:
         out = random_resized_crop(img, size, scale, self.ratio, rng, _RESAMPLE[self.spec.interpolation])

@@ -157,7 +157,7 @@ def test_pca_init_points_each_branch_fc_at_its_pooled_principal_directions():
     (["model.descriptors=\"SMG\"", "model.dim=512"], r"total dim 512 is not divisible by the 3 branches of 'SMG'"),
     (["ablations=[\"SMG\"]"], r"total dim 512 is not divisible by the 3 branches"),
     (["model.descriptors=\"GG\""], "repeats a letter"),
-    (["sampler.k=1"], "sampler needs p >= 2 and k >= 2"),
+    (["sampler.k=1"], "sampler.k must be >= 2, got 1"),
     (["model.last_stride=3"], "last_stride must be 1"),
     (["model.head_init=\"zeros\""], "head_init must be 'pca' or 'random'"),
     (["model.bogus=1"], "model: unknown key 'bogus'"),

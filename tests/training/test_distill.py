@@ -144,4 +144,4 @@ def test_cli_errors_are_one_line(tmp_path, teacher_file):
     assert result.exit_code != 0 and "--mode must be symmetric or asymmetric" in result.output
     result = runner.invoke(app, ["train", "distill", "--teacher", str(teacher_file), "--images", str(tmp_path),
                                  "--set", "loss.tau=2"])
-    assert result.exit_code != 0 and "tau must lie in (-1, 1)" in result.output and "Traceback" not in result.output
+    assert result.exit_code != 0 and "loss.tau must be in (-1, 1)" in result.output and "Traceback" not in result.output

@@ -178,7 +178,7 @@ def test_cgd_trains_end_to_end():
         (dict(gd_config="SXG"), r"letters S \(SPoC\), M \(MAC\), G \(GeM\)"),
         (dict(gd_config=""), r"non-empty string"),
         (dict(gd_config="smg"), r"letters S"),
-        (dict(gd_config="SGS"), r"repeats a descriptor"),
+        (dict(gd_config="SGS"), r"repeats a letter"),
         (dict(gd_config="SMG", feature_dim=1000), r"multiple of the 3 branches"),
         (dict(num_classes=1), r"num_classes must be >= 2"),
     ],

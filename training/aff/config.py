@@ -11,63 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from training.config import Config, ConfigError, check_known, load_config_file
+from training.config import Checked, ConfigError, DataConfig, RunConfig, check_known, load_config_file
 from training.aff.mixer import FUSION_KINDS
 from training.extractors.base import ExtractorConfig, ExtractorTrainConfig
 
-DATA_KINDS = ("fashion_mnist", "instances", "folder", "csv", "gldv2")
-SPLITS = ("test", "classes", "images")
 ABLATION_CHANGES = {"shared": {"classifier": "shared"}, "two_stage": {"schedule": "two_stage"}}  # to the JointConfig
 ABLATIONS = tuple(ABLATION_CHANGES)
 FUSION_VARIANTS = tuple(k for k in FUSION_KINDS if k != "transformer")
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """Which labelled set, and how its held-out evaluation split is made.
-
-    kind: fashion_mnist (idx files under `root`) | instances (the procedural set, written under OUT/data) |
-    folder (ROOT/<class>/<image>) | csv (`csv` with path,label) | gldv2 (`csv` = train.csv or
-    train_clean.csv, `root` = the image tree). split: "test" (Fashion-MNIST's own test split: unseen
-    images of the training classes) | "images" (per class, a `held_out` fraction of its images is
-    held out: unseen views of seen objects) | "classes" (a `held_out` fraction of the classes is held
-    out: unseen objects, the AFF/landmark setting).
-    """
-
-    kind: str = "fashion_mnist"
-    root: str | None = None
-    csv: str | None = None
-    split: str = "test"
-    held_out: float = 0.3
-    train_limit: int | None = 6000
-    eval_limit: int | None = 2000
-    n_objects: int = 120
-    n_views: int = 8
-    image_size: int = 128
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in DATA_KINDS:
-            raise ConfigError(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}")
-        if self.split not in SPLITS:
-            raise ConfigError(f"data.split must be one of {SPLITS}, got {self.split!r}")
-        if self.split == "test" and self.kind != "fashion_mnist":
-            raise ConfigError(f"data.split='test' needs a dataset with a test split (fashion_mnist); for "
-                              f"{self.kind} use 'images' or 'classes'")
-        if not 0.0 < self.held_out < 1.0:
-            raise ConfigError(f"data.held_out must be in (0, 1), got {self.held_out}")
-        if self.kind in ("csv", "gldv2") and not self.csv:
-            raise ConfigError(f"data.kind={self.kind} needs data.csv (the CSV file)")
-        if self.kind in ("folder", "gldv2") and not self.root:
-            raise ConfigError(f"data.kind={self.kind} needs data.root (the image folder)")
-        for key in ("train_limit", "eval_limit"):
-            v = getattr(self, key)
-            if v is not None and v < 2:
-                raise ConfigError(f"data.{key} must be >= 2 or null, got {v}")
-
-
-@dataclass(frozen=True)
-class MixerConfig:
+class MixerConfig(Checked):
     """The dynamic mixer: common width `dim`, `depth` transformer layers of `heads` heads."""
 
     dim: int = 256
@@ -77,13 +31,13 @@ class MixerConfig:
     dropout: float = 0.1
     token_dropout: float = 0.1  # drop whole features at random in training (robust fusion)
     use_local: bool = True  # feed DELG's local descriptors as extra tokens
+    _where = "mixer"
+    _checks = {"dim depth heads": ">= 1", "dropout token_dropout": "[0, 1)"}
 
     def __post_init__(self) -> None:
-        if self.dim < 1 or self.depth < 1 or self.heads < 1 or self.dim % self.heads:
-            raise ConfigError(f"mixer needs dim, depth, heads >= 1 and dim divisible by heads; got dim={self.dim}, "
-                              f"depth={self.depth}, heads={self.heads}")
-        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.token_dropout < 1.0:
-            raise ConfigError("mixer.dropout and mixer.token_dropout must be in [0, 1)")
+        super().__post_init__()
+        if self.dim % self.heads:
+            raise ConfigError(f"mixer needs dim divisible by heads; got dim={self.dim}, heads={self.heads}")
 
 
 @dataclass(frozen=True)
@@ -96,7 +50,7 @@ class QueryConfig:
 
 
 @dataclass(frozen=True)
-class JointConfig:
+class JointConfig(Checked):
     """Mixer + query training (AFF). classifier: momentum (W_q EMA of W_mix, no gradient) | shared (one
     W for both, back-propagated by both). schedule: joint (after `mixer_epochs` of mixer-only warm-up on
     the cached features, mixer and query train together for `epochs`) | two_stage (the mixer trains
@@ -118,18 +72,9 @@ class JointConfig:
     augment: bool = True
     max_steps: int | None = None  # cap on steps per epoch (tests / smoke runs)
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.classifier not in ("momentum", "shared"):
-            raise ConfigError(f"train.classifier must be 'momentum' or 'shared', got {self.classifier!r}")
-        if self.schedule not in ("joint", "two_stage"):
-            raise ConfigError(f"train.schedule must be 'joint' or 'two_stage', got {self.schedule!r}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"train.alpha must be in [0, 1], got {self.alpha}")
-        if self.epochs < 0 or self.mixer_epochs < 0 or self.batch_size < 2:
-            raise ConfigError("train.epochs and train.mixer_epochs must be >= 0 and train.batch_size >= 2")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"train.max_steps must be >= 1 or null, got {self.max_steps}")
+    _where = "train"
+    _checks = {"classifier": ("momentum", "shared"), "schedule": ("joint", "two_stage"), "alpha": "[0, 1]",
+               "epochs mixer_epochs": ">= 0", "batch_size": ">= 2", "max_steps": ">= 1 or null"}
 
 
 @dataclass(frozen=True)
@@ -145,7 +90,7 @@ NOISE_DRAWS = ("fixed", "redrawn")
 
 
 @dataclass(frozen=True)
-class RobustnessConfig:
+class RobustnessConfig(Checked):
     """Noisy gallery features added to the extractors, each group in turn, to see whether the mixer ignores
     them where the ensemble cannot: `extractors` (weak ones, e.g. kind "rmac", or "cvnet" with train.epochs 0
     on an untrained / ImageNet-only backbone) and a pure Gaussian-noise feature of `noise_dim` dims (0 = none).
@@ -159,10 +104,11 @@ class RobustnessConfig:
     extractors: tuple[ExtractorConfig, ...] = ()
     noise_dim: int = 0
     noise_draws: tuple[str, ...] = ("fixed",)
+    _where = "robustness"
+    _checks = {"noise_dim": ">= 0"}  # 0: no noise feature
 
     def __post_init__(self) -> None:
-        if self.noise_dim < 0:
-            raise ConfigError(f"robustness.noise_dim must be >= 0 (0 = no noise feature), got {self.noise_dim}")
+        super().__post_init__()
         bad = [d for d in self.noise_draws if d not in NOISE_DRAWS]
         if bad or not self.noise_draws or len(set(self.noise_draws)) != len(self.noise_draws):
             raise ConfigError(f"robustness.noise_draws must be distinct entries of {list(NOISE_DRAWS)}, got "
@@ -191,24 +137,25 @@ def _default_extractors() -> tuple[ExtractorConfig, ...]:
 
 
 @dataclass(frozen=True)
-class AFFConfig(Config):
-    name: str = "aff_small"
-    out: str = "runs/aff_small"
-    embedding_dim: int = 256
+class AFFConfig(RunConfig, run="aff_small"):
+    """One `train aff` run: the gallery extractors, the mixer and query model, the baseline and study rows."""
+
     data: DataConfig = field(default_factory=DataConfig)
+    ablations: tuple[str, ...] = ("shared",)
+    embedding_dim: int = 256
     extractors: tuple[ExtractorConfig, ...] = field(default_factory=_default_extractors)
     mixer: MixerConfig = field(default_factory=MixerConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
     train: JointConfig = field(default_factory=JointConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    ablations: tuple[str, ...] = ("shared",)
     fusion_variants: tuple[str, ...] = ()  # fusions trained beside the mixer, each with its query model
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     leave_one_out: bool = False  # the mixer's feature-only stage without each gallery feature in turn
     extract_batch_size: int = 128
-    seed: int = 0
+    _checks = {"embedding_dim": ">= 1"}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.extractors:
             raise ConfigError("extractors: give at least one gallery extractor")
         names = [e.name for e in self.extractors]
@@ -222,8 +169,6 @@ class AFFConfig(Config):
                               f"'noise'; repeated: {sorted(clash) or [e.name for e in self.robustness.extractors]}")
         if self.leave_one_out and len(self.extractors) < 2:
             raise ConfigError("leave_one_out needs at least two extractors")
-        if self.embedding_dim < 1:
-            raise ConfigError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> AFFConfig:

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from training.aff.mixer import FeatureSpec, local_key, mask_key
+from training.data import LabelError
 from training.errors import TrainingError
 
 CACHE_FORMAT = "retrieval-sdk/feature-cache"
@@ -39,10 +40,6 @@ HEADER = "header.json"  # written last: a folder without it holds no complete ca
 
 class FeatureCacheError(TrainingError):
     """A feature cache is missing, damaged, or belongs to other images or another extractor."""
-
-
-class LabelError(TrainingError):
-    """Labels missing or not fitting the features / classifier."""
 
 
 # ------------------------------------------------------------------------------------------ fingerprints

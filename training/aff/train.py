@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -40,15 +39,14 @@ from training.aff.gallery import save_gallery
 from training.aff.mixer import ConcatMLP, MixerArch, build_mixer, ensemble
 from training.aff.query import QueryClassifier, build_query_model
 from training.aff.studies import StudyData, format_studies, leave_one_out_study, robustness_study, study_checks
-from training.data import (DatasetError, LabelledImages, csv_manifest, fashion_mnist, gldv2_csv, image_folder,
-                           make_instance_set, split_classes)
+from training.data import LabelledImages, Splits, load_splits
 from training.embed import embed_images
 from training.evaluate import asymmetric_eval, labelled_eval
 from training.checkpoint import FORMAT, CheckpointError, CheckpointMeta, load_strict, read_header, save_checkpoint
 from training.extractors import (ExtractorConfig, GalleryExtractor, build_extractor, load_extractor, load_released,
                                  save_extractor, train_extractor)
 from training.extractors.released import CLASSIFIERS
-from training.fit import Checkpoints, FitConfig, OptimConfig, fit, resolve_device, stage_fit
+from training.fit import Checkpoints, FitConfig, OptimConfig, fit, stage_fit
 from training.losses import ArcFace
 from training.models import new_space_id
 from training.transforms import eval_transform, train_transform
@@ -59,71 +57,6 @@ DEFAULT_LAYOUT = {"cvnet": "cvnet", "dolg": "dolg-pytorch", "delg": "delg-pytorc
 
 
 # ------------------------------------------------------------------------------------------ data
-
-
-@dataclass(frozen=True)
-class Splits:
-    train: LabelledImages
-    eval: LabelledImages
-    description: str
-
-
-def _subset(data: LabelledImages, limit: int | None, seed: int) -> LabelledImages:
-    if limit is None or limit >= len(data):
-        return data
-    idx = sorted(random.Random(seed).sample(range(len(data)), limit))
-    return data.subset(idx)
-
-
-def split_images(data: LabelledImages, held_out: float, seed: int = 0) -> tuple[LabelledImages, LabelledImages]:
-    """Per class, a `held_out` fraction of its images (at least 2 when it has >= 4) goes to evaluation;
-    both parts keep every class, so evaluation sees unseen images of seen classes."""
-    rng = random.Random(seed)
-    train_idx, eval_idx = [], []
-    for members in data.indices_by_class():
-        members = list(members)
-        rng.shuffle(members)
-        k = max(2, round(held_out * len(members))) if len(members) >= 4 else 0
-        eval_idx += members[:k]
-        train_idx += members[k:]
-    if not eval_idx:
-        raise DatasetError("no class has >= 4 images, so no evaluation images could be held out")
-    return data.subset(sorted(train_idx)), data.subset(sorted(eval_idx))
-
-
-def load_splits(cfg: AFFConfig) -> Splits:
-    """The training and evaluation splits of `cfg.data`, files written under `cfg.out` (any config with
-    those two fields: `train distill` reads its labelled sets here too)."""
-    d = cfg.data
-    out = Path(cfg.out)
-    if d.kind == "fashion_mnist":
-        root = d.root or "/usr/share/datasets/fashion-mnist"
-        train = fashion_mnist(root, "train", d.train_limit)
-        evaluation = fashion_mnist(root, "test", d.eval_limit)
-        desc = (f"Fashion-MNIST: train {len(train)} images (first of the train split), evaluation {len(evaluation)} "
-                f"test-split images of the same {len(train.classes)} classes")
-        return Splits(train, evaluation, desc)
-    if d.kind == "instances":
-        folder = out / "data" / f"instances-{d.n_objects}x{d.n_views}-{d.image_size}px-seed{d.seed}"
-        data = make_instance_set(folder, n_objects=d.n_objects, n_views=d.n_views, image_size=d.image_size, seed=d.seed)
-        name = f"procedural instance set ({d.n_objects} objects x {d.n_views} views)"
-    elif d.kind == "folder":
-        data, name = image_folder(d.root), f"image folder {d.root}"
-    elif d.kind == "csv":
-        data, name = csv_manifest(d.csv, d.root), f"CSV {d.csv}"
-    else:
-        data, name = gldv2_csv(d.csv, d.root), f"GLDv2 {d.csv}"
-        if "" in data.classes:
-            raise LabelError(f"{d.csv} has rows without a landmark_id: every image needs a class label")
-    if d.split == "classes":
-        train, evaluation = split_classes(data, held_out=d.held_out, seed=d.seed)
-        how = f"{len(evaluation.classes)} held-out classes (unseen objects) vs {len(train.classes)} training classes"
-    else:
-        train, evaluation = split_images(data, d.held_out, seed=d.seed)
-        how = f"held-out images of the {len(train.classes)} training classes (unseen views of seen objects)"
-    train = _subset(train, d.train_limit, d.seed)
-    evaluation = _subset(evaluation, d.eval_limit, d.seed + 1)
-    return Splits(train, evaluation, f"{name}: train {len(train)} images, evaluation {len(evaluation)} images, {how}")
 
 
 # ------------------------------------------------------------------------------------------ extractors
@@ -397,11 +330,9 @@ def run_aff(cfg: AFFConfig, progress: bool = True, overwrite_cache: bool = False
 
     Every training stage checkpoints into cfg.out/checkpoints, so an interrupted run continues where it
     stopped (`resume=False`: each stage starts afresh); the folder is removed once the run has finished."""
-    resolve_device(device)  # an absent GPU stops the run here, not after the data and features
+    out = cfg.start(device)  # an absent GPU stops the run here, not after the data and features
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(out / "checkpoints", resume)
     torch.manual_seed(cfg.seed)
 

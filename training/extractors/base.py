@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from sdk.preprocess import PreprocessSpec
 from training.backbones import Backbone, create_backbone
 from training.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from training.config import Config, from_dict
+from training.config import Checked, Config, check_fields, from_dict
 from training.errors import TrainingError
 
 # kind -> the module (under training.extractors, imported when a kind is built) and class that builds it;
@@ -40,7 +40,7 @@ class ExtractorError(TrainingError):
 
 
 @dataclass(frozen=True)
-class ExtractorTrainConfig:
+class ExtractorTrainConfig(Checked):
     """ArcFace training of one extractor on a labelled set (the paper recipes, shortened for CPU)."""
 
     epochs: int = 2
@@ -56,12 +56,8 @@ class ExtractorTrainConfig:
     augment: bool = True
     max_steps: int | None = None  # stop early (tests / smoke runs)
     seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 2:
-            raise ExtractorError(f"extractor training needs epochs >= 0 and batch_size >= 2, got {self.epochs}, {self.batch_size}")
-        if self.lr <= 0 or self.backbone_lr_scale < 0:
-            raise ExtractorError(f"lr must be > 0 and backbone_lr_scale >= 0, got {self.lr}, {self.backbone_lr_scale}")
+    _where, _error = "extractor train", ExtractorError
+    _checks = {"epochs backbone_lr_scale": ">= 0", "batch_size": ">= 2", "lr": "> 0"}
 
 
 @dataclass(frozen=True)
@@ -98,18 +94,15 @@ class ExtractorConfig(Config):
     train: ExtractorTrainConfig = field(default_factory=ExtractorTrainConfig)
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ExtractorError(f"extractor kind must be one of {KINDS}, got {self.kind!r}")
-        if not self.name:
-            object.__setattr__(self, "name", self.kind)
+        object.__setattr__(self, "name", self.name or self.kind)
+        check_fields(self, {"kind": KINDS, "dim local_dim attention_hidden": ">= 1", "num_local": ">= 0"},
+                     f"extractor {self.name}", ExtractorError)
         if self.scales is None:
             object.__setattr__(self, "scales", (0.7071, 1.0, 1.4142) if self.kind == "cvnet" else (1.0,))
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
         object.__setattr__(self, "dilations", tuple(int(d) for d in self.dilations))
         if isinstance(self.train, dict):
             object.__setattr__(self, "train", from_dict(ExtractorTrainConfig, self.train, f"extractor {self.name}.train"))
-        if self.dim < 1 or self.local_dim < 1 or self.num_local < 0 or self.attention_hidden < 1:
-            raise ExtractorError(f"extractor {self.name}: dim, local_dim, attention_hidden must be >= 1 and num_local >= 0")
         if not self.scales or min(self.scales) <= 0:
             raise ExtractorError(f"extractor {self.name}: scales must be positive numbers, got {self.scales}")
         if self.kind == "mabnet" and (self.train.epochs or not self.weights):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from sdk.preprocess import PreprocessSpec
 from training.backbones import create_backbone
+from training.config import Checked
 from training.errors import TrainingError
 from training.losses import BoundedArcFace
 from training.pooling import GeM
@@ -33,7 +34,7 @@ class MABNetError(TrainingError):
 
 
 @dataclass(frozen=True)
-class GalleryLayout:
+class GalleryLayout(Checked):
     """The fixed crops the gallery descriptor concatenates after the original image. Global crops are squares
     of `global_side` (a fraction of the image side) spread evenly along the main diagonal (one: centred) and
     resized to the input size; local crops are squares of `local_side` centred on the cells of the smallest
@@ -45,14 +46,8 @@ class GalleryLayout:
     global_side: float = 0.8
     local_side: float = 0.5
     local_size: int = 96
-
-    def __post_init__(self) -> None:
-        if self.n_global < 0 or self.n_local < 0:
-            raise MABNetError(f"gallery crop counts must be >= 0, got n_global={self.n_global}, n_local={self.n_local}")
-        if not (0 < self.global_side <= 1 and 0 < self.local_side <= 1):
-            raise MABNetError(f"gallery crop sides are fractions in (0, 1], got {self.global_side}, {self.local_side}")
-        if self.local_size < 16:
-            raise MABNetError(f"gallery local_size must be >= 16 px, got {self.local_size}")
+    _where, _error = "model.gallery", MABNetError
+    _checks = {"n_global n_local": ">= 0", "global_side local_side": "(0, 1]", "local_size": ">= 16"}
 
     @property
     def views(self) -> int:
@@ -100,7 +95,7 @@ class Block(nn.Module):
 
 
 @dataclass(frozen=True)
-class MABNetModelConfig:
+class MABNetModelConfig(Checked):
     """How to rebuild a MABNet: the block architecture, whether it has an assistant, the gallery layout and
     which descriptor forward returns."""
 
@@ -112,16 +107,15 @@ class MABNetModelConfig:
     assistant: bool = True  # False: the master-only ablation
     mode: str = "master"  # master | combined (MABNet(C), needs the assistant)
     gallery: GalleryLayout = field(default_factory=GalleryLayout)
+    _where, _error = "model", MABNetError
+    _checks = {"mode": MODES, "dim": ">= 1"}
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.gallery, dict):
             object.__setattr__(self, "gallery", GalleryLayout(**self.gallery))
-        if self.mode not in MODES:
-            raise MABNetError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.mode == "combined" and not self.assistant:
             raise MABNetError("mode 'combined' (MABNet(C)) concatenates the assistant, but this model has none")
-        if self.dim < 1:
-            raise MABNetError(f"dim must be >= 1, got {self.dim}")
 
 
 def descriptor(block: Block, x: Tensor, layout: GalleryLayout) -> Tensor:

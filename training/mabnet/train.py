@@ -25,14 +25,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from sdk.vectors import l2_normalize
-from training.aff.config import DataConfig
 from training.checkpoint import CheckpointMeta, save_checkpoint
-from training.config import Config, ConfigError, apply_overrides, check_known, from_dict, to_dict
-from training.data import ImageDataset, LabelledImages
+from training.config import Checked, ConfigError, RunConfig, apply_overrides, check_known, from_dict, to_dict
+from training.data import ImageDataset, LabelledImages, load_splits
 from training.embed import embed_images
 from training.evaluate import format_table, labelled_eval, labelled_eval_scores
 from training.heads import Whitening, learn_pca_whitening
-from training.fit import FitConfig, OptimConfig, fit, resolve_device
+from training.fit import FitConfig, OptimConfig, fit
 from training.losses import embedding_kl
 from training.mabnet.model import MABNet, MABNetError, MABNetModelConfig, descriptor, transfer_weights
 from training.models import EmbeddingModel, ModelConfig, new_space_id
@@ -54,12 +53,12 @@ ABLATIONS: dict[str, dict] = {
 
 
 @dataclass(frozen=True)
-class CropConfig:
+class CropConfig(Checked):
     """The training views (DINO's multi-crop, the paper's counts): global crops go to both blocks, local
     crops to the master only. `grayscale`, `blur`, `solarize` are DINO's photometric options (probability
     per crop). `small_images`: an image whose short side is below global_size is upscaled to it, or refused."""
 
-    n_global: int = 2
+    n_global: int = 2  # >= 1: the assistant sees only global crops
     global_size: int = 224
     global_scale: tuple[float, float] = (0.5, 1.0)
     n_local: int = 8
@@ -70,17 +69,12 @@ class CropConfig:
     blur: float = 0.0
     solarize: float = 0.0
     small_images: str = "upscale"
-
-    def __post_init__(self) -> None:
-        if self.n_global < 1 or self.n_local < 0:
-            raise ConfigError(f"crops need n_global >= 1 (the assistant sees only global crops) and n_local >= 0, "
-                              f"got {self.n_global}, {self.n_local}")
-        if self.small_images not in SMALL_IMAGES:
-            raise ConfigError(f"crops.small_images must be one of {SMALL_IMAGES}, got {self.small_images!r}")
+    _where = "crops"
+    _checks = {"n_global": ">= 1", "n_local": ">= 0", "small_images": SMALL_IMAGES}
 
 
 @dataclass(frozen=True)
-class MABNetLossConfig:
+class MABNetLossConfig(Checked):
     """KL term (temperature of the softmax over the L2-normalised embedding, weight, which block is the
     reference) and the bounded ArcFace heads (initial s and m, and the bounds each stays inside)."""
 
@@ -92,20 +86,18 @@ class MABNetLossConfig:
     arcface_m: float = 0.3
     s_bounds: tuple[float, float] = (8.0, 64.0)
     m_bounds: tuple[float, float] = (0.05, 0.6)
+    _where = "loss"
+    _checks = {"kl_reference": KL_REFERENCES, "temperature": "> 0", "kl_weight arcface_weight": ">= 0"}
 
     def __post_init__(self) -> None:
-        if self.kl_reference not in KL_REFERENCES:
-            raise ConfigError(f"loss.kl_reference must be one of {KL_REFERENCES}, got {self.kl_reference!r}")
-        if self.temperature <= 0 or self.kl_weight < 0 or self.arcface_weight < 0:
-            raise ConfigError(f"loss needs temperature > 0, kl_weight >= 0 and arcface_weight >= 0, got "
-                              f"{self.temperature}, {self.kl_weight}, {self.arcface_weight}")
+        super().__post_init__()
         for name, v, (lo, hi) in (("arcface_s", self.arcface_s, self.s_bounds), ("arcface_m", self.arcface_m, self.m_bounds)):
             if not 0 <= lo < v < hi:
                 raise ConfigError(f"loss.{name}={v} must lie strictly inside its bounds ({lo}, {hi})")
 
 
 @dataclass(frozen=True)
-class TransferConfig:
+class TransferConfig(Checked):
     """theta_target <- lam theta_target + (1 - lam) theta_other, after each epoch (the paper's Fig. 1), each
     step, or never; target "master" (the paper) or "assistant" (reversed). The optimiser state (AdamW's
     moments) is kept as it is at a transfer: only the weights move."""
@@ -113,18 +105,12 @@ class TransferConfig:
     lam: float = 0.5
     every: str = "epoch"
     target: str = "master"
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.lam <= 1.0:
-            raise ConfigError(f"transfer.lam must be in [0, 1], got {self.lam}")
-        if self.every not in TRANSFER_EVERY:
-            raise ConfigError(f"transfer.every must be one of {TRANSFER_EVERY}, got {self.every!r}")
-        if self.target not in KL_REFERENCES:
-            raise ConfigError(f"transfer.target must be one of {KL_REFERENCES}, got {self.target!r}")
+    _where = "transfer"
+    _checks = {"lam": "[0, 1]", "every": TRANSFER_EVERY, "target": KL_REFERENCES}
 
 
 @dataclass(frozen=True)
-class MABNetTrainConfig:
+class MABNetTrainConfig(Checked):
     """The paper's recipe: AdamW lr 5e-4, weight decay 1e-5, linear warm-up then cosine. `backbone_lr_scale`
     slows the pretrained backbones; `freeze_stem` (CNNs only) keeps the layers below the stride-16 stage
     fixed, about 2x faster on a CPU; `head_init` "pca" starts both FCs (one start for both blocks) from the
@@ -140,14 +126,9 @@ class MABNetTrainConfig:
     freeze_stem: bool = False
     head_init: str = "pca"  # pca: the FC starts as square-rooted PCA whitening of the pretrained GeM features | random
     max_steps: int | None = None  # per epoch (tests, smoke runs)
-
-    def __post_init__(self) -> None:
-        if self.head_init not in ("pca", "random"):
-            raise ConfigError(f"train.head_init must be 'pca' or 'random', got {self.head_init!r}")
-        if self.epochs < 1 or self.batch_size < 2 or self.lr <= 0 or self.backbone_lr_scale < 0 or self.warmup_epochs < 0:
-            raise ConfigError(f"train needs epochs >= 1, batch_size >= 2, lr > 0, backbone_lr_scale >= 0 and "
-                              f"warmup_epochs >= 0, got {self.epochs}, {self.batch_size}, {self.lr}, "
-                              f"{self.backbone_lr_scale}, {self.warmup_epochs}")
+    _where = "train"
+    _checks = {"head_init": ("pca", "random"), "epochs": ">= 1", "batch_size": ">= 2", "lr": "> 0",
+               "backbone_lr_scale warmup_epochs": ">= 0"}
 
 
 @dataclass(frozen=True)
@@ -162,26 +143,22 @@ class MABNetEvalConfig:
 
 
 @dataclass(frozen=True)
-class MABNetConfig(Config):
+class MABNetConfig(RunConfig, run="mabnet"):
     """One `train mabnet` run: the main MABNet, then each ablation and each lambda of the sweep, one table;
     `query`: a DistillConfig section (its student, epochs ...) to distil a phone query model into the main
     gallery's space (teacher, data and asymmetric mode are set here), None: no query model."""
 
-    name: str = "mabnet"
-    out: str = "runs/mabnet"
-    data: DataConfig = field(default_factory=lambda: DataConfig(kind="instances", split="classes"))
     model: MABNetModelConfig = field(default_factory=MABNetModelConfig)
     crops: CropConfig = field(default_factory=CropConfig)
     loss: MABNetLossConfig = field(default_factory=MABNetLossConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     train: MABNetTrainConfig = field(default_factory=MABNetTrainConfig)
     eval: MABNetEvalConfig = field(default_factory=MABNetEvalConfig)
-    ablations: tuple[str, ...] = ()
     lambdas: tuple[float, ...] = ()
     query: dict | None = None
-    seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_known(self.ablations, sorted(ABLATIONS), "ablation")
         if any(not 0.0 <= lam <= 1.0 for lam in self.lambdas):
             raise ConfigError(f"lambdas must lie in [0, 1], got {list(self.lambdas)}")
@@ -447,15 +424,11 @@ def distil_query(cfg: MABNetConfig, gallery: Path, device: str, progress: bool, 
 
 def run_mabnet(cfg: MABNetConfig, device: str = "cpu", progress: bool = True, log: Log | None = print) -> dict:
     """The whole run (see the module docstring); returns what results.json holds."""
-    from training.aff.train import load_splits  # the one reader of every labelled layout and split
-
-    resolve_device(device)
     if cfg.query is not None:
         query_config(cfg, Path(cfg.out) / "mabnet.safetensors")  # a bad query section fails before any work
     log = log or (lambda _: None)
     t0 = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = cfg.start(device)
     splits = load_splits(cfg)
     log(splits.description)
     c, m = cfg.crops, cfg.model
