@@ -105,9 +105,6 @@ class VerifyReport:
     def ok(self) -> bool:
         return all(c.passed for c in self.checks)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def latency_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3, max_seconds: float = 20.0) -> float:
     """Median wall time of fn() in milliseconds (stops early after max_seconds)."""
@@ -464,4 +461,4 @@ def format_report(report: VerifyReport) -> str:
 
 
 def write_json(report: VerifyReport, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report.to_dict(), indent=2, default=float))
+    Path(path).write_text(json.dumps(asdict(report), indent=2, default=float))
