@@ -61,26 +61,6 @@ def parse_choices(values: Iterable[str] | str | None, allowed: tuple[str, ...], 
     return tuple(a for a in allowed if a in chosen)
 
 
-def _versions() -> dict[str, str]:
-    out = {}
-    for name in _VERSIONS:
-        with suppress(_md.PackageNotFoundError):
-            out[name] = _md.version(name)
-    return out
-
-
-def _check_dependencies(formats: tuple[str, ...], precisions: tuple[str, ...]) -> None:
-    """Fail before any slow conversion when a needed optional package is missing."""
-    if "onnx" in formats:
-        require("onnx"), require("onnxscript"), require("onnxruntime")
-    if "tflite" in formats:
-        require("litert_torch"), require("ai_edge_litert")
-        if set(precisions) - {"fp32"}:
-            require("ai_edge_quantizer")
-    if "coreml" in formats:
-        require("coremltools")
-
-
 def export_bundle(query_checkpoint: str | Path, out: str | Path, gallery_checkpoint: str | Path | None = None,
                   formats: Iterable[str] | str = ("onnx",), precisions: Iterable[str] | str = ("fp32",),
                   calibration: str | Path | None = None, *, max_calibration_images: int = 200,
@@ -104,7 +84,15 @@ def export_bundle(query_checkpoint: str | Path, out: str | Path, gallery_checkpo
         from export.images import find_images
 
         find_images(calibration, "calibration")  # fail fast on a missing or empty folder
-    _check_dependencies(formats, precisions)
+    # Fail before any slow conversion when a needed optional package is missing.
+    if "onnx" in formats:
+        require("onnx"), require("onnxscript"), require("onnxruntime")
+    if "tflite" in formats:
+        require("litert_torch"), require("ai_edge_litert")
+        if set(precisions) - {"fp32"}:
+            require("ai_edge_quantizer")
+    if "coreml" in formats:
+        require("coremltools")
 
     out = Path(out)
     loaded = {role: (Path(ckpt), *load_checkpoint(ckpt))  # role -> (checkpoint, model, meta)
@@ -117,8 +105,12 @@ def export_bundle(query_checkpoint: str | Path, out: str | Path, gallery_checkpo
     _remove_previous(out)
     out.mkdir(parents=True, exist_ok=True)
 
+    versions = {}
+    for dist in _VERSIONS:
+        with suppress(_md.PackageNotFoundError):
+            versions[dist] = _md.version(dist)
     record: dict = {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "versions": _versions(), "parity": {}, "checks": {}, "notes": []}
+                    "versions": versions, "parity": {}, "checks": {}, "notes": []}
     models = {}
     for role, (ckpt, model, meta) in loaded.items():
         spec: PreprocessSpec = model.spec

@@ -100,12 +100,6 @@ def export_coreml(model, path: str | Path, spec: PreprocessSpec, precision: str 
     return path
 
 
-def _load_spec(path: Path):
-    with quiet():
-        ct = require("coremltools")
-        return ct.models.MLModel(str(path), skip_model_load=True).get_spec()
-
-
 def _weight_dtypes(spec) -> dict[str, int]:
     """How many weight tensors of each dtype the ML program holds (const ops, int8 for quantized ones)."""
     from coremltools.proto import MIL_pb2
@@ -136,7 +130,8 @@ def check_coreml(path: str | Path, embedding_dim: int | None = None, spec: Prepr
     path = Path(path)
     if not (path / "Manifest.json").is_file():
         raise ExportError(f"{path} is not an .mlpackage (no Manifest.json); re-export with --format coreml")
-    s = _load_spec(path)
+    with quiet():
+        s = require("coremltools").models.MLModel(str(path), skip_model_load=True).get_spec()
     problems = []
     facts: dict = {"specification_version": s.specificationVersion, "type": s.WhichOneof("Type")}
     if facts["type"] != "mlProgram":

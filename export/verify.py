@@ -105,9 +105,6 @@ class VerifyReport:
     def ok(self) -> bool:
         return all(c.passed for c in self.checks)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 def latency_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3, max_seconds: float = 20.0) -> float:
     """Median wall time of fn() in milliseconds (stops early after max_seconds)."""
@@ -155,21 +152,6 @@ def _torch_model(entry: ModelEntry, override: str | Path | None, bundle: Path, n
     return None
 
 
-def is_procedural(s: ImageSet) -> bool:
-    """A set written by training.data.make_instance_set: synthetic views, not photos."""
-    from training.data import is_instance_set_image
-
-    return bool(s.paths) and all(is_instance_set_image(p) for p in s.paths)
-
-
-def _default_images(tmp: Path, log) -> list[Path]:
-    from training.data import make_instance_set
-
-    log("no --images given: using a procedural labelled set (8 objects x 4 views); pass --images DIR for photos")
-    make_instance_set(tmp / "procedural", n_objects=8, n_views=4, image_size=224, seed=0)
-    return [tmp / "procedural"]
-
-
 def verify_bundle(bundle: str | Path, images: Iterable[str | Path] = (), checkpoint: str | Path | None = None,
                   gallery_checkpoint: str | Path | None = None, threads: int = 1, runs: int = 10,
                   tflite_support: bool = True, max_images: int = 200, progress: bool = True,
@@ -179,13 +161,18 @@ def verify_bundle(bundle: str | Path, images: Iterable[str | Path] = (), checkpo
     import torch
     from tqdm.auto import tqdm
 
+    from training.data import is_instance_set_image, make_instance_set
+
     log = log or (lambda msg: None)
     bundle = Path(bundle)
     manifest: Manifest = read_manifest(bundle, verify=True)  # sha256 of every file
     images = [Path(p) for p in images]
     with tempfile.TemporaryDirectory() as tmp:
         if not images:
-            images = _default_images(Path(tmp), log)
+            log("no --images given: using a procedural labelled set (8 objects x 4 views); "
+                "pass --images DIR for photos")
+            images = [Path(tmp) / "procedural"]
+            make_instance_set(images[0], n_objects=8, n_views=4, image_size=224, seed=0)
         report = VerifyReport(str(bundle), [], threads)
         report.checks.append(Check("manifest: every file present, sha256 matches", True,
                                    f"{sum(len(e.files) for e in manifest.models.values())} files"))
@@ -195,8 +182,9 @@ def verify_bundle(bundle: str | Path, images: Iterable[str | Path] = (), checkpo
             spec = manifest.models[role].preprocess
             sets[role] = {s.name: s for s in (load_image_set(folder, spec, max_images=max_images, what="verify image",
                                                              progress=progress) for folder in images)}
-        for s in sets[roles[-1]].values():
-            report.image_sets.append({"name": s.name, "images": len(s.paths), "synthetic": is_procedural(s),
+        for s in sets[roles[-1]].values():  # synthetic: written by make_instance_set, not photos
+            synthetic = bool(s.paths) and all(is_instance_set_image(p) for p in s.paths)
+            report.image_sets.append({"name": s.name, "images": len(s.paths), "synthetic": synthetic,
                                       "labelled": s.labels is not None,
                                       "classes": 0 if s.labels is None else int(len(np.unique(s.labels)))})
         gallery_index: dict[str, np.ndarray] = {}
@@ -413,10 +401,6 @@ def _acceptance(report: VerifyReport) -> None:
 # ------------------------------------------------------------------------------------------- printing
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n else "-"
-
-
 def _f(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -438,7 +422,8 @@ def format_report(report: VerifyReport) -> str:
     notes = []
     for r in report.files:
         maps = " ".join(f"{_f(None if n not in r.maps else r.maps[n] * 100, '.2f'):>17}" for n in set_names)
-        lines.append(f"{r.role:8} {r.path[:24]:24} {r.format:7} {r.precision:5} {_mb(r.size_bytes):>9} "
+        size = f"{r.size_bytes / 1e6:.2f} MB" if r.size_bytes else "-"
+        lines.append(f"{r.role:8} {r.path[:24]:24} {r.format:7} {r.precision:5} {size:>9} "
                      f"{_f(None if r.size_ratio is None else r.size_ratio * 100, '.1f'):>6} "
                      f"{_f(r.max_abs_diff, '.2e'):>9} {_f(r.min_cos_torch, '.6f'):>10} {_f(r.min_cos_fp32, '.5f'):>9} "
                      f"{maps} {_f(r.ms, '.2f'):>8}")
@@ -476,4 +461,4 @@ def format_report(report: VerifyReport) -> str:
 
 
 def write_json(report: VerifyReport, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report.to_dict(), indent=2, default=float))
+    Path(path).write_text(json.dumps(asdict(report), indent=2, default=float))

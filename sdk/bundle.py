@@ -121,11 +121,6 @@ def sha256_path(path: Path) -> str:
     return h.hexdigest()
 
 
-def path_size(path: Path) -> int:
-    path = Path(path)
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
-
-
 def read_manifest(bundle: str | Path, verify: bool = True) -> Manifest:
     """Read BUNDLE/manifest.json; with verify, check every listed file exists and matches its sha256."""
     bundle = Path(bundle)
@@ -171,4 +166,5 @@ def write_manifest(bundle: str | Path, manifest: Manifest) -> Path:
 def describe_file(bundle: str | Path, path: str, **kwargs) -> ModelFile:
     """A ModelFile for BUNDLE/path with its sha256 and size filled in."""
     full = Path(bundle) / path
-    return ModelFile(path=path, sha256=sha256_path(full), size_bytes=path_size(full), **kwargs)
+    size = sum(p.stat().st_size for p in full.rglob("*") if p.is_file()) if full.is_dir() else full.stat().st_size
+    return ModelFile(path=path, sha256=sha256_path(full), size_bytes=size, **kwargs)

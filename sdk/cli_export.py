@@ -39,10 +39,6 @@ def export_command(
                                  calibration=calibration, max_calibration_images=max_calibration_images,
                                  coreml_image_input=coreml_image_input, tflite_metadata=tflite_metadata,
                                  progress=progress, log=typer.echo)
-    _print_summary(out, manifest)
-
-
-def _print_summary(out: Path, manifest) -> None:
     record = manifest.extra.get("export", {})
     parity = record.get("parity", {})
     typer.echo(f"\nwrote bundle {out} (embedding space {manifest.embedding_space}):")

@@ -3,6 +3,8 @@ training load inside the commands, so the runtime commands work without the `tra
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +17,23 @@ THREADS = typer.Option(None, help="torch CPU threads (default: all cores).")
 PROGRESS = typer.Option(True, help="Show progress bars.")
 OUT = typer.Option(None, help="Output folder (overrides the config's 'out').")
 DEVICE = typer.Option("cpu", help="Where to train: cpu | cuda | mps (mixed precision on cuda).")
+KEYWORD = inspect.Parameter.KEYWORD_ONLY
+
+
+def _existing_config(config: Optional[Path]) -> Optional[Path]:
+    if config is not None and not config.is_file():
+        fail(f"--config {config} does not exist")
+    return config
+
+
+def config_option(example: str):
+    """--config/-c, checked to be a file before the command runs; `example` goes in the help's parentheses."""
+    return typer.Option(None, "--config", "-c", callback=_existing_config, help=f"JSON or YAML config ({example}).")
+
+
+def set_option(example: str):
+    """--set KEY=VALUE (repeatable); `example` follows the help's "e.g."."""
+    return typer.Option([], "--set", help=f"Override a config value, e.g. {example}.")
 
 
 def set_threads(threads: Optional[int]) -> None:
@@ -95,11 +114,9 @@ train_app = typer.Typer(
 
 @train_app.command("aff")
 def aff(
-    config: Optional[Path] = typer.Option(
-        None, "--config", "-c", help="JSON or YAML config (default: the built-in small config = configs/aff_small.json)."),
+    config: Optional[Path] = config_option("default: the built-in small config = configs/aff_small.json"),
     out: Optional[Path] = OUT,
-    set_: List[str] = typer.Option(
-        [], "--set", help="Override a config value, e.g. --set train.epochs=1 --set extractors.0.train.epochs=1."),
+    set_: List[str] = set_option("--set train.epochs=1 --set extractors.0.train.epochs=1"),
     overwrite_cache: bool = typer.Option(
         False, help="Re-extract feature caches that belong to another dataset instead of stopping."),
     threads: Optional[int] = THREADS,
@@ -111,8 +128,6 @@ def aff(
     """AFF: train DELG/DOLG/CVNet gallery extractors, fuse their features with a dynamic mixer and train a light
     query model with a momentum classifier into the same space; print single-feature, ensemble, mixer and
     query-vs-mixer mAP on a held-out split, and write gallery.pt, query.pt and results.json."""
-    if config is not None and not config.is_file():
-        fail(f"--config {config} does not exist")
     with user_errors():
         from training.aff.config import load_config
         from training.aff.train import run_aff
@@ -133,9 +148,33 @@ def _train(load, run, config: Optional[Path], overrides: list[str], threads: Opt
     run(cfg, log=typer.echo, **run_options)
 
 
-@train_app.command("distill")
+def train_command(name: str, config: str, set_: str):
+    """Register `train NAME` with the options the train commands share: --config first (`config`: its help's
+    example), then the command's own, then --out, --set (`set_`: the example), --threads, --device, --progress.
+    The command checks its own options and returns (load config, run, flags as config keys) for _train."""
+    shared = {"out": (Optional[Path], OUT), "set_": (List[str], set_option(set_)), "threads": (Optional[int], THREADS),
+              "device": (str, DEVICE), "progress": (bool, PROGRESS)}
+
+    def register(command):
+        @functools.wraps(command)
+        def train(config, out, set_, threads, device, progress, **options) -> None:
+            with user_errors():
+                load, run, flags = command(**options)
+                overrides = flag_overrides({"out": out and str(out), **flags}) + list(set_)
+                _train(load, run, config, overrides, threads, device=device, progress=progress)
+
+        own = [p.replace(kind=KEYWORD) for p in inspect.signature(command).parameters.values()]
+        params = [inspect.Parameter("config", KEYWORD, default=config_option(config), annotation=Optional[Path]), *own,
+                  *(inspect.Parameter(k, KEYWORD, default=d, annotation=t) for k, (t, d) in shared.items())]
+        train.__signature__ = inspect.Signature(params)
+        train.__annotations__ = {p.name: p.annotation for p in params}  # what typer reads the types from
+        return train_app.command(name)(train)
+
+    return register
+
+
+@train_command("distill", config="e.g. configs/distill_fashion_mnist.json", set_="--set epochs=5 --set loss.tau=0.7")
 def distill(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or YAML config (e.g. configs/distill_fashion_mnist.json)."),
     teacher: Optional[str] = typer.Option(None, help="The black-box teacher: a .safetensors checkpoint, a bundle folder, "
                                                      "or a `retrieval-sdk serve` URL (write key in $RETRIEVAL_SDK_TEACHER_KEY)."),
     images: Optional[Path] = typer.Option(None, help="Folder of unlabelled images to distil on (any depth)."),
@@ -147,34 +186,23 @@ def distill(
     teacher_budget: Optional[int] = typer.Option(None, min=0, help="Most images sent to the teacher (cached ones are free)."),
     ablation: List[str] = typer.Option([], help="Also train with this switch, same data: no_augmentation, "
                                                 "no_mixup_labelling, grad_through_mixed, symmetric, asymmetric."),
-    out: Optional[Path] = OUT,
-    set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set epochs=5 --set loss.tau=0.7."),
-    threads: Optional[int] = THREADS,
-    device: str = DEVICE,
-    progress: bool = PROGRESS,
-) -> None:
+):
     """Rank distillation: train a phone-size student from a black-box teacher's rankings on unlabelled images;
     print the teacher's and the student's mAP (and the ablations') in one table, write student.safetensors."""
-    if config is not None and not config.is_file():
-        fail(f"--config {config} does not exist")
     if mode not in (None, "symmetric", "asymmetric"):
         fail(f"--mode must be symmetric or asymmetric, got {mode!r}")
     require_folders("--images", images)
     require_folders("--eval-images", eval_images)
-    with user_errors():
-        from training.distill import ABLATIONS, load_distill_config, run_distill
+    from training.distill import ABLATIONS, load_distill_config, run_distill
 
-        flags = {"teacher": teacher, "images": images and str(images), "out": out and str(out),
-                 "eval_images": eval_images and str(eval_images), "student.backbone": student,
-                 "student.init": init and str(init), "teacher_budget": teacher_budget,
-                 "ablations": list(ablation) or None, **{f"loss.{k}": v for k, v in ABLATIONS.get(mode, {}).items()}}
-        _train(load_distill_config, run_distill, config, flag_overrides(flags) + list(set_), threads, device=device,
-               progress=progress)
+    return load_distill_config, run_distill, {
+        "teacher": teacher, "images": images and str(images), "eval_images": eval_images and str(eval_images),
+        "student.backbone": student, "student.init": init and str(init), "teacher_budget": teacher_budget,
+        "ablations": list(ablation) or None, **{f"loss.{k}": v for k, v in ABLATIONS.get(mode, {}).items()}}
 
 
-@train_app.command("cgd")
+@train_command("cgd", config="e.g. configs/cgd_fashion_mnist.json", set_="--set train.epochs=2 --set sampler.k=4")
 def cgd(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or YAML config (e.g. configs/cgd_fashion_mnist.json)."),
     images: Optional[Path] = typer.Option(None, help="Labelled folder, one subfolder per class; a held-out share of "
                                                      "the classes is kept unseen for evaluation."),
     descriptors: Optional[str] = typer.Option(None, help="Descriptor configuration, letters S (SPoC), M (MAC), G (GeM); "
@@ -183,55 +211,35 @@ def cgd(
     backbone: Optional[str] = typer.Option(None, help="Backbone (see `retrieval-sdk backbones`)."),
     ablation: List[str] = typer.Option([], help="Also train this descriptor configuration (repeatable), same data "
                                                 "and batches, e.g. --ablation S --ablation M --ablation G."),
-    out: Optional[Path] = OUT,
-    set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.epochs=2 --set sampler.k=4."),
-    threads: Optional[int] = THREADS,
-    device: str = DEVICE,
-    progress: bool = PROGRESS,
-) -> None:
+):
     """CGD: train a retrieval model on labelled images (batch-hard triplet + smoothed softmax on P x K batches);
     print R@1/2/4/8 and mAP on held-out images for each descriptor configuration and the pretrained-GeM baseline,
     write model.safetensors (exportable; usable as a quickstart gallery, a teacher or a query model)."""
-    if config is not None and not config.is_file():
-        fail(f"--config {config} does not exist")
     require_folders("--images", images, expected=" (expected DIR/<class>/<image>.jpg)")
-    with user_errors():
-        from training.cgd import load_cgd_config, run_cgd
+    from training.cgd import load_cgd_config, run_cgd
 
-        flags = {"out": out and str(out), "model.descriptors": descriptors, "model.dim": dim,
-                 "model.backbone": backbone, "ablations": list(ablation) or None}
-        if images is not None:
-            flags.update({"data.kind": "folder", "data.root": str(images), "data.split": "classes"})
-        _train(load_cgd_config, run_cgd, config, flag_overrides(flags) + list(set_), threads, device=device,
-               progress=progress)
+    flags = {"model.descriptors": descriptors, "model.dim": dim, "model.backbone": backbone,
+             "ablations": list(ablation) or None}
+    if images is not None:
+        flags.update({"data.kind": "folder", "data.root": str(images), "data.split": "classes"})
+    return load_cgd_config, run_cgd, flags
 
 
-@train_app.command("mabnet")
+@train_command("mabnet", config="e.g. configs/mabnet_instances.json; configs/mabnet_full.json is the paper's ViT-S/16",
+               set_="--set train.epochs=2 --set crops.n_local=4")
 def mabnet(
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="JSON or YAML config (e.g. configs/mabnet_instances.json; "
-                                                                    "configs/mabnet_full.json is the paper's ViT-S/16)."),
     backbone: Optional[str] = typer.Option(None, help="Backbone of both blocks (see `retrieval-sdk backbones`)."),
     ablation: List[str] = typer.Option([], help="Also train this ablation (repeatable): no_transfer, reversed_transfer, "
                                                 "no_kl, assistant_reference, reversed_flow, master_only, per_iteration."),
     lam: List[float] = typer.Option([], "--lambda", help="Also train with this transfer lambda (repeatable): the sweep."),
-    out: Optional[Path] = OUT,
-    set_: List[str] = typer.Option([], "--set", help="Override a config value, e.g. --set train.epochs=2 --set crops.n_local=4."),
-    threads: Optional[int] = THREADS,
-    device: str = DEVICE,
-    progress: bool = PROGRESS,
-) -> None:
+):
     """MABNet: train master and assistant gallery blocks (multi-crop, KL, ArcFace, weight transfer) on labelled
     images; print MABNet, MABNet(C), re-ranking, ablation and lambda-sweep mAP in one table (and a distilled query
     model's asym/sym with a `query` section), write mabnet.safetensors (exportable; an AFF extractor kind)."""
-    if config is not None and not config.is_file():
-        fail(f"--config {config} does not exist")
-    with user_errors():
-        from training.mabnet.train import load_mabnet_config, run_mabnet
+    from training.mabnet.train import load_mabnet_config, run_mabnet
 
-        flags = {"out": out and str(out), "model.backbone": backbone, "ablations": list(ablation) or None,
-                 "lambdas": list(lam) or None}
-        _train(load_mabnet_config, run_mabnet, config, flag_overrides(flags) + list(set_), threads, device=device,
-               progress=progress)
+    return load_mabnet_config, run_mabnet, {"model.backbone": backbone, "ablations": list(ablation) or None,
+                                            "lambdas": list(lam) or None}
 
 
 def register(app: typer.Typer) -> None:

@@ -211,7 +211,7 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
             raise SdkError("give exactly one of vectors or images")
         if metadata is not None and len(metadata) != len(ids):
             raise SdkError(f"{len(metadata)} metadata entries for {len(ids)} ids")
-        added = updated = 0
+        answers = []
         if vectors is not None:
             x = np.asarray(vectors, dtype=np.float32)
             x = x[None] if x.ndim == 1 else x
@@ -221,8 +221,7 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
                 items = [{"id": ids[j], "embedding_b64": _b64(x[j]),
                           **({"metadata": metadata[j]} if metadata is not None and metadata[j] is not None else {})}
                          for j in range(s, min(s + batch_size, len(ids)))]
-                r = self._request("POST", "/v1/items", json={"space": self.space, "items": items}).json()
-                added, updated = added + r["added"], updated + r["updated"]
+                answers.append(self._request("POST", "/v1/items", json={"space": self.space, "items": items}).json())
         else:
             images = list(images)
             if len(images) != len(ids):
@@ -234,9 +233,8 @@ class Client(AbstractContextManager):  # `with` returns the object and closes it
                 data = {"ids": [ids[j] for j in chunk]}
                 if metadata is not None:
                     data["metadata"] = json.dumps([metadata[j] for j in chunk])
-                r = self._request("POST", "/v1/items", files=files, data=data).json()
-                added, updated = added + r["added"], updated + r["updated"]
-        return AddResult(added, updated, ids)
+                answers.append(self._request("POST", "/v1/items", files=files, data=data).json())
+        return AddResult(sum(r["added"] for r in answers), sum(r["updated"] for r in answers), ids)
 
     def delete(self, item_id: str) -> None:
         """Delete an item; NotFoundError if the server does not know it."""

@@ -98,19 +98,18 @@ class EvalSet:
         return self.protocol == "leave-one-out"
 
 
-def _source_key(source: Source) -> list:
-    """What identifies an image for the embedding cache: path, size and modification time (and the box)."""
-    path = source.path if isinstance(source, Crop) else source
-    try:
-        st = path.stat()
-        key = [str(path.resolve()), st.st_size, st.st_mtime_ns]
-    except OSError:
-        key = [str(path), "missing"]
-    return key + (list(source.box) if isinstance(source, Crop) else [])
-
-
 def source_keys(sources: list[Source]) -> list[list]:
-    return [_source_key(s) for s in sources]
+    """What identifies each image for the embedding cache: path, size and modification time (and a crop's box)."""
+    keys = []
+    for source in sources:
+        path = source.path if isinstance(source, Crop) else source
+        try:
+            st = path.stat()
+            key = [str(path.resolve()), st.st_size, st.st_mtime_ns]
+        except OSError:
+            key = [str(path), "missing"]
+        keys.append(key + (list(source.box) if isinstance(source, Crop) else []))
+    return keys
 
 
 # ------------------------------------------------------------------------------------------------ labels

@@ -122,16 +122,10 @@ class _Thumbs:
         return key
 
 
-def _class_of(run: EvalRun) -> np.ndarray:
-    """The class each query's AP is grouped under (revisited: the landmark its image name gives)."""
-    if run.data.gnd is None:
-        return run.data.queries.labels
-    return np.asarray([name_label(n) for n in run.data.queries.names])
-
-
 def class_bars(run: EvalRun, f: FileRun) -> str:
     """Per class, mean AP of the file (asymmetric) and of the gallery model (symmetric) as bars."""
-    classes = _class_of(run)
+    q = run.data.queries  # revisited: a query's AP is grouped under the landmark its image name gives
+    classes = q.labels if run.data.gnd is None else np.asarray([name_label(n) for n in q.names])
     rows = []
     for c in np.unique(classes):
         sel = (classes == c) & ~np.isnan(f.result.aps)

@@ -128,15 +128,6 @@ def _gallery_model(manifest: Manifest, cfg: EvalConfig) -> _Model:
     raise SdkError(f"--gallery-bundle {cfg.gallery_bundle} has no gallery model (it has: {', '.join(other.models)})")
 
 
-def _wanted(f: ModelFile, only: tuple[str, ...]) -> bool:
-    return not only or any(o in (f.format, f"{f.format}/{f.precision}", f.path) for o in only)
-
-
-def _reference_file(entry) -> ModelFile:
-    """The gallery model's file that embeds the gallery: its most precise ONNX file, else its first."""
-    return entry.file("onnx") if any(f.format == "onnx" for f in entry.files) else entry.files[0]
-
-
 # ------------------------------------------------------------------------------------------ embedding
 class _Embeddings:
     """Embedding passes through sdk.Embedder, cached on disk, one opened model per file."""
@@ -210,7 +201,8 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalR
     gallery_model = _gallery_model(manifest, cfg)
     data = build_eval_set(cfg.images, cfg.labels, cfg.gallery, cfg.gallery_labels, cfg.gnd, cfg.protocol)
     embeddings = _Embeddings(cfg, log)
-    ref = _reference_file(gallery_model.entry)
+    gallery_files = gallery_model.entry.files  # the gallery is embedded by the most precise ONNX file, else the first
+    ref = gallery_model.entry.file("onnx") if any(f.format == "onnx" for f in gallery_files) else gallery_files[0]
 
     gallery_pass = embeddings.run(gallery_model, ref, data.gallery.sources, f"gallery ({ref.path})")
     query_pass = gallery_pass if data.leave_one_out else embeddings.run(gallery_model, ref, data.queries.sources,
@@ -248,7 +240,8 @@ def run_evaluation(cfg: EvalConfig, log: Callable[[str], None] = print) -> EvalR
     readable = data.queries.sources
     for model, f in rows:
         is_ref = model is gallery_model and f == ref
-        if not _wanted(f, cfg.only) and not is_ref:
+        wanted = not cfg.only or any(o in (f.format, f"{f.format}/{f.precision}", f.path) for o in cfg.only)
+        if not wanted and not is_ref:
             continue
         name = f.path if model.bundle == cfg.bundle else str(model.bundle / f.path)
         if is_ref:

@@ -244,19 +244,15 @@ class QdrantIndex(ExternalIndex):
             self._bump_version()
 
     # ----------------------------------------------------------------------------------------- reads
-    def _filter(self, where):
-        if not where:
-            return None
-        m = self._m
-        return m.Filter(must=[m.FieldCondition(key=f"metadata.{key}", match=(
-            m.MatchValue(value=values[0]) if len(values) == 1 else m.MatchAny(any=values))) for key, values in where.items()])
-
     def _search(self, q, k, ef_search, where):
         m = self._m
         params = None if self.local else m.SearchParams(  # local mode is brute force: no search parameters
             hnsw_ef=max(ef_search, k),
             quantization=m.QuantizationSearchParams(rescore=True) if self.quantization == "int8" else None)
-        requests = [m.QueryRequest(query=row.tolist(), limit=k, filter=self._filter(where), params=params,
+        match = [m.FieldCondition(key=f"metadata.{key}", match=m.MatchValue(value=values[0]) if len(values) == 1
+                                  else m.MatchAny(any=values)) for key, values in (where or {}).items()]
+        only = m.Filter(must=match) if match else None
+        requests = [m.QueryRequest(query=row.tolist(), limit=k, filter=only, params=params,
                                    with_payload=["id", "metadata"] if where else ["id"]) for row in q]
         # under a filter, type-exact equality again (local mode compares True == 1 like Python does)
         return [[Hit(p.payload["id"], float(p.score)) for p in res.points

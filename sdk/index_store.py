@@ -43,14 +43,6 @@ _SCHEMA = """
 """
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def read_info(path: Path) -> dict:
     """The info table of the index folder at `path`, checked to be a supported retrieval-sdk index."""
     db_path = path / DB_NAME
@@ -147,7 +139,11 @@ class IndexStore:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, self.path / name)
-        _fsync_dir(self.path)
+        dir_fd = os.open(self.path, os.O_RDONLY)  # the rename is durable once the folder is synced
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
         self.snapshot_gen += 1
         size = (self.path / name).stat().st_size
         return name, size, (sha256_path(self.path / name) if size <= _HASH_LIMIT else "")

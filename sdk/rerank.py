@@ -111,18 +111,14 @@ class Diffusion:
         self.n = g.shape[0]
         self._fit()
 
-    def _knn(self, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _fit(self) -> None:
         import faiss
 
-        index = faiss.IndexFlatIP(self.gallery.shape[1])
-        index.add(self.gallery)
-        return index.search(np.ascontiguousarray(x, dtype=np.float32), min(k, self.n))
-
-    def _fit(self) -> None:
         c, n = self.config, self.n
-        trunc = min(c.truncation, n)
-        sims, ids = self._knn(self.gallery, max(trunc, min(c.kd + 1, n)))
-        kd = min(c.kd + 1, n)
+        trunc, kd = min(c.truncation, n), min(c.kd + 1, n)
+        knn = faiss.IndexFlatIP(self.gallery.shape[1])
+        knn.add(self.gallery)
+        sims, ids = knn.search(self.gallery, max(trunc, kd))
         # Mutual kNN graph: i -- j when each is among the other's kd nearest (self excluded).
         nb, nbs = ids[:, :kd], np.clip(sims[:, :kd], 0, None) ** c.gamma
         rows, cols, vals = np.repeat(np.arange(n), kd), nb.reshape(-1), nbs.reshape(-1)

@@ -326,31 +326,26 @@ class ServerState:
         self.index.close()
 
 
-def _read_image_bytes(data: bytes, config: ServerConfig, name: str) -> tuple[bytes, int]:
-    """(the upload's bytes, its pixel count), checked to be a readable image within the size limits."""
-    if not data:
-        raise HTTPException(400, f"upload {name!r} is empty")
-    if len(data) > config.max_image_bytes:
-        raise HTTPException(413, f"image {name!r} is larger than {config.max_image_bytes} bytes")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-    except Image.DecompressionBombError:
-        raise HTTPException(413, f"image {name!r} has too many pixels") from None
-    except Exception:  # noqa: BLE001  (PIL raises many types for non-images)
-        raise HTTPException(400, f"upload {name!r} is not a readable image (send JPEG, PNG or WebP)") from None
-    if w * h > config.max_image_pixels:
-        raise HTTPException(413, f"image {name!r} is {w}x{h}; the limit is {config.max_image_pixels} pixels")
-    return data, w * h
-
-
 async def _read_uploads(uploads, config: ServerConfig) -> list[bytes]:
-    """The uploads' bytes, each checked, and all of them together within the request's pixel budget
-    (decoding costs CPU by the pixels an image claims, however small its file)."""
+    """The uploads' bytes, each checked to be a readable image within the size limits, and all of them together
+    within the request's pixel budget (decoding costs CPU by the pixels an image claims, however small its file)."""
     blobs, pixels = [], 0
     for u in uploads:
-        data, n = _read_image_bytes(await u.read(config.max_image_bytes + 1), config, u.filename or "image")
-        pixels += n
+        data, name = await u.read(config.max_image_bytes + 1), u.filename or "image"
+        if not data:
+            raise HTTPException(400, f"upload {name!r} is empty")
+        if len(data) > config.max_image_bytes:
+            raise HTTPException(413, f"image {name!r} is larger than {config.max_image_bytes} bytes")
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+        except Image.DecompressionBombError:
+            raise HTTPException(413, f"image {name!r} has too many pixels") from None
+        except Exception:  # noqa: BLE001  (PIL raises many types for non-images)
+            raise HTTPException(400, f"upload {name!r} is not a readable image (send JPEG, PNG or WebP)") from None
+        if w * h > config.max_image_pixels:
+            raise HTTPException(413, f"image {name!r} is {w}x{h}; the limit is {config.max_image_pixels} pixels")
+        pixels += w * h
         if pixels > config.max_request_pixels:
             raise HTTPException(413, f"the images of one request may hold {config.max_request_pixels} pixels in "
                                      "all; send fewer or smaller images per request")
