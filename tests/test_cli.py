@@ -62,10 +62,12 @@ def test_quickstart_small_run_prints_map_and_writes_checkpoints(tmp_path, photot
 @pytest.mark.parametrize("args,message", [
     (["--images", "/nonexistent/folder"], "is not a folder"),
     (["--gallery-backbone", "resnet9000"], "unknown backbone 'resnet9000'"),
+    (["--query-backbone", "mobilenet9000"], "unknown backbone 'mobilenet9000'"),
 ])
 def test_quickstart_bad_input_is_one_line(tmp_path, args, message):
+    """Each fails before any work: nothing on stdout (no data written, no gallery embedded)."""
     proc = run_cli("quickstart", "--out", str(tmp_path), "--no-progress", *args)
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and proc.stdout == ""
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 

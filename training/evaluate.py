@@ -7,6 +7,7 @@ as the revisitop reference `compute_map`; the labelled-set metrics serve dataset
 
 from __future__ import annotations
 
+import numbers
 import pickle
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -401,7 +402,7 @@ def format_table(rows: Sequence[Mapping], columns: Sequence[tuple], title: str, 
             v = r.get(key)
             if key == "seconds" and r.get("resumed"):  # trained earlier: this command's seconds would be a replay's
                 cells.append(f"{'resumed':>{w}s}")
-            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            elif isinstance(v, numbers.Real) and not isinstance(v, bool):  # numpy floats too
                 cells.append(f"{v * scale:{w}{spec}}")
             else:
                 cells.append(f"{'-':>{w}s}")

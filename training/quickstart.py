@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.backbones import resolve_backbone
 from training.compatible import CompatConfig, photo_views, train_compatible
 from training.data import image_folder, make_instance_set, split_classes, unlabelled_folder
 from training.embed import embed_images
@@ -54,7 +55,9 @@ class QuickstartConfig:
 
 def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     """Train and evaluate; write checkpoints and results.json to cfg.out; return the results."""
-    resolve_device(cfg.device)  # fail before any work when the device is not here
+    resolve_device(cfg.device)  # fail before any work when the device or a backbone is not here
+    for name in (cfg.query_backbone, *([] if cfg.gallery else [cfg.gallery_backbone])):
+        resolve_backbone(name)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     data = image_folder(cfg.images) if cfg.images is not None else make_instance_set(

@@ -18,6 +18,7 @@ from training.evaluate import (
     class_map,
     compute_ap,
     compute_map,
+    format_table,
     labelled_eval,
     labelled_eval_scores,
     load_gnd,
@@ -622,3 +623,12 @@ def test_module_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_format_table_prints_numpy_numbers_and_dashes_the_rest():
+    columns = [("map", "mAP", 8, ".2f", 100), ("seconds", "s", 9, ".0f", 1)]
+    rows = [{"run": "a", "map": np.float32(0.5), "seconds": np.int64(12)},
+            {"run": "b", "map": None, "seconds": 3.0, "resumed": True}]
+    lines = format_table(rows, columns, "run", 4).splitlines()
+    assert lines[1].split() == ["a", "50.00", "12"]
+    assert lines[2].split() == ["b", "-", "resumed"]
