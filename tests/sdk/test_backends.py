@@ -70,3 +70,29 @@ def test_a_file_the_runtime_cannot_load_is_one_line(tmp_path):
     (tmp_path / "bad.onnx").write_bytes(b"not onnx")
     with pytest.raises(BackendError, match="onnxruntime cannot load .*re-export the bundle"):
         open_runner(tmp_path / "bad.onnx", ModelFile("bad.onnx", "onnx"))
+
+
+def test_int8_sums_past_int16_are_exact_on_every_x86(tmp_path):
+    """uint8 255 x int8 127 products, 64 of them: on x86 CPUs without VNNI (AVX2, e.g. AMD Zen 2/3) onnxruntime's
+    fast u8 x s8 kernel adds pairs in int16 and saturates (a plain session returns 32 there, not 64). The one
+    runtime layer's session asks for the exact kernels on those CPUs; on VNNI and ARM both are exact."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdk.backends import onnx_session
+
+    k = 64
+    consts = {"xs": np.float32(1 / 255), "xz": np.uint8(0), "wq": np.full((k, 4), 127, np.int8),
+              "ws": np.float32(1 / 127), "wz": np.int8(0), "ys": np.float32(1), "yz": np.uint8(0)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"]),
+             helper.make_node("MatMul", ["xd", "wd"], ["m"]),
+             helper.make_node("QuantizeLinear", ["m", "ys", "yz"], ["mq"]),
+             helper.make_node("DequantizeLinear", ["mq", "ys", "yz"], ["y"])]
+    graph = helper.make_graph(nodes, "int8_sums", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(np.asarray(v), n) for n, v in consts.items()])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "sums.onnx")
+    out = onnx_session(tmp_path / "sums.onnx", threads=1).run(None, {"x": np.ones((1, k), np.float32)})[0]
+    np.testing.assert_array_equal(out, np.full((1, 4), 64.0, np.float32))
