@@ -1,7 +1,9 @@
-"""Phone-side cost of the quickstart's candidate query backbones beside its gallery model: parameters and
+"""Phone-side cost of the quickstart's candidate query models beside its gallery model: parameters and
 onnxruntime fp32 latency (batch 1, one thread), each model exported as the quickstart builds it (backbone +
 GeM + 128-d FC), timed in interleaved rounds (export_latency's `_timed_rounds`) and reported as a ratio to
-the gallery's (EfficientNet-Lite2) measured in the same run.
+the gallery's (EfficientNet-Lite2 at --size) measured in the same run. A candidate is a backbone at the
+gallery's input size, or the gallery's own backbone at a smaller query size (`--query-size`, as a fraction
+of --size: 0.9 and 0.8 give 144 and 128 px at 160).
 
     python benchmarks/query_backbones.py [--size 160] [--rounds 7] [--calls 10]
 """
@@ -19,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.export_latency import _timed_rounds  # noqa: E402
 
-CANDIDATES = ("mobilenetv2_100", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+BACKBONES = ("mobilenetv2_100", "efficientnet_lite0", "efficientnet_lite1")
 GALLERY = "efficientnet_lite2"
+QUERY_SIZES = (0.9, 0.85, 0.8)  # the gallery's backbone at these fractions of its input side
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,21 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     from sdk.backends import onnx_session
     from training.models import EmbeddingModel, ModelConfig
 
-    x = np.random.default_rng(0).random((1, 3, args.size, args.size), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    candidates = {f"{name}@{args.size}": (name, args.size) for name in (*BACKBONES, GALLERY)}
+    candidates |= {f"{GALLERY}@{round(args.size * f)}": (GALLERY, round(args.size * f)) for f in QUERY_SIZES}
+    gallery = f"{GALLERY}@{args.size}"
     fns, params = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in CANDIDATES:
-            model = EmbeddingModel(ModelConfig(name, "gem", embedding_dim=128, input_size=args.size), pretrained=True)
-            params[name] = sum(p.numel() for p in model.parameters()) / 1e6
-            path = export_onnx(model.eval(), Path(tmp) / f"{name}.onnx", (args.size, args.size))
+        for key, (name, size) in candidates.items():
+            model = EmbeddingModel(ModelConfig(name, "gem", embedding_dim=128, input_size=size), pretrained=True)
+            params[key] = sum(p.numel() for p in model.parameters()) / 1e6
+            path = export_onnx(model.eval(), Path(tmp) / f"{key}.onnx", (size, size))
             session = onnx_session(path, threads=1)
-            feed = {session.get_inputs()[0].name: x}
-            fns[name] = lambda s=session, f=feed: s.run(None, f)
+            feed = {session.get_inputs()[0].name: rng.random((1, 3, size, size), dtype=np.float32)}
+            fns[key] = lambda s=session, f=feed: s.run(None, f)
         ms = _timed_rounds(fns, args.rounds, args.calls)
-    print(f"{'model (+ GeM + 128-d FC)':28s}{'params':>9s}{'ms':>8s}{'x gallery':>11s}   (onnxruntime fp32, batch 1, "
-          f"1 thread, {args.size} px)")
-    for name in CANDIDATES:
-        print(f"{name:28s}{params[name]:8.2f}M{ms[name]:8.1f}{ms[name] / ms[GALLERY]:11.2f}")
+    print(f"{'model (+ GeM + 128-d FC) @ px':32s}{'params':>9s}{'ms':>8s}{'x gallery':>11s}   (onnxruntime fp32, "
+          f"batch 1, 1 thread; the gallery: {gallery})")
+    for key in candidates:
+        print(f"{key:32s}{params[key]:8.2f}M{ms[key]:8.1f}{ms[key] / ms[gallery]:11.2f}")
     return 0
 
 

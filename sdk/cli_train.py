@@ -61,8 +61,13 @@ def quickstart(
     gallery_backbone: str = typer.Option("efficientnet_lite2", help="Pretrained gallery backbone."),
     gallery: Optional[Path] = typer.Option(None, help="A trained gallery checkpoint (e.g. `train cgd`'s model.safetensors) "
                                                        "instead of the pretrained backbone + GeM + PCA-whitening."),
-    query_backbone: str = typer.Option("efficientnet_lite1", help="Pretrained query backbone (phone side)."),
-    image_size: int = typer.Option(160, min=32, help="Input size for both models."),
+    query_backbone: str = typer.Option("efficientnet_lite2", help="Query backbone (phone side). The gallery's own "
+                                                                  "starts as a copy of the gallery model (see --inherit)."),
+    image_size: int = typer.Option(160, min=32, help="Input size of the gallery model (and of the query model by default)."),
+    query_size: Optional[int] = typer.Option(None, min=32, help="Input size of the query model (default: 0.85 x "
+                                                                 "--image-size when it inherits, else --image-size)."),
+    inherit: bool = typer.Option(True, help="A query backbone equal to the gallery's starts as a copy of the gallery "
+                                            "model (weights and whitening) instead of a closed-form FC fit."),
     dim: int = typer.Option(128, min=2, help="Embedding dim of the shared space (gallery PCA-whitening)."),
     whitening_power: float = typer.Option(0.25, min=0.0, max=0.5, help="Gallery PCA-whitening power: 0.25 square-rooted "
                                                                         "(default), 0.5 full whitening, 0 PCA only."),
@@ -77,14 +82,15 @@ def quickstart(
                                                                "default: 4000 in all, at most 40 and at least 4 each."),
     eval_photos: List[Path] = typer.Option([], help="A labelled photo folder to check the pair on (repeatable): "
                                                     "class subfolders, ukbench%05d.jpg or name_<digits>.jpg."),
-    epochs: int = typer.Option(0, min=0, help="End-to-end compatibility epochs after the FC fit."),
+    epochs: Optional[int] = typer.Option(None, min=0, help="End-to-end compatibility epochs (default: 1 for an "
+                                                           "inheriting query model, 0 after a closed-form FC fit)."),
     seed: int = typer.Option(0),
     threads: Optional[int] = THREADS,
     device: str = typer.Option("cpu", help="Where the end-to-end epochs train: cpu | cuda | mps."),
     progress: bool = PROGRESS,
 ) -> None:
-    """Embed a gallery with a pretrained gallery model, fit an EfficientNet-Lite1 query model into its
-    space, and print symmetric and asymmetric mAP on held-out classes."""
+    """Embed a gallery with a pretrained gallery model, train a query model into its space (by default the
+    gallery's network at 0.85 x its input side), and print symmetric and asymmetric mAP on held-out classes."""
     require_folders("--images", images, expected=" (expected DIR/<class>/<image>.jpg)")
     if gallery is not None and not gallery.is_file():
         fail(f"--gallery {gallery} is not a checkpoint file (e.g. runs/cgd/model.safetensors)")
@@ -97,9 +103,10 @@ def quickstart(
         prepare_torch(threads)
         cfg = qs.QuickstartConfig(
             out=out, images=images, gallery_backbone=gallery_backbone, gallery=gallery, query_backbone=query_backbone,
-            image_size=image_size, embedding_dim=dim, whitening_power=whitening_power, n_objects=objects, n_views=views, photos=photos,
+            image_size=image_size, query_size=query_size, inherit=inherit, embedding_dim=dim, whitening_power=whitening_power, n_objects=objects, n_views=views, photos=photos,
             debian_photos=debian_photos,
-            unlabelled=unlabelled, eval_photos=tuple(eval_photos), compat=CompatConfig(views=crops, photo_views=photo_crops, epochs=epochs, seed=seed),
+            unlabelled=unlabelled, eval_photos=tuple(eval_photos), compat=CompatConfig(views=crops, photo_views=photo_crops, seed=seed),
+            epochs=epochs,
             seed=seed, progress=progress, device=device,
         )
         qs.run_quickstart(cfg, log=typer.echo)

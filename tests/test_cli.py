@@ -38,11 +38,14 @@ def test_backbones_lists_shipped_weights():
 @pytest.mark.slow
 def test_quickstart_small_run_prints_map_and_writes_checkpoints(tmp_path, phototourism_dir):
     proc = run_cli("quickstart", "--out", str(tmp_path), "--objects", "10", "--views", "3", "--image-size", "64",
-                   "--gallery-backbone", "efficientnet_lite0", "--photo-crops", "1", "--no-debian-photos", "--no-progress", "--threads", "2",
-                   "--eval-photos", str(phototourism_dir))
+                   "--gallery-backbone", "efficientnet_lite0", "--query-backbone", "efficientnet_lite0", "--no-debian-photos",
+                   "--no-progress", "--threads", "2", "--eval-photos", str(phototourism_dir))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "asymmetric mAP" in proc.stdout and "symmetric mAP" in proc.stdout
-    assert "real photos: 20 unlabelled (20 skimage), 1 random crops each" in proc.stdout
+    assert "real photos: 20 unlabelled (20 skimage)" in proc.stdout
+    # the default path: the gallery's backbone inherits the gallery model at 0.85 of its side, then one epoch
+    assert "query model: a copy of the gallery model (efficientnet_lite0, its whitening) at 54 px" in proc.stdout
+    assert "the gallery's weights and whitening kept; epoch 1 loss" in proc.stdout
     assert "finds its own gallery embedding first for" in proc.stdout and "phototourism-13" in proc.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     check = results["real_photos"]
@@ -57,6 +60,7 @@ def test_quickstart_small_run_prints_map_and_writes_checkpoints(tmp_path, photot
     gallery, gmeta = load_checkpoint(tmp_path / "gallery.safetensors")
     assert qmeta.embedding_space == gmeta.embedding_space == results["embedding_space"]
     assert query.embedding_dim == gallery.embedding_dim
+    assert query.spec.input_size == (54, 54) and gallery.spec.input_size == (64, 64)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -5,9 +5,11 @@ the query model, and the query model learns to reproduce the gallery embedding. 
 needed, so every random crop is one more training pair.
 
 Two stages: (1) the query's whitening FC is fitted in closed form (ridge regression from the query's
-pooled features to the gallery embeddings, on the clean images plus `views` random crops of each);
-(2) optional end-to-end epochs (SGD, BatchNorm statistics frozen) minimising 1 - cos(query, gallery), on
-the images and the photos, one random crop of each per epoch.
+pooled features to the gallery embeddings, on the clean images plus `views` random crops of each), unless
+`closed_form` is off: a query model that starts as a copy of the gallery model (the quickstart's default)
+already has the gallery's whitening, which beats a refit on a few hundred photos; (2) optional end-to-end
+epochs (SGD, BatchNorm statistics frozen) minimising 1 - cos(query, gallery), on the images and the photos,
+one random crop of each per epoch.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class CompatConfig:
     lr: float = 0.01  # SGD learning rate of the FC; the backbone gets lr * backbone_lr_scale
     backbone_lr_scale: float = 0.1
     seed: int = 0
+    closed_form: bool = True  # stage 1; False keeps the query model's own FC (e.g. the gallery's, inherited)
 
 
 MAX_PHOTO_VIEWS, MIN_PHOTO_VIEWS = 40, 4
@@ -133,18 +136,20 @@ def train_compatible(query: EmbeddingModel, gallery: nn.Module, gallery_spec, im
     if query.embedding_dim != gallery.embedding_dim:
         raise TrainingError(f"query model dim {query.embedding_dim} != gallery dim {gallery.embedding_dim}: "
                          "build the query model with embedding_dim equal to the gallery's")
-    if not isinstance(query.whiten, nn.Module) or not hasattr(query.whiten, "fc"):
+    if cfg.closed_form and not hasattr(query.whiten, "fc"):
         raise TrainingError("the query model needs a whitening FC (ModelConfig(embedding_dim=...)) to be fitted")
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    plan = _crop_plan(images, cfg, rng, cfg.views) + _crop_plan(photos, cfg, rng, photo_views(cfg, len(photos)))
-    targets, pooled = _embed_crops(plan, [(gallery, gallery_spec), (query.pooled, query.spec)], progress)
-    w, b = fit_linear_map(pooled, targets, cfg.ridge)
-    with torch.no_grad():  # the whitening FC set to the closed-form fit
-        query.whiten.fc.weight.copy_(torch.from_numpy(w))
-        query.whiten.fc.bias.copy_(torch.from_numpy(b))
-        fitted = torch.nn.functional.normalize(query.whiten(torch.from_numpy(pooled)), dim=-1).numpy()
-    history = {"fit_cosine_loss": float(1 - (fitted * targets).sum(1).mean()), "pairs": len(plan), "epoch_losses": []}
+    history = {"fit_cosine_loss": None, "pairs": 0, "epoch_losses": []}
+    if cfg.closed_form:
+        plan = _crop_plan(images, cfg, rng, cfg.views) + _crop_plan(photos, cfg, rng, photo_views(cfg, len(photos)))
+        targets, pooled = _embed_crops(plan, [(gallery, gallery_spec), (query.pooled, query.spec)], progress)
+        w, b = fit_linear_map(pooled, targets, cfg.ridge)
+        with torch.no_grad():  # the whitening FC set to the closed-form fit
+            query.whiten.fc.weight.copy_(torch.from_numpy(w))
+            query.whiten.fc.bias.copy_(torch.from_numpy(b))
+            fitted = torch.nn.functional.normalize(query.whiten(torch.from_numpy(pooled)), dim=-1).numpy()
+        history |= {"fit_cosine_loss": float(1 - (fitted * targets).sum(1).mean()), "pairs": len(plan)}
     if cfg.epochs:
         sources = list(images) + list(photos)  # the real photos train end to end too, one random crop per epoch
         history["epoch_losses"] = _train_end_to_end(query, gallery, gallery_spec, sources, cfg, rng, progress, device)

@@ -1,5 +1,12 @@
-"""The first end-to-end run: a pretrained gallery model, an EfficientNet-Lite1 query model fitted into its
-space, and symmetric vs asymmetric mAP on held-out objects.
+"""The first end-to-end run: a pretrained gallery model, a phone-side query model trained into its space,
+and symmetric vs asymmetric mAP on held-out objects.
+
+The default query model is the gallery's own network (EfficientNet-Lite2) run at a smaller input side
+(0.85 of the gallery's: 136 px at 160, 0.84x its latency): it starts as a copy of the gallery model,
+weights and whitening, then one end-to-end epoch of 1 - cos(query at 136 px, gallery at 160 px) on random
+crops adapts it to the smaller input. Any other `query_backbone` (MobileNetV2, EfficientNet-Lite0/1, ...)
+gets its ImageNet weights + GeM + an FC fitted in closed form onto the gallery's embeddings (`inherit`
+off does the same for the gallery's backbone). README's table has what each measures on real photos.
 
 Data: the procedural instance set (default) or `--images DIR` with class subfolders. Classes are
 split into training objects (used for the compatibility fine-tune) and held-out objects (evaluated
@@ -12,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +43,10 @@ class QuickstartConfig:
     images: Path | None = None
     gallery_backbone: str = "efficientnet_lite2"
     gallery: Path | None = None  # a trained gallery checkpoint (e.g. `train cgd`'s model.safetensors) instead of GeM + PCA
-    query_backbone: str = "efficientnet_lite1"  # measured best of the phone backbones (README's table)
+    query_backbone: str = "efficientnet_lite2"  # the gallery's network at query_size: measured best per cost (README)
     image_size: int = 160
+    query_size: int | None = None  # the query model's input side; None: QUERY_SCALE x the gallery's when it inherits
+    inherit: bool = True  # a query backbone equal to the gallery's starts as a copy of the gallery model
     embedding_dim: int = 128  # the gallery space: GeM + PCA-whitening to this many dims (capped by data)
     whitening_power: float = 0.25  # 0.25: square-rooted PCA whitening (rank distillation's); 0.5: full whitening
     photos: bool = True  # add the real photos that ship in installed packages (training/photos.py)
@@ -47,7 +56,9 @@ class QuickstartConfig:
     n_objects: int = 100
     n_views: int = 5
     held_out: float = 0.2  # fraction of classes kept unseen for evaluation
-    compat: CompatConfig = CompatConfig()
+    compat: CompatConfig = CompatConfig()  # its `epochs` and `closed_form` are set from `epochs` and `inherit`
+    epochs: int | None = None  # end-to-end compatibility epochs; None: 1 for an inheriting query model (it adapts
+    # to its smaller input), 0 after a closed-form fit (more lowered every real-photo figure: docs/distill.md)
     seed: int = 0
     progress: bool = True
     device: str = "cpu"  # where the end-to-end compatibility epochs train (cpu | cuda | mps)
@@ -73,19 +84,24 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     photos = [p for paths in packaged.values() for p in paths] + mine
     if photos:
         sources = [f"{len(paths)} {name}" for name, paths in packaged.items()] + ([f"{len(mine)} {cfg.unlabelled}"] if mine else [])
-        log(f"real photos: {len(photos)} unlabelled ({', '.join(sources)}), {photo_views(cfg.compat, len(photos))} "
-            "random crops each")
+        log(f"real photos: {len(photos)} unlabelled ({', '.join(sources)})")
     gallery, space = _gallery(cfg, list(train.paths) + photos, log)
-    dim = gallery.embedding_dim
-    query = EmbeddingModel(
-        ModelConfig(cfg.query_backbone, "gem", embedding_dim=dim, input_size=cfg.image_size), pretrained=True
-    )
-    log(f"query model: {cfg.query_backbone} + GeM + FC -> {dim}-d, weights: {query.backbone.weights_source}")
-
-    history = train_compatible(query, gallery, gallery.spec, train.paths, cfg.compat, progress=progress,
+    query, inherits = _query(cfg, gallery)
+    size = query.spec.input_size[0]
+    if inherits:
+        log(f"query model: a copy of the gallery model ({cfg.query_backbone}, its whitening) at {size} px, "
+            f"the gallery at {gallery.spec.input_size[0]} px")
+    else:
+        log(f"query model: {cfg.query_backbone} + GeM + FC -> {query.embedding_dim}-d at {size} px, weights: "
+            f"{query.backbone.weights_source}")
+    epochs = cfg.epochs if cfg.epochs is not None else int(inherits)
+    compat = replace(cfg.compat, closed_form=not inherits, epochs=epochs)
+    history = train_compatible(query, gallery, gallery.spec, train.paths, compat, progress=progress,
                                device=cfg.device, photos=photos)
-    log(f"compatibility fine-tune: closed-form FC fit on {history['pairs']} pairs, "
-        f"cosine loss {history['fit_cosine_loss']:.3f}"
+    fitted = (f"closed-form FC fit on {history['pairs']} pairs ({photo_views(compat, len(photos))} random crops per "
+              f"photo), cosine loss {history['fit_cosine_loss']:.3f}" if compat.closed_form
+              else "the gallery's weights and whitening kept")
+    log(f"compatibility fine-tune: {fitted}"
         + "".join(f"; epoch {i + 1} loss {x:.3f}" for i, x in enumerate(history["epoch_losses"])))
 
     g_emb = embed_images(gallery, held_out.paths, gallery.spec, desc="gallery (held-out)", progress=progress)
@@ -114,6 +130,23 @@ def run_quickstart(cfg: QuickstartConfig, log=print) -> dict:
     log(f"wrote {cfg.out / 'query.safetensors'}, {cfg.out / 'gallery.safetensors'}, {cfg.out / 'results.json'} "
         f"(space {space}) in {results['seconds']:.0f} s")
     return results
+
+
+QUERY_SCALE = 0.85  # an inheriting query model's input side over the gallery's: 0.84x its latency (README)
+
+
+def _query(cfg: QuickstartConfig, gallery: EmbeddingModel) -> tuple[EmbeddingModel, bool]:
+    """The query model, and whether it inherits: with `cfg.inherit` and the gallery's backbone, a copy of the
+    gallery model (network, pooling, whitening) at `cfg.query_size` (default QUERY_SCALE x the gallery's
+    side); otherwise the pretrained query backbone + GeM + an FC to fit, at `cfg.query_size or image_size`."""
+    if cfg.inherit and cfg.query_backbone == gallery.config.backbone:
+        size = cfg.query_size or round(QUERY_SCALE * gallery.spec.input_size[0])
+        query = EmbeddingModel(replace(gallery.config, input_size=size))
+        query.load_state_dict(gallery.state_dict())
+        return query, True
+    config = ModelConfig(cfg.query_backbone, "gem", embedding_dim=gallery.embedding_dim,
+                         input_size=cfg.query_size or cfg.image_size)
+    return EmbeddingModel(config, pretrained=True), False
 
 
 def _gallery(cfg: QuickstartConfig, fit_images: list, log) -> tuple[EmbeddingModel, str]:

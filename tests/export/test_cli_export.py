@@ -119,6 +119,7 @@ def test_query_backbones_benchmark_prints_a_ratio_per_candidate():
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[1:]}
-    assert set(rows) == {"mobilenetv2_100", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
-    assert float(rows["efficientnet_lite2"][-1]) == 1.0  # the gallery against itself
+    assert set(rows) == {"mobilenetv2_100@64", "efficientnet_lite0@64", "efficientnet_lite1@64", "efficientnet_lite2@64",
+                         "efficientnet_lite2@58", "efficientnet_lite2@54", "efficientnet_lite2@51"}
+    assert float(rows["efficientnet_lite2@64"][-1]) == 1.0  # the gallery against itself
     assert all(float(r[-1]) > 0 and float(r[1].rstrip("M")) > 1 for r in rows.values())

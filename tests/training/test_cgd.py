@@ -268,6 +268,8 @@ def test_a_cgd_model_is_the_quickstarts_gallery(tmp_path):
                           compat=CompatConfig(views=1, photo_views=0), progress=False)
     results = run_quickstart(qs, log=lines.append)
     assert results["embedding_space"] == space and "as trained" in lines[1]
+    assert any(line.startswith("compatibility fine-tune: closed-form FC fit on") for line in lines)  # no epochs
+    assert results["compat"]["epoch_losses"] == [] and results["compat"]["pairs"] > 0
     query, meta = load_checkpoint(tmp_path / "qs" / "query.safetensors")
     assert query.embedding_dim == 16 and meta.embedding_space == space
 

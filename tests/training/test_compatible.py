@@ -57,6 +57,23 @@ def test_end_to_end_epochs_run_and_report_losses(tiny_images):
     assert all(torch.equal(v, before[k]) for k, v in query.backbone.state_dict().items() if "running_" in k)
 
 
+def test_without_the_closed_form_fit_the_query_keeps_its_own_fc(tiny_images):
+    """closed_form off (a query model that inherits the gallery's whitening): no crop is embedded, the FC is
+    untouched, and a query model without an FC (a CGD head) is accepted for the end-to-end epochs."""
+    gallery = EmbeddingModel(ModelConfig("tiny_efficientnet", "gem", embedding_dim=8)).eval()
+    query = EmbeddingModel(ModelConfig("tiny_efficientnet", "gem", embedding_dim=8))
+    query.load_state_dict(gallery.state_dict())
+    history = train_compatible(query, gallery, gallery.spec, tiny_images, CompatConfig(closed_form=False), progress=False)
+    assert history == {"fit_cosine_loss": None, "pairs": 0, "epoch_losses": []}
+    assert all(torch.equal(v, gallery.state_dict()[k]) for k, v in query.state_dict().items())
+    cgd = EmbeddingModel(ModelConfig("tiny_efficientnet", "cgd", embedding_dim=8, cgd_config="SG"))
+    history = train_compatible(cgd, gallery, gallery.spec, tiny_images,
+                               CompatConfig(closed_form=False, epochs=1, batch_size=8), progress=False)
+    assert len(history["epoch_losses"]) == 1 and np.isfinite(history["epoch_losses"][0])
+    with pytest.raises(ValueError, match="needs a whitening FC"):
+        train_compatible(cgd, gallery, gallery.spec, tiny_images, CompatConfig(), progress=False)
+
+
 def test_dimension_mismatch_is_explained(tiny_images):
     gallery = EmbeddingModel(ModelConfig("tiny_efficientnet", "gem", embedding_dim=8))
     query = EmbeddingModel(ModelConfig("tiny_resnet", "gem", embedding_dim=16))

@@ -32,6 +32,35 @@ def test_quickstart_default_is_square_rooted_whitening():
     assert QuickstartConfig().whitening_power == 0.25
 
 
+def test_query_model_inherits_the_gallery_at_a_smaller_input(tmp_path):
+    """The gallery's backbone as the query backbone: a copy of the gallery model (weights and whitening) at
+    QUERY_SCALE of its side, which at the gallery's own side embeds exactly as the gallery does. Another
+    backbone, or `inherit` off, gets its pretrained weights + GeM + an FC to fit, at the gallery's side."""
+    from dataclasses import replace
+
+    from training.models import EmbeddingModel, ModelConfig
+    from training.quickstart import QUERY_SCALE, _query
+
+    torch.manual_seed(0)
+    gallery = EmbeddingModel(ModelConfig("efficientnet_lite0", "gem", embedding_dim=6, input_size=64),
+                             pretrained=True).eval()
+    with torch.no_grad():
+        gallery.whiten.fc.weight.normal_()  # a whitening of its own, not an FC's fresh init
+    cfg = QuickstartConfig(out=tmp_path, gallery_backbone="efficientnet_lite0", query_backbone="efficientnet_lite0",
+                           image_size=64)
+    query, inherits = _query(cfg, gallery)
+    assert inherits and query.spec.input_size == (round(QUERY_SCALE * 64),) * 2 == (54, 54)
+    assert all(torch.equal(v, gallery.state_dict()[k]) for k, v in query.state_dict().items())
+    full = _query(replace(cfg, query_size=64), gallery)[0].eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), gallery(x))
+    for other in (replace(cfg, inherit=False), replace(cfg, query_backbone="mobilenetv2_100")):
+        query, inherits = _query(other, gallery)
+        assert not inherits and query.spec.input_size == (64, 64) and query.config.backbone == other.query_backbone
+        assert not torch.equal(query.whiten.fc.weight, gallery.whiten.fc.weight)
+
+
 def test_photo_check_counts_itself_then_the_same_object_per_folder(tmp_path):
     """A gallery model as its own query model finds every distinct photo itself. An exact copy in the same
     class ties with the original, which comes first: same object. A copy filed in another folder's class of
