@@ -2,8 +2,8 @@
 onnxruntime fp32 latency (batch 1, one thread), each model exported as the quickstart builds it (backbone +
 GeM + 128-d FC), timed in interleaved rounds (export_latency's `_timed_rounds`) and reported as a ratio to
 the gallery's (EfficientNet-Lite2 at --size) measured in the same run. A candidate is a backbone at the
-gallery's input size, or the gallery's own backbone at a smaller query size (`--query-size`, as a fraction
-of --size: 0.9 and 0.8 give 144 and 128 px at 160).
+gallery's input size, or the gallery's own backbone at a smaller query side (QUERY_SIZES, fractions of
+--size: 0.9, 0.85 and 0.8 give 144, 136 and 128 px at 160; the quickstart's `--query-size`).
 
     python benchmarks/query_backbones.py [--size 160] [--rounds 7] [--calls 10]
 """
